@@ -1,0 +1,405 @@
+"""The full-gradient decomposition: one traced forward, one backward.
+
+A forward pass runs under a ``TorchFunctionMode`` (:class:`BiasTracer`) that
+sees every torch function call. For each call whose output depends on the
+input image it decides, in :mod:`fgcli.engine.ops`, whether the op carries a
+bias, and if so records the bias (a per-channel vector for conv / linear /
+batch norm, the linearisation residual ``phi(u) - J u`` from forward-mode AD
+for any other op) and registers a tensor hook on the op's output. During the
+single backward pass each hook receives ``grad_z f`` for its op and hands
+``(grad, bias)`` to a *sink*, which does the method's maths right away, so a
+layer's full bias-gradient need not outlive its hook.
+
+Tensor hooks fire with the gradient of the value the tensor had when the hook
+was registered, so in-place ops applied later (``ReLU(inplace=True)``,
+``out += identity``) do not corrupt what is recorded.
+
+All model state touched for the call (training flags, parameters'
+``requires_grad``, naming hooks, the function mode) lives in
+:func:`traced_model` and is restored in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from fgcli.engine import ops
+from fgcli.engine.postprocess import Layout, layout_of
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One bias-carrying op seen during the forward pass.
+
+    name: dotted module path (``layer1.0.bn1``); when one module runs several
+    bias-carrying ops, ``path:op`` (``features.1.0.block.1:mul``) and, if an op
+    repeats, ``path:op.k``. Ops run by the model's own ``forward`` have no path.
+    kind: ``conv`` / ``linear`` / ``norm`` (closed form) or one of
+    ``activation``, ``normalisation``, ``attention``, ``product``, ``constant``,
+    ``other`` (implicit bias from the linearisation residual).
+    """
+
+    name: str
+    module: str
+    op: str
+    kind: str
+    shape: tuple[int, ...]
+    layout: Layout
+
+    @property
+    def closed_form(self) -> bool:
+        return self.kind in ops.CLOSED_FORM_KINDS
+
+    @property
+    def in_map(self) -> bool:
+        """Spatial layers enter the saliency map; all layers enter completeness."""
+        return self.layout.spatial
+
+
+class Sink(Protocol):
+    """Receives each layer's gradient and bias during the backward pass."""
+
+    def layer(self, index: int, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor) -> None:
+        ...
+
+
+@dataclass
+class _Record:
+    module: str
+    op: str
+    kind: str
+    shape: tuple[int, ...]
+    bias: torch.Tensor | None  # broadcastable to the output; dropped once used
+    hint: str | None  # layout implied by the op (nchw / nhwc) or None
+    info: LayerInfo | None = None
+
+
+class BiasTracer(TorchFunctionMode):
+    """Records every bias-carrying op of a forward pass (see module docstring)."""
+
+    def __init__(self, module_stack: list[str]) -> None:
+        super().__init__()
+        self._stack = module_stack
+        self.records: list[_Record] = []
+        self._sink: Sink | None = None
+
+    # -- forward ----------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in ops.PASSTHROUGH:
+            return func(*args, **kwargs)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        act_idx = [i for i, leaf in enumerate(leaves) if ops.is_activation(leaf)]
+        if not act_idx:
+            return func(*args, **kwargs)
+        if ops.zero_bias(name, args, kwargs, leaves):
+            return self._tagged(func(*args, **kwargs), name, args, kwargs, leaves)
+
+        handled, cf = ops.closed_form(name, args, kwargs)
+        if handled:
+            out = self._tagged(func(*args, **kwargs), name, args, kwargs, leaves)
+            if cf is not None and ops.is_activation(out):
+                self._record(out, name, cf.kind, cf.broadcast(out.dim()))
+            return out
+
+        inplace = ops.is_inplace(name, kwargs)
+        saved = [leaves[i].detach().clone() for i in act_idx] if inplace else None
+        out = self._tagged(func(*args, **kwargs), name, args, kwargs, leaves)
+        out_leaves = pytree.tree_leaves(out)
+        out_idx = [j for j, o in enumerate(out_leaves) if ops.is_activation(o)]
+        if not out_idx:
+            return out
+        kind = ops.implicit_category(name, args, kwargs)
+        outs = [out_leaves[j] for j in out_idx]
+        biases = _implicit_biases(func, name, leaves, spec, act_idx, saved, outs, out_idx)
+        for o, b in zip(outs, biases):
+            self._record(o, name, kind, b)
+        return out
+
+    @staticmethod
+    def _tagged(out: Any, name: str, args: Any, kwargs: dict[str, Any], leaves: list[Any]) -> Any:
+        """Mark a 4-D activation output with the layout its op implies (see ops.layout_tag)."""
+        if isinstance(out, tuple) and out:  # e.g. max_pool2d_with_indices
+            BiasTracer._tagged(out[0], name, args, kwargs, leaves)
+        elif isinstance(out, torch.Tensor) and out.dim() == 4 and out.requires_grad:
+            tag = ops.layout_tag(name, args, kwargs, leaves, out)
+            if tag is not None:
+                setattr(out, ops.LAYOUT_ATTR, tag)
+            elif hasattr(out, ops.LAYOUT_ATTR):
+                delattr(out, ops.LAYOUT_ATTR)  # an in-place op changed what it holds
+        return out
+
+    def _record(self, out: torch.Tensor, op: str, kind: str, bias: torch.Tensor) -> None:
+        index = len(self.records)
+        module = self._stack[-1] if self._stack else ""
+        self.records.append(_Record(module, op.strip("_"), kind, tuple(out.shape), bias,
+                                    getattr(out, ops.LAYOUT_ATTR, None)))
+        out.register_hook(lambda grad, i=index: self._on_grad(i, grad))
+
+    # -- backward ---------------------------------------------------------------
+    def finalise(self, n: int, height: int, width: int) -> list[LayerInfo]:
+        """Name the records (see :class:`LayerInfo`) once the forward pass is over."""
+        per_module = Counter(r.module for r in self.records)
+        per_op = Counter((r.module, r.op) for r in self.records)
+        seen: Counter[tuple[str, str]] = Counter()
+        infos = []
+        for r in self.records:
+            key = (r.module, r.op)
+            if per_module[r.module] == 1 and r.module:
+                name = r.module
+            else:
+                name = f"{r.module}:{r.op}" if r.module else r.op
+                if per_op[key] > 1:
+                    name = f"{name}.{seen[key]}"
+            seen[key] += 1
+            r.info = LayerInfo(name, r.module, r.op, r.kind, r.shape,
+                               layout_of(r.shape, n, height, width, r.hint))
+            infos.append(r.info)
+        return infos
+
+    def attach(self, sink: Sink) -> None:
+        self._sink = sink
+
+    def _on_grad(self, index: int, grad: torch.Tensor) -> None:
+        rec = self.records[index]
+        if self._sink is None or rec.info is None or rec.bias is None:
+            return
+        bias, rec.bias = rec.bias, None  # each op's gradient arrives once; free its bias
+        self._sink.layer(index, rec.info, grad, bias)
+
+
+def _implicit_biases(func, name: str, leaves: list[Any], spec: Any, act_idx: list[int],
+                     saved: list[torch.Tensor] | None, outs: list[torch.Tensor],
+                     out_idx: list[int]) -> list[torch.Tensor]:
+    """``b = phi(u) - J u`` for each activation output of a generic op.
+
+    The Jacobian-vector product uses the op's own activation inputs as
+    tangents (parameters and constants held fixed). Forward-mode AD first; ops
+    without a forward-mode formula fall back to the double-backward trick.
+    """
+    inplace = saved is not None
+    primals = saved if inplace else [leaves[i].detach() for i in act_idx]
+    try:
+        tangents = _jvp_forward(func, leaves, spec, act_idx, primals, out_idx,
+                                inplace, "attention" in name)
+    except (NotImplementedError, RuntimeError):
+        tangents = _jvp_double_backward(func, leaves, spec, act_idx, primals, out_idx)
+    return [o.detach() - t if t is not None else o.detach().clone()
+            for o, t in zip(outs, tangents)]
+
+
+def _rebuild(leaves: list[Any], spec: Any, act_idx: Sequence[int], new: Sequence[Any]):
+    leaves = list(leaves)
+    for i, v in zip(act_idx, new):
+        leaves[i] = v
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def _jvp_forward(func, leaves, spec, act_idx, primals, out_idx, inplace: bool,
+                 attention: bool) -> list[torch.Tensor | None]:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        if attention:
+            stack.enter_context(_math_sdpa())
+        stack.enter_context(fwAD.dual_level())
+        # an in-place op writes into its primal and tangent: give it copies of its own
+        duals = [fwAD.make_dual(p.clone() if inplace else p, p.clone() if inplace else p)
+                 for p in primals]
+        args, kwargs = _rebuild(leaves, spec, act_idx, duals)
+        res = pytree.tree_leaves(func(*args, **kwargs))
+        return [fwAD.unpack_dual(res[j]).tangent for j in out_idx]
+
+
+def _jvp_double_backward(func, leaves, spec, act_idx, primals, out_idx
+                         ) -> list[torch.Tensor | None]:
+    """J u = d/dv <J^T v, u> at v = 0, for ops without forward-mode AD."""
+    with torch.enable_grad():
+        ins = [p.clone().requires_grad_(True) for p in primals]
+        args, kwargs = _rebuild(leaves, spec, act_idx, ins)
+        res = pytree.tree_leaves(func(*args, **kwargs))
+        res = [res[j] for j in out_idx]
+        live = [k for k, o in enumerate(res) if o.requires_grad]
+        vs = [torch.zeros_like(res[k], requires_grad=True) for k in live]
+        vjp = torch.autograd.grad([res[k] for k in live], ins, vs, create_graph=True,
+                                  allow_unused=True)
+        pairs = [(g, p) for g, p in zip(vjp, primals) if g is not None and g.requires_grad]
+        jvp = torch.autograd.grad([g for g, _ in pairs], vs, [p for _, p in pairs],
+                                  allow_unused=True) if pairs else [None] * len(vs)
+    tangents: list[torch.Tensor | None] = [None] * len(res)
+    for k, t in zip(live, jvp):
+        tangents[k] = None if t is None else t.detach()
+    return tangents
+
+
+def _math_sdpa() -> contextlib.AbstractContextManager:
+    """Fused attention kernels have no forward-mode AD; the math backend does."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+@contextlib.contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode and frozen parameters for one call; flags restored in ``finally``.
+
+    With every parameter frozen, ``requires_grad`` marks exactly the tensors
+    that depend on the input, and no weight gradient is ever computed.
+    """
+    training = [(m, m.training) for m in model.modules()]
+    params = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in params:
+            p.requires_grad_(flag)
+        for m, flag in training:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def traced_model(model: nn.Module) -> Iterator[BiasTracer]:
+    """:func:`frozen_eval` plus module-path tracking hooks, all removed afterwards.
+
+    The returned tracer is entered by the caller around the forward pass only.
+    """
+    names: dict[nn.Module, str] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(module, path)
+    stack: list[str] = []
+    handles = []
+
+    def leave(_module: nn.Module, _args: Any, _out: Any) -> None:
+        if stack:
+            stack.pop()
+
+    with frozen_eval(model):
+        try:
+            for module, path in names.items():
+                handles.append(module.register_forward_pre_hook(
+                    lambda _m, _a, path=path: stack.append(path)))
+                handles.append(module.register_forward_hook(leave, always_call=True))
+            yield BiasTracer(stack)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+# ---------------------------------------------------------------------------
+# One forward + one backward
+
+
+@dataclass
+class PassResult:
+    """What one traced forward + backward produced (tensors on the model's device)."""
+
+    logits: torch.Tensor  # (N, K), detached
+    target: torch.Tensor  # (N,) long
+    input_grad: torch.Tensor  # (N, C, H, W)
+    layers: list[LayerInfo] = field(default_factory=list)
+
+    @property
+    def logit(self) -> torch.Tensor:
+        return self.logits.gather(1, self.target[:, None])[:, 0]
+
+
+def check_input(model: nn.Module, x: Any) -> torch.Tensor:
+    """Validate the image batch: a floating (N, C, H, W) tensor on the model's device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 4 or x.shape[0] == 0:
+        raise ValueError(f"x must have shape (N, C, H, W) with N >= 1, got {tuple(x.shape)}")
+    param = next(model.parameters(), None)
+    if param is not None and param.device != x.device:
+        raise ValueError(f"x is on {x.device} but the model is on {param.device}; move one of them")
+    return x
+
+
+def resolve_target(target: Any, logits: torch.Tensor) -> torch.Tensor:
+    """None -> each image's top-1; int -> same class for all; (N,) ints -> per image."""
+    n, k = logits.shape
+    if target is None:
+        return logits.detach().argmax(1)
+    if isinstance(target, bool) or (isinstance(target, torch.Tensor)
+                                    and target.dtype == torch.bool):
+        raise TypeError("target must be an int, a sequence of ints or a LongTensor, not bool")
+    if not isinstance(target, torch.Tensor):
+        try:
+            target = torch.as_tensor(target)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"target must be an int or a sequence of ints, got {target!r}") \
+                from exc
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integers, got dtype {target.dtype}")
+    t = target.to(device=logits.device, dtype=torch.long).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"target has {t.numel()} entries but the batch has {n} images")
+    bad = (t < 0) | (t >= k)
+    if bool(bad.any()):
+        raise ValueError(f"target {t[bad][0].item()} is out of range: the model has {k} classes")
+    return t.clone()
+
+
+def extract_logits(out: Any) -> torch.Tensor:
+    """The class scores of a model output (tensor, tuple/namedtuple, or object with .logits)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"the model returned {type(out).__name__}; expected a (N, K) logit tensor")
+
+
+def _checked_logits(out: Any, n: int) -> torch.Tensor:
+    logits = extract_logits(out)
+    if logits.dim() != 2 or logits.shape[0] != n:
+        raise ValueError(
+            f"the model's output has shape {tuple(logits.shape)}; expected ({n}, classes)")
+    return logits
+
+
+def eval_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Plain eval-mode logits (no tracing, no graph), model state restored."""
+    x = check_input(model, x)
+    with frozen_eval(model), torch.no_grad():
+        return _checked_logits(model(x), x.shape[0])
+
+
+def run_pass(model: nn.Module, x: torch.Tensor, target: Any, sink: Sink) -> PassResult:
+    """Traced forward + backward of the summed target logits; the sink sees every layer."""
+    x = check_input(model, x)
+    n, _, height, width = x.shape
+    with traced_model(model) as tracer, torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        setattr(xg, ops.LAYOUT_ATTR, "nchw")
+        with tracer:
+            out = model(xg)
+        logits = _checked_logits(out, n)
+        if not logits.requires_grad:
+            raise ValueError("the model's output does not depend differentiably on its input")
+        t = resolve_target(target, logits)
+        layers = tracer.finalise(n, height, width)
+        tracer.attach(sink)
+        selected = logits.gather(1, t[:, None]).sum()
+        (gx,) = torch.autograd.grad(selected, xg)
+    return PassResult(logits.detach(), t, gx, layers)

@@ -1,0 +1,141 @@
+"""Post-processing of gradient terms: the reference's ``psi``, layouts, upsampling.
+
+Everything here is batched tensor maths on the tensors' own device; nothing
+leaves the device and nothing synchronises with the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-6  # the reference's rescale epsilon: a constant map becomes 0, never NaN
+
+# How far (in cells of the layer's grid) a layer's (h, w) may be from the input's
+# aspect ratio and still count as a spatial grid. Strided convs and ceil-mode
+# pooling round sizes, so exact proportionality is too strict.
+GRID_TOLERANCE = 1.5
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a layer's batch, channels and spatial grid are.
+
+    kind: ``nchw`` / ``nhwc`` (spatial, enters the map), ``vector`` (N, K),
+    ``other`` (any other shape: counted for completeness, not mapped) or
+    ``ambiguous`` (4-D but both channel-first and channel-last readings fit the
+    input grid equally well; left out of the map rather than guessed).
+    batch: ``lead`` (dim 0 is the batch), ``dim:<d>`` (the unique dim of size N),
+    ``merged`` (dim 0 is the batch times a factor, batch-major, e.g. attention
+    windows) or ``unknown``.
+    """
+
+    kind: str
+    batch: str
+
+    @property
+    def spatial(self) -> bool:
+        return self.kind in ("nchw", "nhwc")
+
+
+def _grid_error(h: int, w: int, height: int, width: int) -> float:
+    """Distance of (h, w) from the input's aspect ratio, in cells of the smaller grid."""
+    return abs(h * width - w * height) / max(height, width)
+
+
+def batch_layout(shape: tuple[int, ...], n: int) -> str:
+    """Which dimension of a tensor of ``shape`` holds the ``n`` images."""
+    if not shape:
+        return "unknown"
+    if shape[0] == n:
+        return "lead"
+    others = [d for d, s in enumerate(shape) if s == n]
+    if len(others) == 1:
+        return f"dim:{others[0]}"
+    if shape[0] % n == 0:
+        return "merged"
+    return "unknown"
+
+
+def layout_of(shape: tuple[int, ...], n: int, height: int, width: int,
+              hint: str | None = None) -> Layout:
+    """Classify a layer output of ``shape`` for a batch of ``n`` images of (height, width).
+
+    ``hint`` is the layout the producing op implies (``nchw`` / ``nhwc``, see
+    :func:`fgcli.engine.ops.layout_tag`); without one, a 4-D shape is read as
+    channels-first or channels-last by which pair of dims fits the input's grid,
+    and left out of the map when both fit equally well.
+    """
+    batch = batch_layout(shape, n)
+    if batch != "lead":
+        return Layout("other", batch)
+    if len(shape) == 2:
+        return Layout("vector", batch)
+    if len(shape) != 4:
+        return Layout("other", batch)
+    if hint in ("nchw", "nhwc"):
+        return Layout(hint, batch)
+    cf = _grid_error(shape[2], shape[3], height, width)
+    cl = _grid_error(shape[1], shape[2], height, width)
+    cf_ok, cl_ok = cf <= GRID_TOLERANCE, cl <= GRID_TOLERANCE
+    if cf_ok and (not cl_ok or cf < cl):
+        return Layout("nchw", batch)
+    if cl_ok and (not cf_ok or cl < cf):
+        return Layout("nhwc", batch)
+    return Layout("ambiguous" if cf_ok else "other", batch)
+
+
+def per_image_sum(t: torch.Tensor, layout: Layout, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Sum ``t`` over everything but the batch: (n,) in ``dtype``.
+
+    Raises ValueError when the batch dimension cannot be told from the shape
+    (only possible with n > 1).
+    """
+    if n == 1:
+        return t.sum(dtype=dtype).reshape(1)
+    if layout.batch == "lead":
+        return t.reshape(n, -1).sum(1, dtype=dtype)
+    if layout.batch.startswith("dim:"):
+        return t.movedim(int(layout.batch[4:]), 0).reshape(n, -1).sum(1, dtype=dtype)
+    if layout.batch == "merged":
+        return t.reshape(n, -1).sum(1, dtype=dtype)
+    raise ValueError(
+        f"cannot tell which dimension of a tensor of shape {tuple(t.shape)} holds the "
+        f"batch of {n} images; run with a batch of one image"
+    )
+
+
+def psi_channel_sum(t: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+    """The reference's psi followed by the sum over channels, for a 4-D tensor.
+
+    psi(t) = (|t| - min) / (max(|t| - min) + eps) with one min and max per
+    image over all channels and positions. Summing over channels afterwards
+    equals ``(sum_c |t| - C * min) / (max - min + eps)``, which needs only the
+    channel sum and two reductions. Returns (N, 1, h, w) in float32 or wider.
+    """
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    a = t.abs()
+    dims = (1, 2, 3)
+    lo = a.amin(dim=dims, keepdim=True)
+    hi = a.amax(dim=dims, keepdim=True)
+    s = a.sum(dim=channel_dim, keepdim=True)
+    if channel_dim != 1:
+        s = s.movedim(channel_dim, 1)
+    channels = t.shape[channel_dim]
+    return (s - channels * lo) / (hi - lo + EPS)
+
+
+def upsample(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling with ``align_corners=True`` (the reference's choice)."""
+    if tuple(m.shape[-2:]) == tuple(size):
+        return m  # align_corners=True at the same size is the identity
+    return F.interpolate(m, size=size, mode="bilinear", align_corners=True)
+
+
+def map_term(t: torch.Tensor, layout: Layout, size: tuple[int, int]) -> torch.Tensor:
+    """One layer's contribution to the saliency map: psi, channel sum, upsample."""
+    channel_dim = 1 if layout.kind == "nchw" else 3
+    return upsample(psi_channel_sum(t, channel_dim), size)

@@ -1,0 +1,280 @@
+"""FullGrad, SimpleFullGrad and SmoothFullGrad on top of the traced pass.
+
+The methods differ only in what each layer contributes to the map, so each
+subclass holds just that piece of maths; tracing, hooks and model state live in
+:mod:`fgcli.engine.decompose`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from fgcli.engine.decompose import (
+    LayerInfo,
+    PassResult,
+    check_input,
+    eval_forward,
+    resolve_target,
+    run_pass,
+)
+from fgcli.engine.postprocess import map_term, per_image_sum, psi_channel_sum
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _accum_dtype(device: torch.device) -> torch.dtype:
+    """Completeness sums in float64 where the device has it."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in _LOW_PRECISION else t
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Saliency maps for a batch, with what a manifest needs to trust them.
+
+    maps: (N, 1, H, W) float32, reference semantics (not renormalised).
+    residual: (N,) completeness residual ``logit - input term - bias terms``
+    (float64; for SmoothFullGrad the mean over the noisy samples).
+    """
+
+    maps: torch.Tensor
+    logits: torch.Tensor
+    target: torch.Tensor
+    residual: torch.Tensor
+    layers: tuple[LayerInfo, ...]
+
+    @property
+    def logit(self) -> torch.Tensor:
+        return self.logits.gather(1, self.target[:, None])[:, 0]
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """The full-gradient decomposition ``logit = sum(input_term) + sum(bias_terms) + residual``.
+
+    bias_terms maps each bias-carrying layer's name (forward order) to its
+    signed bias-gradient ``grad_z f * b``, in the layer's own output shape.
+    """
+
+    logits: torch.Tensor  # (N, K)
+    logit: torch.Tensor  # (N,)
+    target: torch.Tensor  # (N,)
+    input_grad: torch.Tensor  # (N, C, H, W)
+    input_term: torch.Tensor  # (N, C, H, W) = input_grad * x
+    bias_terms: OrderedDict[str, torch.Tensor]
+    layers: tuple[LayerInfo, ...]
+    residual: torch.Tensor  # (N,) float64 (float32 on MPS)
+
+
+class _Sink:
+    """Base sink: the per-image sum of every bias term, for the completeness check."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.n = x.shape[0]
+        self.size = (x.shape[2], x.shape[3])
+        self.acc = _accum_dtype(x.device)
+        self.bias_sum = torch.zeros(self.n, dtype=self.acc, device=x.device)
+
+    def term(self, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        term = _wide(grad) * _wide(bias)
+        self.bias_sum += per_image_sum(term, info.layout, self.n, self.acc)
+        return term
+
+    def residual(self, result: PassResult, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input term, completeness residual) for the pass that fed this sink."""
+        input_term = _wide(result.input_grad) * _wide(x)
+        total = input_term.reshape(self.n, -1).sum(1, dtype=self.acc) + self.bias_sum
+        return input_term, result.logit.to(self.acc) - total
+
+
+class _MapSink(_Sink):
+    """Builds a FullGrad-family map during the backward pass (see ``layer_map_input``)."""
+
+    def __init__(self, x: torch.Tensor, method: "_FullGradFamily") -> None:
+        super().__init__(x)
+        self.method = method
+        self.map = torch.zeros(self.n, 1, *self.size, dtype=torch.float32, device=x.device)
+
+    def layer(self, index: int, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor) -> None:
+        term = self.term(info, grad, bias)
+        if info.in_map:
+            self.map += map_term(self.method.layer_map_input(grad, term), info.layout, self.size)
+
+
+class _KeepSink(_Sink):
+    """Keeps (or, over several passes, sums) every layer's full bias term."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        super().__init__(x)
+        self.terms: dict[int, torch.Tensor] = {}
+
+    def layer(self, index: int, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor) -> None:
+        term = self.term(info, grad, bias)
+        if index in self.terms:
+            self.terms[index] += term
+        else:
+            self.terms[index] = term
+
+    def ordered(self, layers: list[LayerInfo], like: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """Terms by layer name; a layer whose output did not reach the logit has a zero term."""
+        out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for i, info in enumerate(layers):
+            term = self.terms.get(i)
+            out[info.name] = term if term is not None else like.new_zeros(info.shape)
+        return out
+
+
+METHODS: dict[str, type["_FullGradFamily"]] = {}
+
+
+def register(name: str):
+    """Add a method to the registry (CLI choices and tests are built from it)."""
+
+    def deco(cls: type[_FullGradFamily]) -> type[_FullGradFamily]:
+        if name in METHODS:
+            raise ValueError(f"saliency method {name!r} is already registered")
+        cls.method_name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+class _FullGradFamily(ABC):
+    """Shared interface: ``saliency``, ``explain`` and ``decompose`` for one model.
+
+    Constructing an engine does nothing to the model: no forward pass, no hook.
+    Each call runs the model in eval mode with frozen parameters and restores
+    its training flags, ``requires_grad`` flags and hooks afterwards, also when
+    the call raises.
+    """
+
+    method_name: ClassVar[str]
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+
+    def saliency(self, x: torch.Tensor, target: Any = None) -> torch.Tensor:
+        """(N, 1, H, W) saliency maps for a batch ``x`` of shape (N, C, H, W).
+
+        target: None (each image's top-1 class), an int (one class for all) or
+        a LongTensor / sequence of N class indices.
+        """
+        return self.explain(x, target).maps
+
+    @abstractmethod
+    def explain(self, x: torch.Tensor, target: Any = None) -> Explanation:
+        """Maps plus logits, targets and completeness residuals."""
+
+    def decompose(self, x: torch.Tensor, target: Any = None) -> Decomposition:
+        """The full-gradient decomposition of each image's target logit."""
+        sink = _KeepSink(x)
+        result = run_pass(self.model, x, target, sink)
+        input_term, residual = sink.residual(result, x)
+        return Decomposition(
+            logits=result.logits,
+            logit=result.logit,
+            target=result.target,
+            input_grad=result.input_grad,
+            input_term=input_term,
+            bias_terms=sink.ordered(result.layers, input_term),
+            layers=tuple(result.layers),
+            residual=residual,
+        )
+
+    @staticmethod
+    def layer_map_input(grad: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+        """What a spatial layer feeds into psi: its bias-gradient (FullGrad)."""
+        return term
+
+    def _single_pass(self, x: torch.Tensor, target: Any) -> Explanation:
+        sink = _MapSink(x, self)
+        result = run_pass(self.model, x, target, sink)
+        input_term, residual = sink.residual(result, x)
+        maps = sink.map + psi_channel_sum(input_term)
+        return Explanation(maps, result.logits, result.target, residual, tuple(result.layers))
+
+
+@register("fullgrad")
+class FullGrad(_FullGradFamily):
+    """FullGrad (Srinivas & Fleuret, 2019): psi of input-gradient x input plus psi of
+    every spatial layer's bias-gradient, upsampled and summed."""
+
+    def explain(self, x: torch.Tensor, target: Any = None) -> Explanation:
+        return self._single_pass(x, target)
+
+
+@register("simple")
+class SimpleFullGrad(_FullGradFamily):
+    """SimpleFullGrad: as FullGrad, but layers contribute their raw output gradients
+    (not multiplied by the bias). No completeness property for the map itself."""
+
+    @staticmethod
+    def layer_map_input(grad: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+        return grad
+
+    def explain(self, x: torch.Tensor, target: Any = None) -> Explanation:
+        return self._single_pass(x, target)
+
+
+@register("smooth")
+class SmoothFullGrad(_FullGradFamily):
+    """SmoothFullGrad: FullGrad aggregation of input and bias-gradient terms averaged
+    over ``n_samples`` noisy copies of each image.
+
+    Unlike the reference, the target is chosen once on the clean image, and the
+    noise standard deviation is ``sigma * (max - min)`` of each image on its own,
+    so an image's map does not depend on its batch-mates. With ``seed`` set, every
+    call draws the same noise (reproducible); otherwise the global generator is used.
+    """
+
+    def __init__(self, model: nn.Module, n_samples: int = 25, sigma: float = 0.15,
+                 seed: int | None = None) -> None:
+        super().__init__(model)
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+        if not sigma >= 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma!r}")
+        self.n_samples = n_samples
+        self.sigma = float(sigma)
+        self.seed = seed
+
+    def explain(self, x: torch.Tensor, target: Any = None) -> Explanation:
+        x = check_input(self.model, x)
+        logits = eval_forward(self.model, x)
+        target = resolve_target(target, logits)
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        dims = (1, 2, 3)
+        std = self.sigma * (x.amax(dim=dims, keepdim=True) - x.amin(dim=dims, keepdim=True))
+        sink = _KeepSink(x)
+        input_sum = torch.zeros_like(x, dtype=torch.float32)
+        residual = torch.zeros(x.shape[0], dtype=sink.acc, device=x.device)
+        layers: list[LayerInfo] = []
+        for _ in range(self.n_samples):
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noisy = x + noise * std
+            sink.bias_sum.zero_()
+            result = run_pass(self.model, noisy, target, sink)
+            input_term, res = sink.residual(result, noisy)
+            input_sum += input_term
+            residual += res
+            layers = result.layers
+        k = float(self.n_samples)
+        maps = psi_channel_sum(input_sum / k)
+        for info, term in zip(layers, sink.ordered(layers, input_sum).values()):
+            if info.in_map:
+                maps = maps + map_term(term / k, info.layout, sink.size)
+        return Explanation(maps, logits, target, residual / k, tuple(layers))
