@@ -179,7 +179,7 @@ class _FullGradFamily(ABC):
 
     def decompose(self, x: torch.Tensor, target: Any = None) -> Decomposition:
         """The full-gradient decomposition of each image's target logit."""
-        sink = _KeepSink(x)
+        sink = _KeepSink(check_input(self.model, x))
         result = run_pass(self.model, x, target, sink)
         input_term, residual = sink.residual(result, x)
         return Decomposition(
@@ -199,7 +199,7 @@ class _FullGradFamily(ABC):
         return term
 
     def _single_pass(self, x: torch.Tensor, target: Any) -> Explanation:
-        sink = _MapSink(x, self)
+        sink = _MapSink(check_input(self.model, x), self)
         result = run_pass(self.model, x, target, sink)
         input_term, residual = sink.residual(result, x)
         maps = sink.map + psi_channel_sum(input_term)

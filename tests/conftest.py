@@ -1,0 +1,137 @@
+"""Shared fixtures: deterministic weight recipes, tiny models, paths.
+
+Random initialisation leaves biases at zero and BatchNorm at mean 0 / var 1,
+which makes every bias-gradient vanish; the recipes below re-draw them so the
+tests exercise non-trivial bias terms.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+REFERENCE = FIXTURES / "reference"
+SQUEEZENET_WEIGHTS = ROOT / "examples" / "weights" / "squeezenet1_1_imagenet.pth"
+
+torch.set_num_threads(2)  # the golden fixtures were made with two threads
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def reference_recipe(name: str) -> nn.Module:
+    """The golden fixtures' weights, re-implemented from fixtures/reference/README.md."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None)
+    rs = np.random.RandomState(0)
+
+    def put(t: torch.Tensor, arr: np.ndarray) -> None:
+        with torch.no_grad():
+            t.copy_(torch.from_numpy(np.asarray(arr, dtype=np.float64).astype(np.float32))
+                    .reshape(t.shape))
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            put(m.weight, rs.standard_normal(m.weight.shape) * np.sqrt(2.0 / fan_in))
+            if m.bias is not None:
+                put(m.bias, rs.normal(0, 0.1, m.bias.shape))
+        elif isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            put(m.running_mean, rs.normal(0, 0.2, c))
+            put(m.running_var, rs.uniform(0.5, 2.0, c))
+            put(m.weight, rs.uniform(0.5, 1.5, c))
+            put(m.bias, rs.normal(0, 0.2, c))
+    return model.eval()
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial biases, norm statistics and affine parameters for any architecture.
+
+    Conv / linear weights get He-scaled normals and biases N(0, 0.1); batch
+    norms random statistics; layer / group norms random affine parameters;
+    every other parameter (class tokens, positional embeddings, layer scales)
+    a small normal, so nothing is zero-initialised.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def normal(t: torch.Tensor, std: float, mean: float = 0.0) -> None:
+        t.copy_(torch.randn(t.shape, generator=g) * std + mean)
+
+    done: set[int] = set()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                normal(m.weight, (2.0 / m.weight[0].numel()) ** 0.5)
+                if m.bias is not None:
+                    normal(m.bias, 0.1)
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.running_mean is not None:
+                    normal(m.running_mean, 0.2)
+                    m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    normal(m.bias, 0.2)
+            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                normal(m.bias, 0.2)
+            else:
+                continue
+            done.update(id(p) for p in m.parameters(recurse=False))
+        for p in model.parameters():
+            if id(p) not in done:
+                normal(p, 0.1, mean=float(p.detach().mean()))
+    return model.eval()
+
+
+def random_images(n: int, size: int = 64, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed),
+                       dtype=dtype)
+
+
+@pytest.fixture(scope="session")
+def resnet18_ref() -> nn.Module:
+    return reference_recipe("resnet18")
+
+
+@pytest.fixture(scope="session")
+def vgg16_bn_ref() -> nn.Module:
+    return reference_recipe("vgg16_bn")
+
+
+@pytest.fixture(scope="session")
+def tiny_cnn() -> nn.Module:
+    """A small float64 ReLU/BN CNN with in-place ops, biases and a non-zero head."""
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(6, 6, 3, padding=1)
+            self.bn = nn.BatchNorm2d(6)
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.bn(self.conv(x))
+            out += x  # in place on a recorded batch-norm output
+            return self.relu(out)  # and in-place ReLU on top
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+        Block(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    )
+    return randomise(model.double())

@@ -1,0 +1,322 @@
+"""Engine semantics: exactness, implicit biases, batching, targets, errors, methods."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from conftest import random_images, randomise
+from fgcli import Decomposition, FullGrad, SimpleFullGrad, SmoothFullGrad
+from fgcli.engine.postprocess import psi_channel_sum
+
+
+# ---------------------------------------------------------------- exactness (float64)
+
+def test_completeness_float64_tiny(tiny_cnn):
+    x = random_images(3, size=16, dtype=torch.float64)
+    dec = FullGrad(tiny_cnn).decompose(x)
+    assert isinstance(dec, Decomposition)
+    assert (dec.residual.abs() <= 1e-10 * dec.logit.abs().clamp(min=1)).all(), dec.residual
+    # exactly the explicit bias carriers: relu, max-pool, flatten, in-place add carry none
+    assert list(dec.bias_terms) == ["0", "1", "3.conv", "3.bn", "6", "10"]
+    assert [layer.kind for layer in dec.layers] == ["conv", "norm", "conv", "norm", "norm",
+                                                   "linear"]
+    for layer, term in zip(dec.layers, dec.bias_terms.values()):
+        assert tuple(term.shape) == layer.shape
+
+
+def test_bias_terms_equal_parameter_gradients(tiny_cnn):
+    """Independent check: sum of a layer's bias term = <df/db, b> (plain autograd, no tracer)."""
+    x = random_images(1, size=16, dtype=torch.float64)
+    dec = FullGrad(tiny_cnn).decompose(x)
+    model = tiny_cnn.eval()
+    params = dict(model.named_parameters())
+    logit = model(x)[0, dec.target[0]]
+    names = ["0.bias", "1.bias", "3.conv.bias", "3.bn.bias", "6.bias", "10.bias"]
+    grads = torch.autograd.grad(logit, [params[n] for n in names])
+    for (layer, term), name, g in zip(dec.bias_terms.items(), names, grads):
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        if isinstance(module, nn.BatchNorm2d):  # effective bias beta - gamma mean / sqrt(var+eps)
+            b = module.bias - module.weight * module.running_mean / torch.sqrt(
+                module.running_var + module.eps)
+        else:
+            b = module.bias
+        expected = (g * b).sum()
+        torch.testing.assert_close(term.sum(), expected.detach(), rtol=1e-9, atol=1e-12)
+    for p in model.parameters():
+        p.grad = None
+
+
+class Implicit(nn.Module):
+    """A network touching every kind of implicit bias, with in-place variants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.SiLU()
+        self.hs = nn.Hardswish(inplace=True)
+        self.relu6 = nn.ReLU6()
+        self.norm = nn.LayerNorm(8)
+        self.gelu = nn.GELU()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.offset = nn.Parameter(torch.randn(8, 4, 4))
+        self.token = nn.Parameter(torch.randn(1, 1, 8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x)
+        z = self.hs(self.act(z)) * 3.0
+        z = self.relu6(z) + self.offset  # saturating ReLU6, then a constant tensor
+        z = z * torch.sigmoid(z.mean((2, 3), keepdim=True))  # product of two activations
+        t = z.flatten(2).transpose(1, 2)  # (N, 16, 8) tokens
+        t = torch.cat([self.token.expand(len(t), -1, -1), t], 1)  # class token (a constant)
+        t = self.gelu(self.norm(t))
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        t = t.softmax(-1) + 1.0  # softmax and a Python constant
+        return self.head(t[:, 0])
+
+
+def test_implicit_biases_complete_float64():
+    torch.manual_seed(0)
+    model = randomise(Implicit().double())
+    x = random_images(2, size=4, dtype=torch.float64) * 3
+    dec = FullGrad(model).decompose(x)
+    assert (dec.residual.abs() <= 1e-10 * dec.logit.abs().clamp(min=1)).all(), dec.residual
+    kinds = {layer.kind for layer in dec.layers}
+    assert {"activation", "normalisation", "attention", "product", "constant"} <= kinds
+    # modules running one op are named by their path; ops of the model's own forward by
+    # op name, numbered when repeated; `* 3.0`, flatten, transpose, expand carry no bias
+    assert [layer.name for layer in dec.layers] == [
+        "conv", "act", "hs", "relu6", "add.0", "sigmoid", "mul", "cat", "norm", "gelu",
+        "attn", "softmax", "add.1", "head"]
+    assert dec.layers[10].layout.batch == "dim:1"  # attention works on (L, N, E) internally
+    # ReLU6 carries a bias exactly where it saturates
+    relu6 = dec.bias_terms["relu6"]
+    assert relu6.abs().sum() > 0
+
+
+def test_inplace_ops_do_not_corrupt_recorded_outputs():
+    """BN output modified in place by `+=` and ReLU(inplace): same terms as out-of-place."""
+
+    class Net(nn.Module):
+        def __init__(self, inplace: bool) -> None:
+            super().__init__()
+            self.inplace = inplace
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.relu = nn.ReLU(inplace=inplace)
+            self.hs = nn.Hardswish(inplace=inplace)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            skip = self.conv(x)
+            if self.inplace:
+                y += skip
+            else:
+                y = y + skip
+            y = self.relu(self.hs(y))
+            return self.fc(y.mean((2, 3)))
+
+    torch.manual_seed(0)
+    a = randomise(Net(True).double())
+    b = Net(False).double().eval()
+    b.load_state_dict(a.state_dict())
+    x = random_images(2, size=8, dtype=torch.float64)
+    da, db = FullGrad(a).decompose(x), FullGrad(b).decompose(x)
+    assert list(da.bias_terms) == list(db.bias_terms)
+    for name in da.bias_terms:
+        torch.testing.assert_close(da.bias_terms[name], db.bias_terms[name], rtol=1e-12,
+                                   atol=1e-12)
+    assert (da.residual.abs() < 1e-10).all()
+
+
+def test_layer_names_with_several_ops_per_module():
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            x = x + self.c
+            x = x * x
+            return x + self.c
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.two = Two()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(self.two(x).mean((2, 3)))
+
+    dec = FullGrad(Net().double()).decompose(random_images(1, size=4, dtype=torch.float64))
+    assert list(dec.bias_terms) == ["two:add.0", "two:mul", "two:add.1", "fc"]
+
+
+# ---------------------------------------------------------------- batching and layout
+
+@pytest.fixture(scope="module")
+def resnet18_small() -> nn.Module:
+    torch.manual_seed(0)
+    return randomise(torchvision.models.resnet18())
+
+
+def test_batch_equals_one_by_one(resnet18_small):
+    x = random_images(4, size=64)
+    targets = torch.tensor([3, 1, 4, 1])
+    for method in (FullGrad, SimpleFullGrad):
+        batch = method(resnet18_small).saliency(x, targets)
+        single = torch.cat([method(resnet18_small).saliency(x[i:i + 1], int(targets[i]))
+                            for i in range(4)])
+        torch.testing.assert_close(batch, single, rtol=1e-4, atol=1e-4 * batch.abs().max().item())
+
+
+def test_channels_last_gives_same_maps(resnet18_small):
+    x = random_images(2, size=64)
+    ref = FullGrad(resnet18_small).saliency(x)
+    model = resnet18_small.to(memory_format=torch.channels_last)
+    try:
+        got = FullGrad(model).saliency(x.contiguous(memory_format=torch.channels_last))
+    finally:
+        resnet18_small.to(memory_format=torch.contiguous_format)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_map_shape_dtype_and_range(resnet18_small):
+    x = random_images(3, size=48)
+    exp = FullGrad(resnet18_small).explain(x)
+    assert exp.maps.shape == (3, 1, 48, 48) and exp.maps.dtype == torch.float32
+    assert (exp.maps >= 0).all() and torch.isfinite(exp.maps).all()
+    n_map_layers = sum(layer.in_map for layer in exp.layers)
+    # each psi-normalised channel-summed term is <= channels; the map is their sum
+    assert exp.maps.amax() > 1 and n_map_layers == 20
+
+
+def test_constant_image_gives_finite_maps(resnet18_small):
+    x = torch.zeros(2, 3, 32, 32)
+    for method in (FullGrad(resnet18_small), SimpleFullGrad(resnet18_small),
+                   SmoothFullGrad(resnet18_small, n_samples=2, seed=0)):
+        maps = method.saliency(x)
+        assert torch.isfinite(maps).all()
+    # with no noise the input term of a constant zero image is exactly zero
+    dec = FullGrad(resnet18_small).decompose(x)
+    assert torch.equal(psi_channel_sum(dec.input_term), torch.zeros(2, 1, 32, 32))
+
+
+def test_autocast_bfloat16_cpu(resnet18_small):
+    x = random_images(2, size=64)
+    ref = FullGrad(resnet18_small).explain(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = FullGrad(resnet18_small).explain(x)
+    assert low.maps.dtype == torch.float32 and torch.isfinite(low.maps).all()
+    corr = np.corrcoef(low.maps.flatten().numpy(), ref.maps.flatten().numpy())[0, 1]
+    assert corr > 0.9, corr
+    assert (low.residual.abs() <= 0.05 * low.logit.double().abs().clamp(min=1)).all()
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(resnet18_small):
+    x = random_images(2, size=64)
+    ref = FullGrad(resnet18_small).saliency(x)
+    model = resnet18_small.to("cuda")
+    try:
+        got = FullGrad(model).saliency(x.cuda()).cpu()
+    finally:
+        resnet18_small.to("cpu")
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+
+
+# ---------------------------------------------------------------- targets
+
+def test_targets(tiny_cnn):
+    x = random_images(3, size=16, dtype=torch.float64)
+    fg = FullGrad(tiny_cnn)
+    exp = fg.explain(x)
+    assert torch.equal(exp.target, exp.logits.argmax(1))
+    assert fg.explain(x, 2).target.tolist() == [2, 2, 2]
+    assert fg.explain(x, torch.tensor([0, 1, 2])).target.tolist() == [0, 1, 2]
+    assert fg.explain(x, [4, 3, 2]).target.tolist() == [4, 3, 2]
+    assert fg.explain(x, np.array([1, 1, 0])).target.tolist() == [1, 1, 0]
+    assert fg.explain(x, np.int64(4)).target.tolist() == [4, 4, 4]
+    # the map depends on the target
+    assert not torch.allclose(fg.saliency(x, 0), fg.saliency(x, 1))
+
+
+@pytest.mark.parametrize("target,error,match", [
+    (5, ValueError, "out of range"),
+    (-1, ValueError, "out of range"),
+    ([0, 1], ValueError, "2 entries but the batch has 3"),
+    (torch.tensor([0.5, 1.0, 2.0]), TypeError, "integers"),
+    (True, TypeError, "bool"),
+    ("cat", TypeError, "int"),
+])
+def test_bad_targets(tiny_cnn, target, error, match):
+    with pytest.raises(error, match=match):
+        FullGrad(tiny_cnn).saliency(random_images(3, size=16, dtype=torch.float64), target)
+
+
+# ---------------------------------------------------------------- errors
+
+def test_bad_inputs(tiny_cnn):
+    fg = FullGrad(tiny_cnn)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        fg.saliency(np.zeros((1, 3, 16, 16)))
+    with pytest.raises(TypeError, match="floating-point"):
+        fg.saliency(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        fg.saliency(torch.zeros(3, 16, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        fg.saliency(torch.zeros(0, 3, 16, 16, dtype=torch.float64))
+    with pytest.raises(TypeError, match="nn.Module"):
+        FullGrad(lambda x: x)
+
+
+def test_model_without_differentiable_path():
+    class Detached(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x.detach().mean((2, 3)))
+
+    with pytest.raises(ValueError, match="does not depend differentiably"):
+        FullGrad(Detached()).saliency(torch.randn(1, 3, 4, 4))
+
+
+def test_model_with_wrong_output_shape():
+    with pytest.raises(ValueError, match="expected \\(1, classes\\)"):
+        FullGrad(nn.Conv2d(3, 2, 1)).saliency(torch.randn(1, 3, 4, 4))
+
+
+# ---------------------------------------------------------------- SmoothFullGrad
+
+def test_smooth_sigma_zero_equals_fullgrad(resnet18_small):
+    x = random_images(2, size=32)
+    plain = FullGrad(resnet18_small).saliency(x)
+    smooth = SmoothFullGrad(resnet18_small, n_samples=3, sigma=0.0).saliency(x)
+    torch.testing.assert_close(smooth, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
+
+
+def test_smooth_is_seedable_and_keeps_clean_target(resnet18_small):
+    x = random_images(2, size=32)
+    a = SmoothFullGrad(resnet18_small, n_samples=3, seed=7).explain(x)
+    b = SmoothFullGrad(resnet18_small, n_samples=3, seed=7).explain(x)
+    c = SmoothFullGrad(resnet18_small, n_samples=3, seed=8).explain(x)
+    assert torch.equal(a.maps, b.maps)
+    assert not torch.allclose(a.maps, c.maps)
+    clean = FullGrad(resnet18_small).explain(x)
+    assert torch.equal(a.target, clean.target) and torch.equal(a.logits, clean.logits)
+    # completeness holds for every noisy copy, so for their mean too
+    assert (a.residual.abs() <= 1e-4 * a.logit.double().abs().clamp(min=1)).all()
+
+
+@pytest.mark.parametrize("kwargs", [{"n_samples": 0}, {"n_samples": 2.5}, {"sigma": -1.0}])
+def test_smooth_rejects_bad_settings(tiny_cnn, kwargs):
+    with pytest.raises(ValueError):
+        SmoothFullGrad(tiny_cnn, **kwargs)
