@@ -11,7 +11,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _ENGINE_NAMES = {
-    "FullGrad", "SimpleFullGrad", "SmoothFullGrad", "Decomposition", "Explanation",
+    "FullGrad", "SimpleFullGrad", "SmoothFullGrad", "Decomposition", "Explanation", "CompactDecomposition",
     "LayerInfo", "METHODS",
 }
 

@@ -6,6 +6,7 @@ Nothing here knows about files or terminals.
 from fgcli.engine.decompose import LayerInfo
 from fgcli.engine.saliency import (
     METHODS,
+    CompactDecomposition,
     Decomposition,
     Explanation,
     FullGrad,
@@ -15,6 +16,7 @@ from fgcli.engine.saliency import (
 
 __all__ = [
     "METHODS",
+    "CompactDecomposition",
     "Decomposition",
     "Explanation",
     "FullGrad",

@@ -38,6 +38,20 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class CompactDecomposition:
+    """A small, signed summary of the decomposition, per image.
+
+    input: (N, H, W) the input term summed over colour channels. layers: for
+    each bias-carrying layer, its bias-gradient summed over channels, (N, h, w),
+    when the layer is spatial, else its total, (N,). ``input.sum + sum of every
+    layer + residual == logit``.
+    """
+
+    input: torch.Tensor
+    layers: OrderedDict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
 class Explanation:
     """Saliency maps for a batch, with what a manifest needs to trust them.
 
@@ -51,6 +65,7 @@ class Explanation:
     target: torch.Tensor
     residual: torch.Tensor
     layers: tuple[LayerInfo, ...]
+    compact: CompactDecomposition | None = None
 
     @property
     def logit(self) -> torch.Tensor:
@@ -99,15 +114,35 @@ class _Sink:
 class _MapSink(_Sink):
     """Builds a FullGrad-family map during the backward pass (see ``layer_map_input``)."""
 
-    def __init__(self, x: torch.Tensor, method: "_FullGradFamily") -> None:
+    def __init__(self, x: torch.Tensor, method: "_FullGradFamily", compact: bool) -> None:
         super().__init__(x)
         self.method = method
         self.map = torch.zeros(self.n, 1, *self.size, dtype=torch.float32, device=x.device)
+        self.compact: dict[int, torch.Tensor] | None = {} if compact else None
 
     def layer(self, index: int, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor) -> None:
         term = self.term(info, grad, bias)
         if info.in_map:
             self.map += map_term(self.method.layer_map_input(grad, term), info.layout, self.size)
+        if self.compact is not None:
+            if info.in_map:
+                self.compact[index] = term.sum(1 if info.layout.kind == "nchw" else 3)
+            else:
+                self.compact[index] = per_image_sum(term, info.layout, self.n, torch.float32)
+
+    def compact_result(self, layers: list[LayerInfo],
+                       input_term: torch.Tensor) -> CompactDecomposition | None:
+        if self.compact is None:
+            return None
+        out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for i, info in enumerate(layers):
+            term = self.compact.get(i)
+            if term is None:  # the layer's output did not reach the logit
+                shape = (self.n, info.shape[2], info.shape[3]) if info.layout.kind == "nchw" \
+                    else (self.n, info.shape[1], info.shape[2]) if info.in_map else (self.n,)
+                term = input_term.new_zeros(shape)
+            out[info.name] = term
+        return CompactDecomposition(input_term.sum(1), out)
 
 
 class _KeepSink(_Sink):
@@ -174,8 +209,13 @@ class _FullGradFamily(ABC):
         return self.explain(x, target).maps
 
     @abstractmethod
-    def explain(self, x: torch.Tensor, target: Any = None) -> Explanation:
-        """Maps plus logits, targets and completeness residuals."""
+    def explain(self, x: torch.Tensor, target: Any = None, *,
+                compact: bool = False) -> Explanation:
+        """Maps plus logits, targets and completeness residuals.
+
+        compact: also return a :class:`CompactDecomposition` (computed in the
+        same backward pass).
+        """
 
     def decompose(self, x: torch.Tensor, target: Any = None) -> Decomposition:
         """The full-gradient decomposition of each image's target logit."""
@@ -198,12 +238,13 @@ class _FullGradFamily(ABC):
         """What a spatial layer feeds into psi: its bias-gradient (FullGrad)."""
         return term
 
-    def _single_pass(self, x: torch.Tensor, target: Any) -> Explanation:
-        sink = _MapSink(check_input(self.model, x), self)
+    def _single_pass(self, x: torch.Tensor, target: Any, compact: bool) -> Explanation:
+        sink = _MapSink(check_input(self.model, x), self, compact)
         result = run_pass(self.model, x, target, sink)
         input_term, residual = sink.residual(result, x)
         maps = sink.map + psi_channel_sum(input_term)
-        return Explanation(maps, result.logits, result.target, residual, tuple(result.layers))
+        return Explanation(maps, result.logits, result.target, residual, tuple(result.layers),
+                           sink.compact_result(result.layers, input_term))
 
 
 @register("fullgrad")
@@ -211,8 +252,9 @@ class FullGrad(_FullGradFamily):
     """FullGrad (Srinivas & Fleuret, 2019): psi of input-gradient x input plus psi of
     every spatial layer's bias-gradient, upsampled and summed."""
 
-    def explain(self, x: torch.Tensor, target: Any = None) -> Explanation:
-        return self._single_pass(x, target)
+    def explain(self, x: torch.Tensor, target: Any = None, *,
+                compact: bool = False) -> Explanation:
+        return self._single_pass(x, target, compact)
 
 
 @register("simple")
@@ -224,8 +266,9 @@ class SimpleFullGrad(_FullGradFamily):
     def layer_map_input(grad: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
         return grad
 
-    def explain(self, x: torch.Tensor, target: Any = None) -> Explanation:
-        return self._single_pass(x, target)
+    def explain(self, x: torch.Tensor, target: Any = None, *,
+                compact: bool = False) -> Explanation:
+        return self._single_pass(x, target, compact)
 
 
 @register("smooth")
@@ -250,7 +293,9 @@ class SmoothFullGrad(_FullGradFamily):
         self.sigma = float(sigma)
         self.seed = seed
 
-    def explain(self, x: torch.Tensor, target: Any = None) -> Explanation:
+    def explain(self, x: torch.Tensor, target: Any = None, *,
+                compact: bool = False) -> Explanation:
+        """As FullGrad; ``compact`` summarises the clean image's decomposition (one more pass)."""
         x = check_input(self.model, x)
         logits = eval_forward(self.model, x)
         target = resolve_target(target, logits)
@@ -277,4 +322,6 @@ class SmoothFullGrad(_FullGradFamily):
         for info, term in zip(layers, sink.ordered(layers, input_sum).values()):
             if info.in_map:
                 maps = maps + map_term(term / k, info.layout, sink.size)
-        return Explanation(maps, logits, target, residual / k, tuple(layers))
+        summary = FullGrad(self.model).explain(x, target, compact=True).compact if compact \
+            else None
+        return Explanation(maps, logits, target, residual / k, tuple(layers), summary)

@@ -1,0 +1,212 @@
+"""Run configuration: one frozen object, built from defaults < config file < command line.
+
+No torch here: the CLI imports this for ``--help`` and option parsing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+class UsageError(Exception):
+    """A bad option, file or combination: exit code 2, one line."""
+
+
+class Method(str, enum.Enum):
+    fullgrad = "fullgrad"
+    simple = "simple"
+    smooth = "smooth"
+
+
+OUTPUT_KINDS = ("heatmap", "overlay", "map", "decomp")
+DEFAULT_SAVE = ("heatmap", "overlay", "map")
+# Pillow refuses images above twice its default limit; we keep that threshold.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything ``fullgrad dump`` needs. Field names are the long option names."""
+
+    inputs: tuple[str, ...] = ()
+    files_from: str | None = None
+    null: bool = False
+    model: str = ""
+    weights: str = "DEFAULT"
+    method: Method = Method.fullgrad
+    samples: int = 25
+    sigma: float = 0.15
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int | None = None  # None: 32 on a GPU, 8 on the CPU
+    workers: int | None = None  # None: min(4, cores - 1), at least 1
+    size: int | None = None
+    crop: bool = False
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    labels: str | None = None
+    target: str = "pred"
+    topk: int | None = None
+    out: str = "fullgrad-out"
+    save: tuple[str, ...] = DEFAULT_SAVE
+    colormap: str = "inferno"
+    alpha: float = 0.5
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    overwrite: bool = False
+    fail_fast: bool = False
+    quiet: bool = False
+    json: bool = False
+    debug: bool = False
+    command: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.save if s not in OUTPUT_KINDS]
+        if bad:
+            raise UsageError(f"--save: unknown output {bad[0]!r}; choose from "
+                             f"{', '.join(OUTPUT_KINDS)}")
+        if not self.save:
+            raise UsageError("--save: name at least one of " + ", ".join(OUTPUT_KINDS))
+        checks = [
+            (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1"),
+            (self.workers is None or self.workers >= 0, "--workers must be >= 0"),
+            (self.size is None or self.size >= 8, "--size must be >= 8"),
+            (self.topk is None or self.topk >= 1, "--topk must be >= 1"),
+            (self.samples >= 1, "--samples must be >= 1"),
+            (self.sigma >= 0, "--sigma must be >= 0"),
+            (0.0 <= self.alpha <= 1.0, "--alpha must be between 0 and 1"),
+            (self.max_pixels >= 1, "--max-pixels must be >= 1"),
+            (bool(self.model), "--model is required (see `fullgrad models`)"),
+            (bool(self.inputs) or self.files_from is not None,
+             "give at least one input: a directory, an image, - for a list on stdin, "
+             "or --files-from FILE"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != 3:
+                raise UsageError(f"--{name} takes three numbers (R,G,B), got {value!r}")
+        if self.std is not None and min(self.std) <= 0:
+            raise UsageError("--std values must be > 0")
+        if self.topk is not None and self.target != "pred":
+            raise UsageError("--topk and --target exclude each other")
+
+    def settings_fingerprint(self, weights_identity: str) -> str:
+        """A hash of every setting that changes an output file (for resuming).
+
+        Batch size, workers, device and verbosity are not part of it: they change
+        results by float rounding at most.
+        """
+        keys = ("model", "method", "size", "crop", "mean", "std", "labels", "target",
+                "topk", "save", "colormap", "alpha")
+        data: dict[str, Any] = {k: _plain(getattr(self, k)) for k in keys}
+        data["weights"] = weights_identity
+        if self.method is Method.smooth:
+            data.update(samples=self.samples, sigma=self.sigma, seed=self.seed)
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Turn a TOML value into the field's type, with a clear error."""
+    if name == "method":
+        try:
+            return Method(str(value))
+        except ValueError as exc:
+            raise UsageError(f"config: method must be one of fullgrad, simple, smooth; "
+                             f"got {value!r}") from exc
+    if name in ("inputs", "save"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UsageError(f"config: {name} must be a list of strings")
+        return tuple(str(v) for v in value)
+    if name in ("mean", "std"):
+        if isinstance(value, str):
+            value = value.split(",")
+        try:
+            return tuple(float(v) for v in value)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"config: {name} must be three numbers") from exc
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UsageError(f"config: {name} must be true or false, got {value!r}")
+        return value
+    if name == "target" and isinstance(value, int):
+        return str(value)
+    expected = {"samples": int, "seed": int, "batch_size": int, "workers": int, "size": int,
+                "topk": int, "max_pixels": int, "sigma": float, "alpha": float}
+    kind = expected.get(name)
+    if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise UsageError(f"config: {name} must be an integer, got {value!r}")
+    if kind is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise UsageError(f"config: {name} must be a number, got {value!r}")
+        return float(value)
+    if kind is None and not isinstance(value, str):
+        raise UsageError(f"config: {name} must be a string, got {value!r}")
+    return value
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Options from a TOML file: top-level keys are long option names (dashes or underscores)."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise UsageError(f"--config: {p}: no such file") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--config: {p}: cannot read it ({exc})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--config: {p}: not valid TOML ({exc})") from exc
+    defaults = {f.name: f.default for f in fields(RunConfig)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in defaults or name in ("command",):
+            raise UsageError(f"--config: {p}: unknown option {key!r}")
+        out[name] = _coerce(name, value, defaults[name])
+    return out
+
+
+def build_config(cli: Mapping[str, Any], config_file: str | None = None) -> RunConfig:
+    """Defaults, overridden by the config file, overridden by options given on the command line.
+
+    ``cli`` holds the command-line values; None means "not given".
+    """
+    merged: dict[str, Any] = {}
+    if config_file:
+        merged.update(read_config_file(config_file))
+    for key, value in cli.items():
+        if value is not None:
+            merged[key] = value
+    try:
+        return RunConfig(**merged)
+    except TypeError as exc:  # pragma: no cover - programming error
+        raise UsageError(str(exc)) from exc
+
+
+def replace(cfg: RunConfig, **changes: Any) -> RunConfig:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,365 @@
+"""Finding images, decoding them, and batching them. No model code here.
+
+Discovery rules (documented in the README):
+
+* a directory argument is walked recursively in sorted order; files whose
+  extension Pillow reads are kept (case-insensitive); symlinked directories are
+  followed once (loops are cut); a *directory* whose name has an image
+  extension inside a walk (``x.png/``) is reported as a failure, not entered;
+* a file argument is taken as it is, whatever its extension;
+* ``-`` reads paths from stdin, ``--files-from FILE`` from a file, one per line
+  (``--null``: NUL-separated, for names containing newlines).
+
+Each input gets a *key*, the relative path its outputs mirror: relative to
+the directory argument it was found in (prefixed with that directory's name
+when several inputs are given), the file name for a file argument, and for
+listed paths the path relative to the working directory (or the absolute
+path without its root). Two inputs with the same key would overwrite each
+other's outputs, so the second one fails.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff",
+     ".gif", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".j2k", ".pcx", ".sgi",
+     ".qoi", ".dds", ".avif", ".heic"}
+)
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey block
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input: where it is, the relative name its outputs mirror, or why it failed."""
+
+    path: str
+    key: str
+    error: str | None = None
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _os_reason(exc: OSError) -> str:
+    import errno
+
+    if exc.errno == errno.ELOOP:
+        return "symlink loop"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.ENOENT:
+        return "no such file (or a broken symlink)"
+    return exc.strerror or str(exc)
+
+
+def _walk(root: Path, prefix: str, seen: set[str]) -> Iterator[Item]:
+    try:
+        real = os.path.realpath(root)
+        if real in seen:
+            return  # a symlinked directory we already walked: cut the loop
+        seen.add(real)
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as exc:
+        yield Item(str(root), prefix or root.name, f"cannot list directory: {_os_reason(exc)}")
+        return
+    for entry in entries:
+        key = f"{prefix}/{entry.name}" if prefix else entry.name
+        path = Path(entry.path)
+        try:
+            is_dir = entry.is_dir(follow_symlinks=True)
+            is_file = entry.is_file(follow_symlinks=True)
+        except OSError as exc:
+            is_dir = is_file = False
+            if _is_image_name(entry.name):
+                yield Item(str(path), key, _os_reason(exc))
+                continue
+        if is_dir:
+            if _is_image_name(entry.name):
+                yield Item(str(path), key, "is a directory, not an image file (pass it as "
+                                           "an argument of its own to process its contents)")
+            else:
+                yield from _walk(path, key, seen)
+        elif _is_image_name(entry.name):
+            if is_file:
+                yield Item(str(path), key)
+            elif entry.is_symlink():
+                try:
+                    os.stat(path)
+                    reason = "not a regular file"
+                except OSError as exc:
+                    reason = _os_reason(exc)
+                yield Item(str(path), key, reason)
+            else:
+                yield Item(str(path), key, "not a regular file")
+
+
+def _listed_key(path: str) -> str:
+    p = Path(path)
+    absolute = Path(os.path.abspath(p))
+    try:
+        return absolute.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return absolute.relative_to(absolute.anchor).as_posix()
+
+
+def _read_list(stream: io.TextIOBase | Any, null: bool) -> Iterator[str]:
+    if null:
+        buf = ""
+        while True:
+            chunk = stream.read(65536)
+            if not chunk:
+                break
+            buf += chunk
+            *parts, buf = buf.split("\0")
+            yield from (p for p in parts if p)
+        if buf:
+            yield buf
+    else:
+        for line in stream:
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield line
+
+
+def _listed_item(path: str) -> Item:
+    key = _listed_key(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return Item(path, key, _os_reason(exc))
+    if os.path.isdir(path):
+        return Item(path, key, "is a directory, not an image file")
+    import stat as stat_mod
+
+    if not stat_mod.S_ISREG(st.st_mode):
+        return Item(path, key, "not a regular file")
+    return Item(path, key)
+
+
+def discover(inputs: Iterable[str], files_from: str | None = None, null: bool = False,
+             stdin: Any = None) -> Iterator[Item]:
+    """Every input image in a deterministic order, lazily (a list may be endless)."""
+    inputs = list(inputs)
+    several = len(inputs) + (files_from is not None) > 1
+    used: dict[str, str] = {}
+
+    def unique(item: Item) -> Item:
+        if item.error is None:
+            other = used.get(item.key)
+            if other is not None and other != item.path:
+                return Item(item.path, item.key,
+                            f"output name {item.key!r} is already used by {other}")
+            used[item.key] = item.path
+        return item
+
+    for arg in inputs:
+        if arg == "-":
+            for path in _read_list(stdin if stdin is not None else sys.stdin, null):
+                yield unique(_listed_item(path))
+            continue
+        p = Path(arg)
+        if p.is_dir():
+            prefix = p.resolve().name if several else ""
+            for item in _walk(p, prefix, set()):
+                yield unique(item)
+        else:
+            key = p.name
+            try:
+                os.stat(p)
+                yield unique(Item(arg, key))
+            except OSError as exc:
+                yield Item(arg, key, _os_reason(exc))
+    if files_from is not None:
+        try:
+            fh = open(files_from, encoding="utf-8", newline="" if null else None)
+        except OSError as exc:
+            yield Item(files_from, Path(files_from).name, f"--files-from: {_os_reason(exc)}")
+            return
+        with fh:
+            for path in _read_list(fh, null):
+                yield unique(_listed_item(path))
+
+
+# ---------------------------------------------------------------------------- decoding
+
+class DecodeError(Exception):
+    """An image that cannot be turned into model input; the message is one line."""
+
+
+def _to_rgb_float(img: Image.Image) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1] for any Pillow mode; alpha composited over white."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(img, dtype=np.float32)
+        scale = 65535.0 if mode != "I" or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / scale, 0.0, 1.0)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        if arr.max(initial=0) > 1.0:
+            arr = arr / 255.0
+        return np.repeat(np.clip(arr, 0.0, 1.0)[..., None], 3, axis=2)
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        mode in ("P", "L", "RGB") and "transparency" in img.info)
+    if has_alpha:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+        a = rgba[..., 3:4]
+        return rgba[..., :3] * a + (1.0 - a)
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def decode(path: str, max_pixels: int) -> np.ndarray:
+    """Read an image as (H, W, 3) float32 RGB in [0, 1], EXIF orientation applied."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open(path, "rb") as fh:
+                img = Image.open(fh)
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise DecodeError(f"decompression bomb: {w}x{h} pixels is over the "
+                                      f"--max-pixels limit of {max_pixels}")
+                img.load()
+                try:
+                    img = ImageOps.exif_transpose(img)
+                except Exception:  # noqa: BLE001 - broken EXIF: keep the stored orientation
+                    pass
+                return _to_rgb_float(img)
+    except DecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(f"decompression bomb: {exc}".split(". ")[0]) from exc
+    except UnidentifiedImageError as exc:
+        size = os.path.getsize(path) if os.path.exists(path) else -1
+        raise DecodeError("empty file (0 bytes)" if size == 0
+                          else "not an image Pillow can read") from exc
+    except IsADirectoryError as exc:
+        raise DecodeError("is a directory, not an image file") from exc
+    except OSError as exc:
+        if exc.errno is not None:
+            raise DecodeError(_os_reason(exc)) from exc
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+        raise DecodeError(f"corrupt image: {message}") from exc
+    except (ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DecodeError(f"corrupt image: {message}") from exc
+
+
+@dataclass(frozen=True)
+class Box:
+    """The region of the original image the model saw: (left, top, right, bottom)."""
+
+    left: int
+    top: int
+    right: int
+    bottom: int
+
+
+def preprocess(rgb: np.ndarray, size: tuple[int, int], crop: bool, resize: int,
+               mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, Box]:
+    """Model input (3, h, w) and the region of the original it covers.
+
+    Default: squash the whole image to ``size`` (the map covers every pixel).
+    ``crop``: resize the shorter side to ``resize``, then centre-crop ``size``.
+    """
+    import torch.nn.functional as F
+
+    h, w = rgb.shape[:2]
+    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+    if crop:
+        scale = resize / min(h, w)
+        rh, rw = max(size[0], round(h * scale)), max(size[1], round(w * scale))
+        t = F.interpolate(t, size=(rh, rw), mode="bilinear", align_corners=False,
+                          antialias=True)
+        top, left = (rh - size[0]) // 2, (rw - size[1]) // 2
+        t = t[:, :, top:top + size[0], left:left + size[1]]
+        box = Box(round(left / rw * w), round(top / rh * h),
+                  round((left + size[1]) / rw * w), round((top + size[0]) / rh * h))
+    else:
+        t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
+        box = Box(0, 0, w, h)
+    t = t[0].clamp_(0.0, 1.0)
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (t - m) / s, box
+
+
+@dataclass
+class Sample:
+    index: int
+    x: torch.Tensor
+    original: torch.Tensor | None  # (H, W, 3) uint8 of the box, for overlays
+    box: Box
+
+
+@dataclass
+class Failure:
+    index: int
+    error: str
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes and preprocesses one chunk of items (in DataLoader workers)."""
+
+    def __init__(self, items: list[Item], size: tuple[int, int], crop: bool, resize: int,
+                 mean: tuple[float, ...], std: tuple[float, ...], keep_original: bool,
+                 max_pixels: int) -> None:
+        self.items = items
+        self.args = (size, crop, resize, mean, std)
+        self.keep_original = keep_original
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Sample | Failure:
+        try:
+            rgb = decode(self.items[index].path, self.max_pixels)
+            x, box = preprocess(rgb, *self.args)
+            original = None
+            if self.keep_original:
+                region = rgb[box.top:box.bottom, box.left:box.right]
+                original = torch.from_numpy((region * 255.0 + 0.5).astype(np.uint8))
+            return Sample(index, x, original, box)
+        except DecodeError as exc:
+            return Failure(index, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one bad image never stops the run
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return Failure(index, f"{type(exc).__name__}: {text}".rstrip(": "))
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor | None  # (n, 3, h, w) of the samples that decoded
+    samples: list[Sample]
+    failures: list[Failure]
+
+    def pin_memory(self) -> "Batch":
+        if self.x is not None:
+            self.x = self.x.pin_memory()
+        return self
+
+
+def collate(results: list[Sample | Failure]) -> Batch:
+    samples = [r for r in results if isinstance(r, Sample)]
+    failures = [r for r in results if isinstance(r, Failure)]
+    x = torch.stack([s.x for s in samples]) if samples else None
+    for s in samples:
+        s.x = torch.empty(0)  # the batch tensor holds the data now
+    return Batch(x, samples, failures)

@@ -1,0 +1,427 @@
+"""``run(config) -> RunReport``: paths -> decoded batches -> engine -> maps -> files.
+
+Knows neither typer nor rich: progress and printing go through a
+:class:`Reporter`. Data flows one way; decoding happens in DataLoader
+workers, encoding and writing in a bounded background thread pool, so the
+engine does not wait on PNG/JPEG encoding and memory stays flat whatever the
+number of images.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import os
+import platform
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from fgcli import __version__
+from fgcli.config import Method, RunConfig, UsageError
+from fgcli.data import Batch, ImageDataset, Item, collate, discover
+from fgcli.models import LoadedModel, SetupError, load_model
+from fgcli.writer import (
+    MANIFEST_SCHEMA,
+    RUN_JSON,
+    ImageJob,
+    LockedError,
+    OutputTree,
+    outputs_present,
+    write_outputs,
+)
+
+CHUNK_BATCHES = 32  # batches per DataLoader (bounds memory for endless input lists)
+PENDING_BATCHES = 3  # batches being encoded / written at once
+
+
+@dataclass
+class RunReport:
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    out: str = ""
+    stopped_early: bool = False
+    first_error: str | None = None
+    device: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images(self) -> int:
+        return self.ok + self.failed + self.skipped
+
+    @property
+    def exit_code(self) -> int:
+        """0: every image ok or skipped as done; 1: some images failed."""
+        return 1 if self.failed else 0
+
+
+class Reporter(Protocol):
+    def started(self, info: dict[str, Any]) -> None: ...
+
+    def record(self, record: dict[str, Any], line: str, image_done: bool) -> None: ...
+
+    def finished(self, report: RunReport) -> None: ...
+
+
+class _Silent:
+    def started(self, info: dict[str, Any]) -> None:
+        pass
+
+    def record(self, record: dict[str, Any], line: str, image_done: bool) -> None:
+        pass
+
+    def finished(self, report: RunReport) -> None:
+        pass
+
+
+def resolve_device(spec: str) -> torch.device:
+    """auto = cuda if available, else cpu; explicit devices must exist."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise UsageError(f"--device: {spec!r} is not a device; use auto, cpu, cuda, cuda:N "
+                         "or mps") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SetupError(f"--device {spec}: no CUDA device is available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SetupError(f"--device {spec}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) here")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise SetupError(f"--device {spec}: MPS is not available here")
+    elif device.type != "cpu":
+        raise UsageError(f"--device: unsupported device {spec!r}")
+    return device
+
+
+def resolve_target(spec: str, categories: tuple[str, ...] | None,
+                   n_classes: int) -> int | None:
+    """``pred`` -> None; an index; or a class name (exact, case-insensitive)."""
+    spec = spec.strip()
+    if spec.lower() == "pred":
+        return None
+    if spec.lstrip("-").isdigit():
+        index = int(spec)
+        if not 0 <= index < n_classes:
+            raise UsageError(f"--target: class {index} is out of range (0..{n_classes - 1})")
+        return index
+    if not categories:
+        raise UsageError(f"--target: {spec!r} is not a class index and the model has no "
+                         "class names (give --labels FILE)")
+    lowered = [c.lower() for c in categories]
+    if spec.lower() in lowered:
+        return lowered.index(spec.lower())
+    close = difflib.get_close_matches(spec.lower(), lowered, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(categories[lowered.index(c)]) for c in close)}?" \
+        if close else ""
+    raise UsageError(f"--target: no class named {spec!r}{hint}")
+
+
+def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+class _Run:
+    """State of one dump run (see :func:`run`)."""
+
+    def __init__(self, cfg: RunConfig, reporter: Reporter, stdin: Any) -> None:
+        self.cfg = cfg
+        self.reporter = reporter
+        self.stdin = stdin
+        self.report = RunReport(out=cfg.out)
+        self.records: dict[tuple[str, int | None], dict[str, Any]] = {}
+        self.pending: deque[tuple[list[dict[str, Any]], list[Future]]] = deque()
+
+    # -- setup -----------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.files_from is not None and not os.path.isfile(cfg.files_from):
+            raise UsageError(f"--files-from: {cfg.files_from}: no such file")
+        from fgcli import render
+
+        try:
+            render.colormap_table(cfg.colormap)
+        except ValueError as exc:
+            raise UsageError(f"--colormap: {exc}") from exc
+        self.device = resolve_device(cfg.device)
+        self.report.device = str(self.device)
+        self.loaded: LoadedModel = load_model(
+            cfg.model, cfg.weights, size=cfg.size, crop=cfg.crop, mean=cfg.mean, std=cfg.std,
+            labels=cfg.labels)
+        model = self.loaded.model.to(self.device)
+        self.categories = self.loaded.categories
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, *self.loaded.preprocessing.size, device=self.device)
+            self.n_classes = int(_logits(model(probe)).shape[-1])
+        self.fixed_target = resolve_target(cfg.target, self.categories, self.n_classes)
+        if cfg.topk is not None and cfg.topk > self.n_classes:
+            raise UsageError(f"--topk {cfg.topk}: the model has only {self.n_classes} classes")
+        from fgcli.engine import METHODS, FullGrad, SmoothFullGrad
+
+        if cfg.method is Method.smooth:
+            self.engine = SmoothFullGrad(model, n_samples=cfg.samples, sigma=cfg.sigma,
+                                         seed=cfg.seed)
+        else:
+            self.engine = METHODS[cfg.method.value](model)
+        self.fullgrad = FullGrad(model)
+        self.batch_size = cfg.batch_size or (32 if self.device.type == "cuda" else 8)
+        cores = os.cpu_count() or 1
+        self.workers = cfg.workers if cfg.workers is not None else max(1, min(4, cores - 1))
+        self.fingerprint = cfg.settings_fingerprint(self.loaded.identity)
+        self.ranks: list[int | None] = (list(range(1, cfg.topk + 1)) if cfg.topk
+                                        else [None])
+        self.tree = OutputTree(cfg.out)
+        try:
+            self.tree.acquire(list(cfg.command))
+        except LockedError as exc:
+            raise SetupError(str(exc)) from exc
+        self.previous = self.tree.previous_records()
+        self.records = dict(self.previous)
+
+    # -- records -----------------------------------------------------------------------
+    def _emit(self, record: dict[str, Any]) -> None:
+        line = self.tree.append(record)
+        self.records[(record["key"], record.get("rank"))] = record
+        status = record["status"]
+        first_rank = record.get("rank") in (None, 1)
+        if first_rank:
+            if status == "ok":
+                self.report.ok += 1
+            elif status == "skipped":
+                self.report.skipped += 1
+            else:
+                self.report.failed += 1
+                if self.report.first_error is None:
+                    self.report.first_error = f"{record['input']}: {record['error']}"
+        self.reporter.record(record, line, first_rank)
+
+    def _base(self, item: Item) -> dict[str, Any]:
+        return {"schema": MANIFEST_SCHEMA, "input": item.path, "key": item.key,
+                "settings": self.fingerprint}
+
+    def _fail(self, item: Item, error: str) -> None:
+        rec = self._base(item)  # one failed line per image, whatever --topk says
+        rec.update(status="failed", error=error, outputs={}, rank=self.ranks[0])
+        self._emit(rec)
+        if self.cfg.fail_fast:
+            self.report.stopped_early = True
+
+    def _done_before(self, item: Item) -> list[dict[str, Any]] | None:
+        if self.cfg.overwrite:
+            return None
+        found = []
+        for rank in self.ranks:
+            rec = self.previous.get((item.key, rank))
+            if (rec is None or rec.get("status") not in ("ok", "skipped")
+                    or rec.get("settings") != self.fingerprint or rec.get("input") != item.path
+                    or not outputs_present(self.tree, rec.get("outputs", {}), self.cfg.save)):
+                return None
+            found.append(rec)
+        return found
+
+    # -- main loop ---------------------------------------------------------------------
+    def execute(self) -> None:
+        cfg = self.cfg
+        proc = self.loaded.preprocessing
+        keep_original = "overlay" in cfg.save
+        items = discover(cfg.inputs, cfg.files_from, cfg.null, self.stdin)
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fgcli-writer") as pool:
+            self.pool = pool
+            for chunk in _chunks(items, self.batch_size * CHUNK_BATCHES):
+                todo: list[Item] = []
+                for item in chunk:
+                    if self.report.stopped_early:
+                        break
+                    if item.error is not None:
+                        self._fail(item, item.error)
+                        continue
+                    done = self._done_before(item)
+                    if done is not None:
+                        for old in done:
+                            rec = dict(old, status="skipped", error=None, seconds=0.0)
+                            self._emit(rec)
+                        continue
+                    todo.append(item)
+                if todo and not self.report.stopped_early:
+                    dataset = ImageDataset(todo, proc.size, proc.crop, proc.resize, proc.mean,
+                                           proc.std, keep_original, cfg.max_pixels)
+                    loader = torch.utils.data.DataLoader(
+                        dataset, batch_size=self.batch_size, shuffle=False,
+                        num_workers=self.workers, collate_fn=collate,
+                        pin_memory=self.device.type == "cuda",
+                        prefetch_factor=2 if self.workers > 0 else None)
+                    for batch in loader:
+                        self._batch(todo, batch)
+                        if self.report.stopped_early:
+                            break
+                self._drain(0)
+                if self.report.stopped_early:
+                    break
+            self._drain(0)
+
+    def _batch(self, todo: list[Item], batch: Batch) -> None:
+        for failure in batch.failures:
+            self._fail(todo[failure.index], failure.error)
+        if batch.x is None or self.report.stopped_early:
+            return
+        cfg = self.cfg
+        start = time.perf_counter()
+        x = batch.x.to(self.device, non_blocking=True)
+        want_decomp = "decomp" in cfg.save
+        results = []
+        target: Any = self.fixed_target
+        top = None
+        for rank in self.ranks:
+            if rank is not None and rank > 1:
+                target = top[:, rank - 1]
+            exp = self.engine.explain(x, target, compact=want_decomp)
+            if rank == 1:
+                top = exp.logits.topk(len(self.ranks), dim=1).indices
+            results.append((rank, exp, _to_host(exp)))
+        seconds = (time.perf_counter() - start) / len(batch.samples)
+
+        records: list[dict[str, Any]] = []
+        futures: list[Future] = []
+        for rank, exp, host in results:
+            for j, sample in enumerate(batch.samples):
+                item = todo[sample.index]
+                cls = int(host["target"][j])
+                rec = self._base(item)
+                rec.update(
+                    status="ok", error=None, rank=rank, target=cls,
+                    target_name=self.categories[cls] if self.categories else str(cls),
+                    logit=float(host["logit"][j]), prob=float(host["prob"][j]),
+                    residual=float(host["residual"][j]), seconds=round(seconds, 6),
+                )
+                decomp = _decomp_arrays(host, j, cls) if want_decomp else None
+                box = sample.box
+                job = ImageJob(item.key, rank, cls, host["maps"][j, 0],
+                               None if sample.original is None else sample.original.numpy(),
+                               (box.right - box.left, box.bottom - box.top), decomp)
+                records.append(rec)
+                futures.append(self.pool.submit(write_outputs, self.tree, job, cfg.save,
+                                                cfg.colormap, cfg.alpha))
+        self.pending.append((records, futures))
+        self._drain(PENDING_BATCHES)
+
+    def _drain(self, keep: int) -> None:
+        """Write manifest lines of finished batches, oldest first, until ``keep`` remain."""
+        while len(self.pending) > keep:
+            records, futures = self.pending.popleft()
+            for rec, fut in zip(records, futures):
+                try:
+                    rec["outputs"] = fut.result()
+                except Exception as exc:  # noqa: BLE001 - a write error fails one image
+                    rec.update(status="failed", outputs={},
+                               error=f"cannot write outputs: {_one_line(exc)}")
+                    if self.cfg.fail_fast:
+                        self.report.stopped_early = True
+                self._emit(rec)
+
+    def finish(self, started: float, started_at: str) -> None:
+        self.report.seconds = time.perf_counter() - started
+        self.tree.compact_manifest(self.records)
+        cfg = self.cfg
+        self.tree.write_json(self.tree.root / RUN_JSON, {
+            "schema": MANIFEST_SCHEMA,
+            "command": list(cfg.command),
+            "model": cfg.model,
+            "weights": self.loaded.weights,
+            "method": cfg.method.value,
+            "settings": self.fingerprint,
+            "target": cfg.target, "topk": cfg.topk,
+            "input_size": list(self.loaded.preprocessing.size),
+            "crop": cfg.crop, "save": list(cfg.save),
+            "device": str(self.device), "batch_size": self.batch_size, "workers": self.workers,
+            "versions": versions(),
+            "started": started_at, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(self.report.seconds, 3),
+            "counts": {"ok": self.report.ok, "failed": self.report.failed,
+                       "skipped": self.report.skipped},
+            "stopped_early": self.report.stopped_early,
+        })
+
+
+def _logits(out: Any) -> torch.Tensor:
+    from fgcli.engine.decompose import extract_logits
+
+    return extract_logits(out)
+
+
+def _to_host(exp: Any) -> dict[str, Any]:
+    """One device-to-host copy per batch: maps, scores and (optionally) the summary."""
+    logit = exp.logit
+    prob = torch.softmax(exp.logits.float(), dim=1).gather(1, exp.target[:, None])[:, 0]
+    host: dict[str, Any] = {
+        "maps": exp.maps.detach().float().cpu().numpy(),
+        "target": exp.target.cpu().numpy(),
+        "logit": logit.double().cpu().numpy(),
+        "prob": prob.cpu().numpy(),
+        "residual": exp.residual.double().cpu().numpy(),
+    }
+    if exp.compact is not None:
+        host["compact_input"] = exp.compact.input.float().cpu().numpy()
+        host["compact_layers"] = {k: v.float().cpu().numpy()
+                                  for k, v in exp.compact.layers.items()}
+    return host
+
+
+def _decomp_arrays(host: dict[str, Any], j: int, cls: int) -> dict[str, np.ndarray]:
+    arrays = {
+        "input": host["compact_input"][j],
+        "logit": np.float64(host["logit"][j]),
+        "target": np.int64(cls),
+        "residual": np.float64(host["residual"][j]),
+        "layers": np.array(list(host["compact_layers"]), dtype=str),
+    }
+    for name, value in host["compact_layers"].items():
+        arrays[f"bias/{name}"] = value[j]
+    return arrays
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def versions() -> dict[str, str]:
+    import PIL
+    import torchvision
+
+    return {"fgcli": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "pillow": PIL.__version__}
+
+
+def run(cfg: RunConfig, reporter: Reporter | None = None, stdin: Any = None) -> RunReport:
+    """Run a dump. Raises UsageError / SetupError before anything is written."""
+    reporter = reporter or _Silent()
+    started = time.perf_counter()
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    state = _Run(cfg, reporter, stdin if stdin is not None else sys.stdin)
+    state.setup()
+    try:
+        reporter.started({"model": cfg.model, "weights": state.loaded.weights,
+                          "device": str(state.device), "batch_size": state.batch_size,
+                          "workers": state.workers, "out": cfg.out})
+        state.execute()
+        state.finish(started, started_at)
+    finally:
+        state.tree.release()
+    reporter.finished(state.report)
+    return state.report

@@ -1,0 +1,65 @@
+"""Heatmaps and overlays: pure functions on NumPy arrays.
+
+Colormap tables come from matplotlib (perceptually uniform ``inferno`` by
+default); any matplotlib colormap name works. A saliency map is resized to
+the original image's resolution (bilinear), then min-max normalised per image
+as the reference's writer does; a constant map renders as the colormap's
+lowest colour, never NaN.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+
+def colormap_names() -> list[str]:
+    import matplotlib
+
+    return sorted(matplotlib.colormaps)
+
+
+@lru_cache(maxsize=16)
+def colormap_table(name: str) -> np.ndarray:
+    """(256, 3) uint8 lookup table for a matplotlib colormap; ValueError if unknown."""
+    import matplotlib
+
+    try:
+        cmap = matplotlib.colormaps[name]
+    except KeyError as exc:
+        raise ValueError(f"unknown colormap {name!r}; e.g. inferno, viridis, magma, turbo, "
+                         "jet, gray") from exc
+    rgba = cmap(np.linspace(0.0, 1.0, 256))
+    return (rgba[:, :3] * 255.0 + 0.5).astype(np.uint8)
+
+
+def resize_map(saliency: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear resize of a 2-D float map to (height, width)."""
+    if saliency.shape == (height, width):
+        return saliency.astype(np.float32, copy=False)
+    img = Image.fromarray(np.ascontiguousarray(saliency, dtype=np.float32), mode="F")
+    return np.asarray(img.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def normalise(saliency: np.ndarray) -> np.ndarray:
+    """Min-max to [0, 1]; a constant (or non-finite) map becomes all zeros."""
+    finite = np.where(np.isfinite(saliency), saliency, 0.0)
+    lo, hi = float(finite.min(initial=0.0)), float(finite.max(initial=0.0))
+    if hi - lo <= 0.0:
+        return np.zeros_like(finite, dtype=np.float32)
+    return ((finite - lo) / (hi - lo)).astype(np.float32)
+
+
+def heatmap(saliency: np.ndarray, width: int, height: int, colormap: str) -> np.ndarray:
+    """(height, width, 3) uint8 RGB heatmap of a 2-D map."""
+    unit = normalise(resize_map(saliency, width, height))
+    index = np.clip((unit * 255.0 + 0.5).astype(np.int32), 0, 255)
+    return colormap_table(colormap)[index]
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
+    """Blend an RGB uint8 image with an RGB uint8 heatmap: (1 - alpha) * image + alpha * heat."""
+    mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * heat.astype(np.float32)
+    return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)

@@ -1,0 +1,219 @@
+"""The output tree: the only place tensors become files.
+
+Layout under ``--out``::
+
+    heatmaps/<key>[.top<R>_<class>].png   colormapped map at the original resolution
+    overlays/<key>[.top<R>_<class>].jpg   the image blended with the heatmap
+    maps/<key>[.top<R>_<class>].npy       float32 map at model resolution (engine output)
+    decomp/<key>[.top<R>_<class>].npz     compact decomposition (``--save decomp``)
+    manifest.jsonl                        one JSON line per image (and per target)
+    run.json                              what the last run did
+    .fullgrad.lock                        held while a run is writing here
+    .tmp/                                 scratch for atomic writes; emptied at every start
+
+Every file is written to ``.tmp/`` and moved into place with ``os.replace``,
+so a killed run leaves only whole files; the next run clears ``.tmp/``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import io
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from fgcli import render
+
+MANIFEST = "manifest.jsonl"
+RUN_JSON = "run.json"
+LOCK = ".fullgrad.lock"
+TMP = ".tmp"
+SUFFIX = {"heatmap": ".png", "overlay": ".jpg", "map": ".npy", "decomp": ".npz"}
+FOLDER = {"heatmap": "heatmaps", "overlay": "overlays", "map": "maps", "decomp": "decomp"}
+MANIFEST_SCHEMA = 1
+
+
+class LockedError(Exception):
+    """Another run holds the output directory."""
+
+
+class OutputTree:
+    """Paths, atomic writes, the lock and the manifest of one output directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._lock_fh: io.TextIOWrapper | None = None
+        self._manifest_fh: io.TextIOWrapper | None = None
+
+    # -- lock ----------------------------------------------------------------------
+    def acquire(self, command: list[str]) -> None:
+        """Take the directory's lock (released by the OS if the process dies)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK
+        fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                fh.close()
+                raise
+            fh.seek(0)
+            holder = fh.read().strip()
+            fh.close()
+            try:
+                info = json.loads(holder)
+                who = (f"pid {info.get('pid')} on {info.get('host')} since "
+                       f"{info.get('started')} ({' '.join(info.get('command', []))})")
+            except (ValueError, AttributeError):
+                who = "another fullgrad run"
+            raise LockedError(f"{self.root} is in use by {who}") from exc
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": _now(), "command": command}))
+        fh.flush()
+        self._lock_fh = fh
+        shutil.rmtree(self.root / TMP, ignore_errors=True)  # leftovers of a killed run
+        (self.root / TMP).mkdir(exist_ok=True)
+
+    def release(self) -> None:
+        if self._manifest_fh is not None:
+            self._manifest_fh.close()
+            self._manifest_fh = None
+        shutil.rmtree(self.root / TMP, ignore_errors=True)
+        if self._lock_fh is not None:
+            self._lock_fh.seek(0)
+            self._lock_fh.truncate()
+            fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_UN)
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    # -- paths and atomic writes ----------------------------------------------------------
+    def path(self, kind: str, key: str, rank: int | None, cls: int | None) -> Path:
+        stem = key if rank is None else f"{key}.top{rank}_{cls}"
+        return self.root / FOLDER[kind] / (stem + SUFFIX[kind])
+
+    def _atomic(self, dest: Path, write: Any) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / TMP / f"{uuid.uuid4().hex}{dest.suffix}"
+        try:
+            with open(tmp, "wb") as fh:
+                write(fh)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def write_png(self, dest: Path, rgb: np.ndarray) -> None:
+        self._atomic(dest, lambda fh: Image.fromarray(rgb, "RGB").save(fh, "PNG",
+                                                                        compress_level=3))
+
+    def write_jpeg(self, dest: Path, rgb: np.ndarray) -> None:
+        self._atomic(dest, lambda fh: Image.fromarray(rgb, "RGB").save(fh, "JPEG", quality=90))
+
+    def write_npy(self, dest: Path, array: np.ndarray) -> None:
+        self._atomic(dest, lambda fh: np.save(fh, array, allow_pickle=False))
+
+    def write_npz(self, dest: Path, arrays: dict[str, np.ndarray]) -> None:
+        self._atomic(dest, lambda fh: np.savez_compressed(fh, **arrays))
+
+    def write_json(self, dest: Path, data: dict[str, Any]) -> None:
+        blob = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        self._atomic(dest, lambda fh: fh.write(blob))
+
+    # -- manifest -------------------------------------------------------------------
+    def previous_records(self) -> dict[tuple[str, int | None], dict[str, Any]]:
+        """The latest manifest record per (key, rank); torn or foreign lines are ignored."""
+        records: dict[tuple[str, int | None], dict[str, Any]] = {}
+        path = self.root / MANIFEST
+        if not path.exists():
+            return records
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                    records[(rec["key"], rec.get("rank"))] = rec
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a killed run
+        return records
+
+    def append(self, record: dict[str, Any]) -> str:
+        """Append one record (flushed, so a killed run keeps every finished line)."""
+        if self._manifest_fh is None:
+            self._manifest_fh = open(self.root / MANIFEST, "a", encoding="utf-8")  # noqa: SIM115
+        line = json.dumps(record, ensure_ascii=False)
+        self._manifest_fh.write(line + "\n")
+        self._manifest_fh.flush()
+        return line
+
+    def compact_manifest(self, records: dict[tuple[str, int | None], dict[str, Any]]) -> None:
+        """Rewrite the manifest with one line per (key, rank), atomically."""
+        if self._manifest_fh is not None:
+            self._manifest_fh.close()
+            self._manifest_fh = None
+        blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values())
+        self._atomic(self.root / MANIFEST, lambda fh: fh.write(blob.encode("utf-8")))
+
+
+@dataclass
+class ImageJob:
+    """Everything needed to write one image's outputs (runs in a writer thread)."""
+
+    key: str
+    rank: int | None
+    cls: int
+    saliency: np.ndarray  # (h, w) float32 at model resolution
+    original: np.ndarray | None  # (H, W, 3) uint8 region the model saw
+    size: tuple[int, int]  # (width, height) of that region
+    decomp: dict[str, np.ndarray] | None
+
+
+def write_outputs(tree: OutputTree, job: ImageJob, save: tuple[str, ...], colormap: str,
+                  alpha: float) -> dict[str, str]:
+    """Write the requested outputs; returns kind -> path relative to the tree root."""
+    written: dict[str, str] = {}
+    heat = None
+    for kind in save:
+        dest = tree.path(kind, job.key, job.rank, job.cls)
+        if kind == "map":
+            tree.write_npy(dest, job.saliency.astype(np.float32, copy=False))
+        elif kind == "decomp":
+            if job.decomp is None:
+                continue
+            tree.write_npz(dest, job.decomp)
+        else:
+            if heat is None:
+                heat = render.heatmap(job.saliency, job.size[0], job.size[1], colormap)
+            if kind == "heatmap":
+                tree.write_png(dest, heat)
+            else:
+                base = job.original if job.original is not None else np.zeros_like(heat)
+                tree.write_jpeg(dest, render.overlay(base, heat, alpha))
+        written[kind] = dest.relative_to(tree.root).as_posix()
+    return written
+
+
+def outputs_present(tree: OutputTree, outputs: dict[str, str], save: tuple[str, ...]) -> bool:
+    return all(kind in outputs and (tree.root / outputs[kind]).is_file() for kind in save)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def iter_lines(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            yield json.loads(line)
