@@ -97,7 +97,7 @@ class ConsoleReporter:
         table.add_row("skipped", str(report.skipped))
         table.add_row("failed", f"[red]{report.failed}[/red]" if report.failed else "0")
         rate = report.ok / report.seconds if report.seconds > 0 else 0.0
-        table.add_row("time", f"{report.seconds:.1f} s ({rate:.2f} img/s computed)")
+        table.add_row("time", f"{report.seconds:.1f} s ({rate:.2f} img/s)")
         table.add_row("output", report.out)
         if report.stopped_early:
             table.add_row("stopped", "--fail-fast: stopped at the first failure")
