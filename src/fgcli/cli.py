@@ -67,9 +67,18 @@ class ConsoleReporter:
 
     def started(self, info: dict[str, Any]) -> None:
         if not self.quiet and sys.stderr.isatty():
+            import os
+
             from tqdm import tqdm
 
-            self.bar = tqdm(unit="img", file=sys.stderr, dynamic_ncols=True,
+            try:
+                width, height = os.get_terminal_size(sys.stderr.fileno())
+            except OSError:
+                width = height = 0
+            # a terminal that reports no size (some ptys, `script`) still gets a bar
+            self.bar = tqdm(unit="img", file=sys.stderr, dynamic_ncols=width > 0,
+                            ncols=None if width > 0 else 100,
+                            nrows=None if height > 0 else 24,
                             desc=f"{info['model']} on {info['device']}")
 
     def record(self, record: dict[str, Any], line: str, image_done: bool) -> None:

@@ -59,12 +59,17 @@ class OutputTree:
 
     # -- lock ----------------------------------------------------------------------
     def acquire(self, command: list[str]) -> None:
-        """Take the directory's lock (released by the OS if the process dies)."""
+        """Take the directory's lock (released by the OS if the process dies).
+
+        A POSIX record lock (``lockf``), not ``flock``: forked DataLoader workers
+        do not inherit it, so a killed run's lingering workers cannot keep the
+        directory locked.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / LOCK
         fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 fh.close()
@@ -96,7 +101,7 @@ class OutputTree:
         if self._lock_fh is not None:
             self._lock_fh.seek(0)
             self._lock_fh.truncate()
-            fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_UN)
+            fcntl.lockf(self._lock_fh.fileno(), fcntl.LOCK_UN)
             self._lock_fh.close()
             self._lock_fh = None
 
