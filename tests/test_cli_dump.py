@@ -235,17 +235,24 @@ def test_rerun_skips_and_settings_change_recomputes(tmp_path):
 
 
 def test_lock_held_by_another_run(tmp_path):
-    from fgcli.writer import OutputTree
+    import subprocess
+    import sys
 
     out = tmp_path / "out"
-    holder = OutputTree(out)
-    holder.acquire(["fullgrad", "dump", "elsewhere"])
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from fgcli.writer import OutputTree; "
+         "OutputTree(sys.argv[1]).acquire(['fullgrad', 'dump', 'elsewhere']); "
+         "print('held', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True)
     try:
+        assert holder.stdout.readline().strip() == "held"
         result = invoke([str(PHOTOS / "coffee.png"), "--out", str(out)])
         assert result.exit_code == 2
-        assert f"pid {os.getpid()}" in result.stderr and "fullgrad dump elsewhere" in result.stderr
+        assert f"pid {holder.pid}" in result.stderr and "fullgrad dump elsewhere" in result.stderr
     finally:
-        holder.release()
+        holder.kill()
+        holder.wait()
     assert invoke([str(PHOTOS / "coffee.png"), "--out", str(out)]).exit_code == 0
 
 
