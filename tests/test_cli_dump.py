@@ -242,7 +242,7 @@ def test_lock_held_by_another_run(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time; from fgcli.writer import OutputTree; "
-         "OutputTree(sys.argv[1]).acquire(['fullgrad', 'dump', 'elsewhere']); "
+         "tree = OutputTree(sys.argv[1]); tree.acquire(['fullgrad', 'dump', 'elsewhere']); "
          "print('held', flush=True); time.sleep(60)", str(out)],
         stdout=subprocess.PIPE, text=True)
     try:
