@@ -125,7 +125,7 @@ def gradcam_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object] 
     except ImportError:
         return None
     cam = FullGradCAM(model=model, target_layers=[])
-    return lambda: cam(input_tensor=x)
+    return lambda: cam(input_tensor=x, targets=None)
 
 
 def end_to_end(args: argparse.Namespace, folder: Path, out: Path) -> float:

@@ -90,37 +90,43 @@ def layout_of(shape: tuple[int, ...], n: int, height: int, width: int,
 def per_image_sum(t: torch.Tensor, layout: Layout, n: int, dtype: torch.dtype) -> torch.Tensor:
     """Sum ``t`` over everything but the batch: (n,) in ``dtype``.
 
+    The reduction runs in ``t``'s own precision (torch sums pairwise, so float32
+    is accurate to ~1e-7 relative) and only the (n,) result is widened: casting
+    whole layers to float64 first would double the hook's memory traffic.
     Raises ValueError when the batch dimension cannot be told from the shape
     (only possible with n > 1).
     """
     if n == 1:
-        return t.sum(dtype=dtype).reshape(1)
+        return t.sum().reshape(1).to(dtype)
     if layout.batch == "lead":
-        return t.reshape(n, -1).sum(1, dtype=dtype)
+        return t.sum(dim=tuple(range(1, t.dim()))).to(dtype)
     if layout.batch.startswith("dim:"):
-        return t.movedim(int(layout.batch[4:]), 0).reshape(n, -1).sum(1, dtype=dtype)
+        d = int(layout.batch[4:])
+        return t.sum(dim=tuple(i for i in range(t.dim()) if i != d)).to(dtype)
     if layout.batch == "merged":
-        return t.reshape(n, -1).sum(1, dtype=dtype)
+        return t.reshape(n, -1).sum(1).to(dtype)
     raise ValueError(
         f"cannot tell which dimension of a tensor of shape {tuple(t.shape)} holds the "
         f"batch of {n} images; run with a batch of one image"
     )
 
 
-def psi_channel_sum(t: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+def psi_channel_sum(t: torch.Tensor, channel_dim: int = 1, inplace: bool = False) -> torch.Tensor:
     """The reference's psi followed by the sum over channels, for a 4-D tensor.
 
     psi(t) = (|t| - min) / (max(|t| - min) + eps) with one min and max per
     image over all channels and positions. Summing over channels afterwards
     equals ``(sum_c |t| - C * min) / (max - min + eps)``, which needs only the
-    channel sum and two reductions. Returns (N, 1, h, w) in float32 or wider.
+    channel sum and the per-image min and max. ``inplace`` lets it overwrite ``t``
+    with ``|t|`` (for tensors the caller no longer needs). Returns (N, 1, h, w)
+    in float32 or wider.
     """
     if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.float()
-    a = t.abs()
-    dims = (1, 2, 3)
-    lo = a.amin(dim=dims, keepdim=True)
-    hi = a.amax(dim=dims, keepdim=True)
+        t, inplace = t.float(), True
+    a = t.abs_() if inplace else t.abs()
+    # two reductions: measured faster than one torch.aminmax on the CPU
+    lo = a.amin(dim=(1, 2, 3), keepdim=True)
+    hi = a.amax(dim=(1, 2, 3), keepdim=True)
     s = a.sum(dim=channel_dim, keepdim=True)
     if channel_dim != 1:
         s = s.movedim(channel_dim, 1)
@@ -135,7 +141,31 @@ def upsample(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(m, size=size, mode="bilinear", align_corners=True)
 
 
-def map_term(t: torch.Tensor, layout: Layout, size: tuple[int, int]) -> torch.Tensor:
-    """One layer's contribution to the saliency map: psi, channel sum, upsample."""
-    channel_dim = 1 if layout.kind == "nchw" else 3
-    return upsample(psi_channel_sum(t, channel_dim), size)
+class MapAccumulator:
+    """Sums layers' psi maps into one saliency map of ``size`` = (H, W).
+
+    Maps of the same resolution are summed first and each resolution is
+    upsampled once at the end: bilinear interpolation is linear, so this equals
+    upsampling every layer (to float rounding, ~1e-7 relative) at a fraction of
+    the cost (ResNet-50 has 53 map layers but 5 resolutions).
+    """
+
+    def __init__(self, n: int, size: tuple[int, int], device: torch.device) -> None:
+        self.size = size
+        self.total = torch.zeros(n, 1, *size, dtype=torch.float32, device=device)
+        self.by_grid: dict[tuple[int, int], torch.Tensor] = {}
+
+    def add_layer(self, t: torch.Tensor, layout: Layout, inplace: bool = False) -> None:
+        """psi + channel sum of a spatial layer's term, added at its own resolution."""
+        m = psi_channel_sum(t, 1 if layout.kind == "nchw" else 3, inplace)
+        grid = (m.shape[2], m.shape[3])
+        if grid in self.by_grid:
+            self.by_grid[grid] += m
+        else:
+            self.by_grid[grid] = m
+
+    def result(self) -> torch.Tensor:
+        out = self.total
+        for grid in sorted(self.by_grid):
+            out = out + upsample(self.by_grid[grid], self.size)
+        return out

@@ -23,7 +23,7 @@ from fgcli.engine.decompose import (
     resolve_target,
     run_pass,
 )
-from fgcli.engine.postprocess import map_term, per_image_sum, psi_channel_sum
+from fgcli.engine.postprocess import MapAccumulator, per_image_sum, psi_channel_sum
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -117,18 +117,20 @@ class _MapSink(_Sink):
     def __init__(self, x: torch.Tensor, method: "_FullGradFamily", compact: bool) -> None:
         super().__init__(x)
         self.method = method
-        self.map = torch.zeros(self.n, 1, *self.size, dtype=torch.float32, device=x.device)
+        self.maps = MapAccumulator(self.n, self.size, x.device)
         self.compact: dict[int, torch.Tensor] | None = {} if compact else None
 
     def layer(self, index: int, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor) -> None:
         term = self.term(info, grad, bias)
-        if info.in_map:
-            self.map += map_term(self.method.layer_map_input(grad, term), info.layout, self.size)
-        if self.compact is not None:
+        if self.compact is not None:  # signed, so before psi may overwrite the term
             if info.in_map:
                 self.compact[index] = term.sum(1 if info.layout.kind == "nchw" else 3)
             else:
                 self.compact[index] = per_image_sum(term, info.layout, self.n, torch.float32)
+        if info.in_map:
+            source = self.method.layer_map_input(grad, term)
+            # the bias term is ours to overwrite; an autograd gradient is not
+            self.maps.add_layer(source, info.layout, inplace=source is term)
 
     def compact_result(self, layers: list[LayerInfo],
                        input_term: torch.Tensor) -> CompactDecomposition | None:
@@ -242,7 +244,7 @@ class _FullGradFamily(ABC):
         sink = _MapSink(check_input(self.model, x), self, compact)
         result = run_pass(self.model, x, target, sink)
         input_term, residual = sink.residual(result, x)
-        maps = sink.map + psi_channel_sum(input_term)
+        maps = sink.maps.result() + psi_channel_sum(input_term)
         return Explanation(maps, result.logits, result.target, residual, tuple(result.layers),
                            sink.compact_result(result.layers, input_term))
 
@@ -318,10 +320,11 @@ class SmoothFullGrad(_FullGradFamily):
             residual += res
             layers = result.layers
         k = float(self.n_samples)
-        maps = psi_channel_sum(input_sum / k)
+        acc = MapAccumulator(x.shape[0], sink.size, x.device)
         for info, term in zip(layers, sink.ordered(layers, input_sum).values()):
             if info.in_map:
-                maps = maps + map_term(term / k, info.layout, sink.size)
+                acc.add_layer(term / k, info.layout, inplace=True)
+        maps = acc.result() + psi_channel_sum(input_sum / k)
         summary = FullGrad(self.model).explain(x, target, compact=True).compact if compact \
             else None
         return Explanation(maps, logits, target, residual / k, tuple(layers), summary)
