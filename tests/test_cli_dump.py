@@ -59,10 +59,8 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
                      + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
 
 
-@pytest.fixture()
-def bad_tree(tmp_path: Path) -> Path:
+def _make_bad_tree(root: Path) -> Path:
     """Every row of the issue's bad-input table, next to good images."""
-    root = tmp_path / "in"
     root.mkdir()
     photo = (PHOTOS / "grace_hopper.jpg").read_bytes()
     (root / "good.jpg").write_bytes(photo)
@@ -80,7 +78,6 @@ def bad_tree(tmp_path: Path) -> Path:
     pal = Image.new("P", (40, 30), 0)
     pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
     pal.paste(1, (0, 0, 20, 30))
-    pal.info["transparency"] = 0
     pal.save(root / "palette.png", transparency=0)
     frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 255, 0))]
     frames[0].save(root / "animated.gif", save_all=True, append_images=frames[1:])
@@ -102,10 +99,14 @@ GOOD = ["good.jpg", "one_pixel.png", "sixteen.png", "cmyk.jpg", "palette.png", "
         "with space ü.jpg", "new\nline.jpg"]
 
 
-def test_bad_inputs_are_recorded_and_the_run_goes_on(bad_tree, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def bad_run(tmp_path_factory) -> tuple[Path, Path, object]:
+    """One dump over the bad-input tree; the tests below check it row by row."""
     import fgcli.data
 
-    unreadable = str(bad_tree / "unreadable.png")
+    tmp = tmp_path_factory.mktemp("bad")
+    tree = _make_bad_tree(tmp / "in")
+    unreadable = str(tree / "unreadable.png")
     os.chmod(unreadable, 0)
     real_open = open
 
@@ -114,29 +115,58 @@ def test_bad_inputs_are_recorded_and_the_run_goes_on(bad_tree, tmp_path, monkeyp
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(fgcli.data, "open", guarded_open, raising=False)
-    out = tmp_path / "out"
-    result = invoke([str(bad_tree), "--out", str(out), "--quiet"])
+    fgcli.data.open = guarded_open
+    try:
+        out = tmp / "out"
+        result = invoke([str(tree), "--out", str(out), "--quiet"])
+    finally:
+        del fgcli.data.open
+    return tree, out, result
+
+
+def test_bad_input_run_exits_1_and_records_every_image(bad_run):
+    tree, out, result = bad_run
     assert result.exit_code == 1, result.stderr
-    records = by_key(out)
-    assert set(records) == set(BAD) | set(GOOD)
-    for name, reason in BAD.items():
-        rec = records[name]
-        assert rec["status"] == "failed", rec
-        assert reason in rec["error"] and "\n" not in rec["error"], rec["error"]
-        assert rec["outputs"] == {}
-    for name in GOOD:
-        rec = records[name]
-        assert rec["status"] == "ok", rec
-        for kind, rel in rec["outputs"].items():
-            assert (out / rel).is_file()
-        original = Image.open(bad_tree / name)
-        assert Image.open(out / rec["outputs"]["heatmap"]).size == original.size
-        assert Image.open(out / rec["outputs"]["overlay"]).size == original.size
-    # names with spaces, unicode and newlines keep their names in the output tree
-    assert (out / "heatmaps" / "new\nline.jpg.png").is_file()
-    assert (out / "maps" / "with space ü.jpg.npy").is_file()
+    assert set(by_key(out)) == set(BAD) | set(GOOD)
     assert not (out / ".tmp").exists()
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_input_row_is_a_failed_line(bad_run, name):
+    _, out, _ = bad_run
+    rec = by_key(out)[name]
+    assert rec["status"] == "failed", rec
+    assert BAD[name] in rec["error"] and "\n" not in rec["error"], rec["error"]
+    assert rec["outputs"] == {} and rec["input"].endswith(name)
+
+
+@pytest.mark.parametrize("name", GOOD)
+def test_good_input_row_is_written(bad_run, name):
+    tree, out, _ = bad_run
+    rec = by_key(out)[name]
+    assert rec["status"] == "ok", rec
+    assert set(rec["outputs"]) == {"heatmap", "overlay", "map"}
+    for rel in rec["outputs"].values():
+        assert (out / rel).is_file()
+    original = Image.open(tree / name)
+    assert Image.open(out / rec["outputs"]["heatmap"]).size == original.size
+    assert Image.open(out / rec["outputs"]["overlay"]).size == original.size
+    assert np.load(out / rec["outputs"]["map"]).shape == (64, 64)
+    # names with spaces, unicode and newlines keep their names in the output tree
+    assert rec["outputs"]["heatmap"] == f"heatmaps/{name}.png"
+
+
+def test_overlay_colours_are_rgb(tmp_path):
+    """A pure red image stays red in the overlay (no BGR swap); heatmap colours from the LUT."""
+    Image.new("RGB", (64, 48), (255, 0, 0)).save(tmp_path / "red.png")
+    out = tmp_path / "out"
+    invoke([str(tmp_path / "red.png"), "--out", str(out), "--alpha", "0.0",
+            "--colormap", "gray"])
+    overlay = np.asarray(Image.open(out / "overlays" / "red.png.jpg"))
+    assert overlay[..., 0].mean() > 240 and overlay[..., 1:].mean() < 15
+    heat = np.asarray(Image.open(out / "heatmaps" / "red.png.png")).astype(int)
+    assert (heat[..., 0] == heat[..., 1]).all() and (heat[..., 1] == heat[..., 2]).all()
+    assert heat.min() == 0 and heat.max() == 255  # min-max normalised, gray LUT
 
 
 def test_image_modes_convert_correctly():

@@ -46,7 +46,9 @@ def resize_map(saliency: np.ndarray, width: int, height: int) -> np.ndarray:
 def normalise(saliency: np.ndarray) -> np.ndarray:
     """Min-max to [0, 1]; a constant (or non-finite) map becomes all zeros."""
     finite = np.where(np.isfinite(saliency), saliency, 0.0)
-    lo, hi = float(finite.min(initial=0.0)), float(finite.max(initial=0.0))
+    if finite.size == 0:
+        return finite.astype(np.float32)
+    lo, hi = float(finite.min()), float(finite.max())
     if hi - lo <= 0.0:
         return np.zeros_like(finite, dtype=np.float32)
     return ((finite - lo) / (hi - lo)).astype(np.float32)

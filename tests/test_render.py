@@ -1,0 +1,36 @@
+"""Heatmap and overlay rendering."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fgcli import render
+
+
+def test_normalise_is_min_max_and_nan_free():
+    m = np.array([[2.0, 4.0], [6.0, 10.0]], dtype=np.float32)
+    np.testing.assert_allclose(render.normalise(m), [[0, 0.25], [0.5, 1.0]])
+    assert (render.normalise(np.full((3, 3), 7.0)) == 0).all()  # constant map: no 0/0
+    assert np.isfinite(render.normalise(np.array([[np.nan, 1.0], [np.inf, 3.0]]))).all()
+
+
+def test_heatmap_uses_matplotlib_table_at_requested_size():
+    import matplotlib
+
+    m = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    heat = render.heatmap(m, width=8, height=6, colormap="inferno")
+    assert heat.shape == (6, 8, 3) and heat.dtype == np.uint8
+    lut = (matplotlib.colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255 + 0.5)
+    assert (heat[0, 0] == lut[0].astype(np.uint8)).all()
+    assert (heat[-1, -1] == lut[255].astype(np.uint8)).all()
+    with pytest.raises(ValueError, match="unknown colormap"):
+        render.colormap_table("not-a-map")
+
+
+def test_overlay_blend():
+    img = np.full((2, 2, 3), 200, dtype=np.uint8)
+    heat = np.zeros((2, 2, 3), dtype=np.uint8)
+    heat[..., 0] = 100
+    out = render.overlay(img, heat, 0.25)
+    assert out.tolist()[0][0] == [175, 150, 150]
