@@ -4,6 +4,7 @@ One process, one model, one batch size, resolution and device; warm-up first,
 then the median of ``--repeats`` timings of:
 
   (a) floor: forward + backward of the summed target logits to the input only
+      (plus the forward alone, plain and under fgcli's tracer: the tracer's cost)
   (b) FullGrad.saliency and SimpleFullGrad.saliency on the same batch
   (c) end-to-end ``fullgrad dump`` of ``--images`` files (default outputs:
       heatmap, overlay, map), from paths to files on disk
@@ -119,6 +120,29 @@ def floor_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
+def forward_fns(model: torch.nn.Module, x: torch.Tensor
+                ) -> tuple[Callable[[], object], Callable[[], object]]:
+    """A forward pass that records the graph, plain and under fgcli's bias tracer."""
+    from fgcli.engine.decompose import traced_model
+
+    def plain() -> torch.Tensor:
+        with torch.enable_grad():
+            params = [p.requires_grad_(False) for p in model.parameters()]
+            try:
+                return model(x.detach().requires_grad_(True))
+            finally:
+                for p in params:
+                    p.requires_grad_(True)
+
+    def traced() -> torch.Tensor:
+        with traced_model(model) as tracer, torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            with tracer:
+                return model(xg)
+
+    return plain, traced
+
+
 def gradcam_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object] | None:
     try:
         from pytorch_grad_cam import FullGrad as FullGradCAM
@@ -165,6 +189,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32, help="N for the end-to-end run")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--gradcam-repeats", type=int, default=1,
+                        help="FullGradCAM is slow: fewer repeats (after its warm-up)")
     parser.add_argument("--json", default=None, help="write results here")
     args = parser.parse_args()
 
@@ -182,11 +208,14 @@ def main() -> None:
                       "peak_mb": peak / 2**20}
 
     add("floor", *timed(floor_fn(model, x), args.repeats, device))
+    plain, traced = forward_fns(model, x)
+    add("forward", *timed(plain, args.repeats, device))
+    add("traced_forward", *timed(traced, args.repeats, device))
     add("fullgrad", *timed(lambda: FullGrad(model).saliency(x), args.repeats, device))
     add("simple", *timed(lambda: SimpleFullGrad(model).saliency(x), args.repeats, device))
     cam = gradcam_fn(model, x)
     if cam is not None:
-        add("gradcam_fullgrad", *timed(cam, max(1, args.repeats), device))
+        add("gradcam_fullgrad", *timed(cam, args.gradcam_repeats, device))
     if not args.skip_e2e:
         with tempfile.TemporaryDirectory() as tmp:
             folder = make_folder(args.images, Path(tmp))
@@ -199,6 +228,8 @@ def main() -> None:
 
     floor = rows["floor"]["images_per_s"]
     ratios = {f"{k}/floor": v["images_per_s"] / floor for k, v in rows.items() if k != "floor"}
+    ratios["traced_forward/forward"] = (rows["traced_forward"]["images_per_s"]
+                                        / rows["forward"]["images_per_s"])
     if "gradcam_fullgrad" in rows:
         ratios["fullgrad/gradcam"] = (rows["fullgrad"]["images_per_s"]
                                       / rows["gradcam_fullgrad"]["images_per_s"])
@@ -210,6 +241,8 @@ def main() -> None:
     for name, row in rows.items():
         print(f"{name:18s}{row['images_per_s']:9.2f}"
               f"{row['images_per_s'] / floor:9.2f}{row['peak_mb']:9.0f}")
+    print(f"tracer overhead on the forward pass: "
+          f"{1 / ratios['traced_forward/forward']:.3f}x the plain forward's time")
     if "fullgrad/gradcam" in ratios:
         print(f"fullgrad / pytorch-grad-cam FullGradCAM: {ratios['fullgrad/gradcam']:.2f}x")
     if args.json:

@@ -164,7 +164,7 @@ def test_overlay_colours_are_rgb(tmp_path):
             "--colormap", "gray"])
     overlay = np.asarray(Image.open(out / "overlays" / "red.png.jpg"))
     assert overlay[..., 0].mean() > 240 and overlay[..., 1:].mean() < 15
-    heat = np.asarray(Image.open(out / "heatmaps" / "red.png.png")).astype(int)
+    heat = np.asarray(Image.open(out / "heatmaps" / "red.png.png").convert("RGB")).astype(int)
     assert (heat[..., 0] == heat[..., 1]).all() and (heat[..., 1] == heat[..., 2]).all()
     assert heat.min() == 0 and heat.max() == 255  # min-max normalised, gray LUT
 
@@ -466,3 +466,65 @@ def test_models_command():
     assert "299" == dict(line.split("\t") for line in CliRunner().invoke(
         app, ["models", "inception"]).stdout.splitlines())["inception_v3"]
     assert CliRunner().invoke(app, ["models", "zzz"]).exit_code == 2
+
+
+def test_out_of_memory_halves_the_batch_and_retries(tmp_path, monkeypatch):
+    import fgcli.engine.saliency as saliency
+
+    real = saliency.FullGrad.explain
+    sizes = []
+
+    def limited(self, x, *args, **kwargs):
+        sizes.append(len(x))
+        if len(x) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(saliency.FullGrad, "explain", limited)
+    out = tmp_path / "out"
+    result = invoke([str(PHOTOS), "--out", str(out), "--batch-size", "6", "--save", "map"])
+    assert result.exit_code == 0, result.stderr
+    # 6 -> 3 -> 1, logged each time, then kept for the rest of the run
+    assert result.stderr.count("warning: out of memory") == 2
+    assert sizes[:2] == [6, 3] and max(sizes[2:]) == 1 and sizes.count(1) == 6
+    assert {r["status"] for r in manifest(out)} == {"ok"} and len(manifest(out)) == 6
+    # the maps equal a run that never ran out of memory
+    monkeypatch.setattr(saliency.FullGrad, "explain", real)
+    clean = tmp_path / "clean"
+    invoke([str(PHOTOS), "--out", str(clean), "--batch-size", "2", "--save", "map"])
+    for rec in manifest(out):
+        np.testing.assert_allclose(np.load(out / rec["outputs"]["map"]),
+                                   np.load(clean / rec["outputs"]["map"]), rtol=1e-5, atol=1e-4)
+
+
+def test_out_of_memory_for_one_image_fails_those_images(tmp_path, monkeypatch):
+    import fgcli.engine.saliency as saliency
+
+    def never(self, x, *args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(saliency.FullGrad, "explain", never)
+    out = tmp_path / "out"
+    result = invoke([str(PHOTOS / "coffee.png"), str(PHOTOS / "rocket.jpg"), "--out", str(out)])
+    assert result.exit_code == 1
+    assert all("out of memory on cpu even for one image" in r["error"] for r in manifest(out))
+
+
+def test_amp_and_channels_last(tmp_path):
+    base = tmp_path / "base"
+    invoke([str(PHOTOS / "coffee.png"), "--out", str(base), "--save", "map", "--size", "224"])
+    ref = np.load(base / "maps" / "coffee.png.npy")
+    last = tmp_path / "last"
+    invoke([str(PHOTOS / "coffee.png"), "--out", str(last), "--save", "map", "--size", "224",
+            "--channels-last"])
+    np.testing.assert_allclose(np.load(last / "maps" / "coffee.png.npy"), ref, rtol=1e-4,
+                               atol=1e-4 * ref.max())
+    amp = tmp_path / "amp"
+    result = invoke([str(PHOTOS / "coffee.png"), "--out", str(amp), "--save", "map", "--size",
+                     "224", "--amp"])
+    assert result.exit_code == 0
+    low = np.load(amp / "maps" / "coffee.png.npy")
+    assert np.isfinite(low).all() and np.corrcoef(low.ravel(), ref.ravel())[0, 1] > 0.9
+    rec = manifest(amp)[0]
+    assert rec["target"] == 967 and rec["settings"] != manifest(base)[0]["settings"]
+    assert abs(rec["residual"]) < 0.05 * abs(rec["logit"])  # bfloat16: ~1e-2 relative

@@ -320,3 +320,45 @@ def test_smooth_is_seedable_and_keeps_clean_target(resnet18_small):
 def test_smooth_rejects_bad_settings(tiny_cnn, kwargs):
     with pytest.raises(ValueError):
         SmoothFullGrad(tiny_cnn, **kwargs)
+
+
+@pytest.mark.parametrize("name,fn", [
+    ("silu", torch.nn.functional.silu), ("sigmoid", torch.sigmoid), ("tanh", torch.tanh),
+    ("hardswish", torch.nn.functional.hardswish),
+    ("hardsigmoid", torch.nn.functional.hardsigmoid), ("relu6", torch.nn.functional.relu6),
+    ("gelu", torch.nn.functional.gelu),
+])
+def test_closed_form_activation_biases_equal_forward_ad(name, fn):
+    """The fast path's phi(u) - phi'(u) u equals the forward-mode AD linearisation."""
+    import torch.autograd.forward_ad as fwAD
+
+    from fgcli.engine.ops import fast_implicit_bias
+
+    u = torch.linspace(-9, 9, 2001, dtype=torch.float64).reshape(1, -1)
+    out = fn(u)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(fn(fwAD.make_dual(u, u))).tangent
+    expected = out - tangent
+    got = fast_implicit_bias(name, (u.requires_grad_(True),), {}, [u.detach()], out)
+    assert got is not None
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_closed_form_products_and_quotients():
+    from fgcli.engine.ops import fast_implicit_bias
+
+    a = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(2, 3, 1, 1, dtype=torch.float64, requires_grad=True)
+    out = a * s
+    assert torch.equal(fast_implicit_bias("mul", (a, s), {}, [a.detach(), s.detach()], out),
+                       -out.detach())
+    q = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    out = q @ k
+    assert torch.equal(fast_implicit_bias("matmul", (q, k), {}, [q.detach(), k.detach()], out),
+                       -out.detach())
+    out = a / (s.abs() + 1)
+    assert fast_implicit_bias("div", (a, s.abs() + 1), {}, [a.detach(), s.detach()], out) \
+        is not None
+    # a product with a constant has no bias and is not on this path
+    assert fast_implicit_bias("mul", (a, s.detach()), {}, [a.detach()], a * s.detach()) is None

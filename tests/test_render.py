@@ -33,4 +33,4 @@ def test_overlay_blend():
     heat = np.zeros((2, 2, 3), dtype=np.uint8)
     heat[..., 0] = 100
     out = render.overlay(img, heat, 0.25)
-    assert out.tolist()[0][0] == [175, 150, 150]
+    assert out.tolist()[0][0] == [175, 150, 150]  # 0.75 * 200 + 0.25 * (100, 0, 0)

@@ -81,6 +81,14 @@ class ConsoleReporter:
                             nrows=None if height > 0 else 24,
                             desc=f"{info['model']} on {info['device']}")
 
+    def warn(self, message: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(f"fullgrad: warning: {message}", file=sys.stderr)
+        else:
+            err.print(f"fullgrad: warning: {message}", markup=False)
+
     def record(self, record: dict[str, Any], line: str, image_done: bool) -> None:
         if self.as_json:
             sys.stdout.write(line + "\n")
@@ -171,6 +179,13 @@ def dump(
     null: Annotated[Optional[bool], typer.Option(
         "--null/--no-null", "-0", help="Path lists (stdin, --files-from) are NUL-separated.")
     ] = None,
+    amp: Annotated[Optional[bool], typer.Option(
+        "--amp/--no-amp", help="Mixed precision: float16 autocast on CUDA, bfloat16 on the "
+                               "CPU (faster on GPUs; completeness residuals grow, see README).")
+    ] = None,
+    channels_last: Annotated[Optional[bool], typer.Option(
+        "--channels-last/--no-channels-last", help="Run the model in channels-last memory "
+                                                   "format (often faster on GPUs).")] = None,
     max_pixels: Annotated[Optional[int], typer.Option(
         "--max-pixels", help="Refuse images with more pixels (decompression bombs).  "
                              "[default: 178956970]")] = None,
@@ -203,6 +218,7 @@ def dump(
             "std": _floats(std, "--std"), "labels": labels, "colormap": colormap,
             "alpha": alpha, "samples": samples, "sigma": sigma, "seed": seed,
             "files_from": files_from, "null": null, "max_pixels": max_pixels,
+            "amp": amp, "channels_last": channels_last,
             "overwrite": overwrite, "fail_fast": fail_fast, "quiet": quiet, "json": as_json,
             "debug": debug, "command": tuple(sys.argv),
         }, config)

@@ -65,6 +65,8 @@ class RunConfig:
     colormap: str = "inferno"
     alpha: float = 0.5
     max_pixels: int = DEFAULT_MAX_PIXELS
+    amp: bool = False
+    channels_last: bool = False
     overwrite: bool = False
     fail_fast: bool = False
     quiet: bool = False
@@ -108,11 +110,12 @@ class RunConfig:
     def settings_fingerprint(self, weights_identity: str) -> str:
         """A hash of every setting that changes an output file (for resuming).
 
-        Batch size, workers, device and verbosity are not part of it: they change
-        results by float rounding at most.
+        Batch size, workers, device, memory format and verbosity are not part of
+        it: they change results by float rounding at most. ``--amp`` is: reduced
+        precision changes maps visibly.
         """
         keys = ("model", "method", "size", "crop", "mean", "std", "labels", "target",
-                "topk", "save", "colormap", "alpha")
+                "topk", "save", "colormap", "alpha", "amp")
         data: dict[str, Any] = {k: _plain(getattr(self, k)) for k in keys}
         data["weights"] = weights_identity
         if self.method is Method.smooth:

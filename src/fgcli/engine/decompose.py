@@ -190,6 +190,11 @@ def _implicit_biases(func, name: str, leaves: list[Any], spec: Any, act_idx: lis
     """
     inplace = saved is not None
     primals = saved if inplace else [leaves[i].detach() for i in act_idx]
+    if len(outs) == 1:
+        args, kwargs = pytree.tree_unflatten(leaves, spec)
+        fast = ops.fast_implicit_bias(name, args, kwargs, primals, outs[0])
+        if fast is not None:
+            return [fast]
     try:
         tangents = _jvp_forward(func, leaves, spec, act_idx, primals, out_idx,
                                 inplace, "attention" in name)

@@ -141,8 +141,13 @@ def layout_tag(name: str, args: Sequence[Any], kwargs: dict[str, Any], leaves: S
     if name in CHANNELS_FIRST:
         return "nchw"
     if name == "layer_norm":
+        # over the last dim of a 4-D tensor: channels-last if the other dims are the
+        # (N, h, w) of an image grid, which the caller checks against the input's shape
         shape = _arg(args, kwargs, 1, "normalized_shape")
-        return "nhwc" if shape is not None and len(tuple(shape)) == 1 else None
+        if shape is None or len(tuple(shape)) != 1:
+            return None
+        first = args[0] if args else kwargs.get("input")
+        return "nhwc" if getattr(first, LAYOUT_ATTR, None) == "nhwc" else "nhwc?"
     source = next((x for x in leaves if is_activation(x) and getattr(x, LAYOUT_ATTR, None)),
                   None)
     if source is None:
@@ -160,6 +165,68 @@ def layout_tag(name: str, args: Sequence[Any], kwargs: dict[str, Any], leaves: S
         out.shape[1:3] == source.shape[1:3])
     return tag if source.dim() == 4 and out.shape[0] == source.shape[0] and same_grid else None
 
+
+def _unary_bias(name: str, u: torch.Tensor, out: torch.Tensor,
+                kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """``phi(u) - phi'(u) u`` in closed form for common elementwise activations.
+
+    ``phi(u)`` is the kernel's own output and ``phi'`` the derivative autograd's
+    backward uses (same conventions at the kinks), so completeness is exactly as
+    with forward-mode AD; only that extra pass is saved. None: no formula here.
+    """
+    base = name.rstrip("_")
+    if base == "silu":
+        # u s - u * s (1 + u (1 - s)) = -u^2 s (1 - s) = out (out - u): two passes, no sigmoid
+        return out * (out - u)
+    if base == "sigmoid":
+        slope = out * (1 - out)
+    elif base == "tanh":
+        slope = 1 - out * out
+    elif base == "hardswish":
+        slope = torch.where(u < -3, 0.0, torch.where(u <= 3, u / 3 + 0.5, 1.0))
+    elif base == "hardsigmoid":
+        slope = torch.where((u > -3) & (u < 3), 1.0 / 6.0, 0.0)
+    elif base == "relu6":
+        slope = ((u > 0) & (u < 6)).to(u.dtype)
+    elif base == "gelu" and kwargs.get("approximate", "none") == "none":
+        cdf = 0.5 * (1 + torch.erf(u * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * u * u) * 0.3989422804014327  # 1 / sqrt(2 pi)
+        slope = cdf + u * pdf
+    else:
+        return None
+    return out - u * slope
+
+
+_BILINEAR = _PRODUCT_PAIR | {"einsum"}
+
+
+def fast_implicit_bias(name: str, args: Sequence[Any], kwargs: dict[str, Any],
+                       acts: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor | None:
+    """Implicit biases with a closed form, else None (use forward-mode AD).
+
+    * an elementwise activation of one activation input: see ``_unary_bias``;
+    * a product of exactly two activations (squeeze-excitation, attention
+      scores): bilinear, so ``J u = 2 out`` and ``b = -out``;
+    * a quotient of two activations: homogeneous of degree 0, ``b = out``.
+
+    ``acts`` are the op's activation inputs as they were before the call.
+    """
+    if len(acts) == 1 and name.rstrip("_") in _UNARY and acts[0].shape == out.shape:
+        others = [x for x in list(args[1:]) + list(kwargs.values()) if isinstance(x, torch.Tensor)]
+        if not others:
+            return _unary_bias(name, acts[0], out.detach(), kwargs)
+    if len(acts) == 2 and name in _BILINEAR:
+        operands = _operands(args, kwargs) if name != "einsum" else list(acts)
+        if len(operands) == 2 and all(is_activation(x) for x in operands):
+            return -out.detach()
+    if len(acts) == 2 and name in _QUOTIENT and kwargs.get("rounding_mode") is None:
+        operands = _operands(args, kwargs)
+        if len(operands) == 2 and all(is_activation(x) for x in operands):
+            return out.detach().clone()
+    return None
+
+
+_UNARY = frozenset({"silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "relu6", "gelu"})
 
 CLOSED_FORM_KINDS = ("conv", "linear", "norm")
 IMPLICIT_KINDS = ("activation", "normalisation", "attention", "product", "constant", "other")

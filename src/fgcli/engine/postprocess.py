@@ -75,11 +75,13 @@ def layout_of(shape: tuple[int, ...], n: int, height: int, width: int,
         return Layout("vector", batch)
     if len(shape) != 4:
         return Layout("other", batch)
-    if hint in ("nchw", "nhwc"):
-        return Layout(hint, batch)
     cf = _grid_error(shape[2], shape[3], height, width)
     cl = _grid_error(shape[1], shape[2], height, width)
     cf_ok, cl_ok = cf <= GRID_TOLERANCE, cl <= GRID_TOLERANCE
+    if hint in ("nchw", "nhwc"):
+        return Layout(hint, batch)
+    if hint == "nhwc?":  # a layer norm over the last dim: channels-last only on an image grid
+        return Layout("nhwc" if cl_ok else "other", batch)
     if cf_ok and (not cl_ok or cf < cl):
         return Layout("nchw", batch)
     if cl_ok and (not cf_ok or cl < cf):
