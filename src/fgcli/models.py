@@ -85,6 +85,7 @@ class LoadedModel:
     identity: str  # stable description of the weights, for the resume fingerprint
     categories: tuple[str, ...] | None
     preprocessing: Preprocessing
+    num_classes: int | None = None  # from the last conv / linear layer, when there is one
 
 
 def default_weights(name: str) -> Any | None:
@@ -235,4 +236,4 @@ def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
     resize = round(side * resize_size / crop_size) if resize_size else round(side * 256 / 224)
     proc = Preprocessing((side, side), resize, crop, tuple(mean or proc_mean),
                          tuple(std or proc_std))
-    return LoadedModel(name, model.eval(), label, identity, categories, proc)
+    return LoadedModel(name, model.eval(), label, identity, categories, proc, n_classes)

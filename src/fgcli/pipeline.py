@@ -172,9 +172,7 @@ class _Run:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.categories = self.loaded.categories
-        with torch.no_grad():
-            probe = torch.zeros(1, 3, *self.loaded.preprocessing.size, device=self.device)
-            self.n_classes = int(_logits(model(probe)).shape[-1])
+        self.n_classes = self.loaded.num_classes or self._probe_classes(model)
         self.fixed_target = resolve_target(cfg.target, self.categories, self.n_classes)
         if cfg.topk is not None and cfg.topk > self.n_classes:
             raise UsageError(f"--topk {cfg.topk}: the model has only {self.n_classes} classes")
@@ -200,6 +198,14 @@ class _Run:
             raise SetupError(str(exc)) from exc
         self.previous = self.tree.previous_records()
         self.records = dict(self.previous)
+
+    def _probe_classes(self, model: torch.nn.Module) -> int:
+        """Class count from one eval forward, for models whose head is not a plain layer."""
+        from fgcli.engine.decompose import frozen_eval
+
+        probe = torch.zeros(1, 3, *self.loaded.preprocessing.size, device=self.device)
+        with frozen_eval(model), torch.no_grad():
+            return int(_logits(model(probe)).shape[-1])
 
     # -- records -----------------------------------------------------------------------
     def _emit(self, record: dict[str, Any]) -> None:
