@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--gradcam-repeats", type=int, default=1,
-                        help="FullGradCAM is slow: fewer repeats (after its warm-up)")
+                        help="FullGradCAM is slow: fewer repeats (after its warm-up); 0 skips it")
     parser.add_argument("--json", default=None, help="write results here")
     args = parser.parse_args()
 
@@ -213,7 +213,7 @@ def main() -> None:
     add("traced_forward", *timed(traced, args.repeats, device))
     add("fullgrad", *timed(lambda: FullGrad(model).saliency(x), args.repeats, device))
     add("simple", *timed(lambda: SimpleFullGrad(model).saliency(x), args.repeats, device))
-    cam = gradcam_fn(model, x)
+    cam = gradcam_fn(model, x) if args.gradcam_repeats > 0 else None
     if cam is not None:
         add("gradcam_fullgrad", *timed(cam, args.gradcam_repeats, device))
     if not args.skip_e2e:
