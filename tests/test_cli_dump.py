@@ -528,3 +528,18 @@ def test_amp_and_channels_last(tmp_path):
     rec = manifest(amp)[0]
     assert rec["target"] == 967 and rec["settings"] != manifest(base)[0]["settings"]
     assert abs(rec["residual"]) < 0.05 * abs(rec["logit"])  # bfloat16: ~1e-2 relative
+
+
+def test_torn_manifest_line_from_a_killed_run(tmp_path):
+    out = tmp_path / "out"
+    args = [str(PHOTOS / "coffee.png"), str(PHOTOS / "rocket.jpg"), "--out", str(out)]
+    invoke(args)
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    # a run killed while writing: one whole line, then half of the next one, no newline
+    (out / "manifest.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+    result = invoke(args)
+    assert result.exit_code == 0
+    records = by_key(out)
+    assert records["coffee.png"]["status"] == "skipped"
+    assert records["rocket.jpg"]["status"] == "ok"  # its line was lost: recomputed
+    assert len(manifest(out)) == 2

@@ -149,7 +149,6 @@ class _Run:
         self.reporter = reporter
         self.stdin = stdin
         self.report = RunReport(out=cfg.out)
-        self.records: dict[tuple[str, int | None], dict[str, Any]] = {}
         self.pending: deque[tuple[list[dict[str, Any]], list[Future]]] = deque()
 
     # -- setup -----------------------------------------------------------------------
@@ -176,14 +175,13 @@ class _Run:
         self.fixed_target = resolve_target(cfg.target, self.categories, self.n_classes)
         if cfg.topk is not None and cfg.topk > self.n_classes:
             raise UsageError(f"--topk {cfg.topk}: the model has only {self.n_classes} classes")
-        from fgcli.engine import METHODS, FullGrad, SmoothFullGrad
+        from fgcli.engine import METHODS, SmoothFullGrad
 
         if cfg.method is Method.smooth:
             self.engine = SmoothFullGrad(model, n_samples=cfg.samples, sigma=cfg.sigma,
                                          seed=cfg.seed)
         else:
             self.engine = METHODS[cfg.method.value](model)
-        self.fullgrad = FullGrad(model)
         self.batch_size = cfg.batch_size or (32 if self.device.type == "cuda" else 8)
         self.max_batch = self.batch_size  # lowered when the device runs out of memory
         cores = os.cpu_count() or 1
@@ -196,8 +194,7 @@ class _Run:
             self.tree.acquire(list(cfg.command))
         except LockedError as exc:
             raise SetupError(str(exc)) from exc
-        self.previous = self.tree.previous_records()
-        self.records = dict(self.previous)
+        self.previous = self.tree.index_manifest()  # (key, rank) -> offset, not records
 
     def _probe_classes(self, model: torch.nn.Module) -> int:
         """Class count from one eval forward, for models whose head is not a plain layer."""
@@ -210,7 +207,6 @@ class _Run:
     # -- records -----------------------------------------------------------------------
     def _emit(self, record: dict[str, Any]) -> None:
         line = self.tree.append(record)
-        self.records[(record["key"], record.get("rank"))] = record
         status = record["status"]
         first_rank = record.get("rank") in (None, 1)
         if first_rank:
@@ -240,7 +236,8 @@ class _Run:
             return None
         found = []
         for rank in self.ranks:
-            rec = self.previous.get((item.key, rank))
+            offset = self.previous.get((item.key, rank))
+            rec = self.tree.read_record(offset) if offset is not None else None
             if (rec is None or rec.get("status") not in ("ok", "skipped")
                     or rec.get("settings") != self.fingerprint or rec.get("input") != item.path
                     or not outputs_present(self.tree, rec.get("outputs", {}), self.cfg.save)):
@@ -389,7 +386,7 @@ class _Run:
 
     def finish(self, started: float, started_at: str) -> None:
         self.report.seconds = time.perf_counter() - started
-        self.tree.compact_manifest(self.records)
+        self.tree.compact_manifest()
         cfg = self.cfg
         self.tree.write_json(self.tree.root / RUN_JSON, {
             "schema": MANIFEST_SCHEMA,

@@ -26,7 +26,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ class OutputTree:
         self.root = Path(root)
         self._lock_fh: io.TextIOWrapper | None = None
         self._manifest_fh: io.TextIOWrapper | None = None
+        self._reader: io.BufferedReader | None = None
 
     # -- lock ----------------------------------------------------------------------
     def acquire(self, command: list[str]) -> None:
@@ -94,9 +95,7 @@ class OutputTree:
         (self.root / TMP).mkdir(exist_ok=True)
 
     def release(self) -> None:
-        if self._manifest_fh is not None:
-            self._manifest_fh.close()
-            self._manifest_fh = None
+        self._close_manifest()
         shutil.rmtree(self.root / TMP, ignore_errors=True)
         if self._lock_fh is not None:
             self._lock_fh.seek(0)
@@ -143,37 +142,74 @@ class OutputTree:
         self._atomic(dest, lambda fh: fh.write(blob))
 
     # -- manifest -------------------------------------------------------------------
-    def previous_records(self) -> dict[tuple[str, int | None], dict[str, Any]]:
-        """The latest manifest record per (key, rank); torn or foreign lines are ignored."""
-        records: dict[tuple[str, int | None], dict[str, Any]] = {}
+    # Memory stays small for huge runs: records are kept on disk and found again by
+    # byte offset; only (key, rank) -> offset is held in memory.
+    def index_manifest(self) -> dict[tuple[str, int | None], int]:
+        """(key, rank) -> byte offset of its latest line, in order of first appearance.
+
+        Torn lines (a killed run's last write) and foreign lines are skipped.
+        """
+        index: dict[tuple[str, int | None], int] = {}
         path = self.root / MANIFEST
         if not path.exists():
-            return records
-        with open(path, encoding="utf-8", errors="replace") as fh:
+            return index
+        offset = 0
+        with open(path, "rb") as fh:
             for line in fh:
                 try:
                     rec = json.loads(line)
-                    records[(rec["key"], rec.get("rank"))] = rec
+                    index[(rec["key"], rec.get("rank"))] = offset
                 except (ValueError, KeyError, TypeError):
-                    continue  # a line cut short by a killed run
-        return records
+                    pass
+                offset += len(line)
+        return index
+
+    def read_record(self, offset: int) -> dict[str, Any]:
+        """The manifest record that starts at ``offset``."""
+        if self._reader is None:
+            self._reader = open(self.root / MANIFEST, "rb")  # noqa: SIM115 - kept for the run
+        self._reader.seek(offset)
+        return json.loads(self._reader.readline())
 
     def append(self, record: dict[str, Any]) -> str:
         """Append one record (flushed, so a killed run keeps every finished line)."""
         if self._manifest_fh is None:
-            self._manifest_fh = open(self.root / MANIFEST, "a", encoding="utf-8")  # noqa: SIM115
+            path = self.root / MANIFEST
+            torn = False
+            if path.exists() and path.stat().st_size:
+                with open(path, "rb") as fh:
+                    fh.seek(-1, os.SEEK_END)
+                    torn = fh.read(1) != b"\n"  # a killed run's half-written last line
+            self._manifest_fh = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            if torn:
+                self._manifest_fh.write("\n")
         line = json.dumps(record, ensure_ascii=False)
         self._manifest_fh.write(line + "\n")
         self._manifest_fh.flush()
         return line
 
-    def compact_manifest(self, records: dict[tuple[str, int | None], dict[str, Any]]) -> None:
-        """Rewrite the manifest with one line per (key, rank), atomically."""
-        if self._manifest_fh is not None:
-            self._manifest_fh.close()
-            self._manifest_fh = None
-        blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values())
-        self._atomic(self.root / MANIFEST, lambda fh: fh.write(blob.encode("utf-8")))
+    def compact_manifest(self) -> None:
+        """Rewrite the manifest with one line per (key, rank), the latest, atomically."""
+        self._close_manifest()
+        index = self.index_manifest()
+        src = self.root / MANIFEST
+        if not src.exists():
+            return
+
+        def write(out: Any) -> None:
+            with open(src, "rb") as fh:
+                for offset in index.values():
+                    fh.seek(offset)
+                    out.write(fh.readline())
+
+        self._atomic(src, write)
+
+    def _close_manifest(self) -> None:
+        for name in ("_manifest_fh", "_reader"):
+            fh = getattr(self, name)
+            if fh is not None:
+                fh.close()
+                setattr(self, name, None)
 
 
 @dataclass
@@ -223,9 +259,3 @@ def outputs_present(tree: OutputTree, outputs: dict[str, str], save: tuple[str, 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def iter_lines(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            yield json.loads(line)
