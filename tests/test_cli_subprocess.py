@@ -170,3 +170,15 @@ def test_help_is_fast_and_lists_every_option():
                    "--overwrite", "--quiet", "--json", "--debug", "--config", "--fail-fast"):
         assert option in result.stdout, option
     assert time.perf_counter() - start < 10
+
+
+def test_json_into_a_pipe_that_closes_early(tmp_path):
+    """`fullgrad dump --json | head -1`: the run finishes and writes every result."""
+    script = (f"{' '.join(fullgrad())} dump {PHOTOS} {' '.join(SMALL)} --json --quiet "
+              f"--out {tmp_path / 'out'} | head -n 1")
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", script], env=env(),
+                            capture_output=True, text=True)
+    assert len(result.stdout.splitlines()) == 1 and json.loads(result.stdout)["status"] == "ok"
+    assert "Traceback" not in result.stderr and "error" not in result.stderr
+    assert len(manifest_lines(tmp_path / "out")) == 6
+    assert result.returncode == 0

@@ -91,8 +91,15 @@ class ConsoleReporter:
 
     def record(self, record: dict[str, Any], line: str, image_done: bool) -> None:
         if self.as_json:
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+            try:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+            except BrokenPipeError:
+                # the reader went away (`| head`): keep writing results to disk, stop printing
+                import os
+
+                self.as_json = False
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if record["status"] == "failed" and not self.quiet:
             message = f"fullgrad: failed: {record['input']}: {record['error']}"
             if self.bar is not None:
