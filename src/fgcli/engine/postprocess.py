@@ -23,26 +23,53 @@ GRID_TOLERANCE = 1.5
 class Layout:
     """Where a layer's batch, channels and spatial grid are.
 
-    kind: ``nchw`` / ``nhwc`` (spatial, enters the map), ``vector`` (N, K),
-    ``other`` (any other shape: counted for completeness, not mapped) or
-    ``ambiguous`` (4-D but both channel-first and channel-last readings fit the
-    input grid equally well; left out of the map rather than guessed).
+    kind: ``nchw`` / ``nhwc`` / ``tokens`` (spatial, enters the map), ``vector``
+    (N, K), ``other`` (any other shape: counted for completeness, not mapped) or
+    ``ambiguous`` (two readings fit the input grid equally well; left out of the
+    map rather than guessed).
     batch: ``lead`` (dim 0 is the batch), ``dim:<d>`` (the unique dim of size N),
     ``merged`` (dim 0 is the batch times a factor, batch-major, e.g. attention
     windows) or ``unknown``.
+    grid: the layer's (h, w) for spatial kinds. skip: for ``tokens``, how many
+    leading tokens are not on the grid (1 for a class token).
     """
 
     kind: str
     batch: str
+    grid: tuple[int, int] | None = None
+    skip: int = 0
 
     @property
     def spatial(self) -> bool:
-        return self.kind in ("nchw", "nhwc")
+        return self.kind in ("nchw", "nhwc", "tokens")
 
 
 def _grid_error(h: int, w: int, height: int, width: int) -> float:
     """Distance of (h, w) from the input's aspect ratio, in cells of the smaller grid."""
     return abs(h * width - w * height) / max(height, width)
+
+
+def _token_grid(count: int, height: int, width: int) -> tuple[int, int] | None:
+    """(h, w) with h * w == count on the input's aspect ratio, if there is one."""
+    if count < 1:
+        return None
+    guess = max(1, round((count * height / width) ** 0.5))
+    for h in (guess, guess - 1, guess + 1):
+        if h > 0 and count % h == 0 and _grid_error(h, count // h, height, width) <= \
+                GRID_TOLERANCE:
+            return h, count // h
+    return None
+
+
+def _token_layout(shape: tuple[int, ...], batch: str, height: int, width: int) -> Layout:
+    """(N, L, C), or (L, N, C) inside attention: tokens on the image grid, maybe after a
+    class token. Both readings fitting (never for square inputs) is ambiguous."""
+    length = shape[1] if batch == "lead" else shape[0]
+    fits = [(skip, g) for skip in (0, 1)
+            if (g := _token_grid(length - skip, height, width)) is not None]
+    if len(fits) == 1:
+        return Layout("tokens", batch, fits[0][1], fits[0][0])
+    return Layout("ambiguous" if fits else "other", batch)
 
 
 def batch_layout(shape: tuple[int, ...], n: int) -> str:
@@ -69,24 +96,46 @@ def layout_of(shape: tuple[int, ...], n: int, height: int, width: int,
     and left out of the map when both fit equally well.
     """
     batch = batch_layout(shape, n)
+    if len(shape) == 3 and batch in ("lead", "dim:1"):
+        return _token_layout(shape, batch, height, width)
     if batch != "lead":
         return Layout("other", batch)
     if len(shape) == 2:
         return Layout("vector", batch)
     if len(shape) != 4:
         return Layout("other", batch)
-    cf = _grid_error(shape[2], shape[3], height, width)
-    cl = _grid_error(shape[1], shape[2], height, width)
+    cf_grid, cl_grid = (shape[2], shape[3]), (shape[1], shape[2])
+    cf = _grid_error(*cf_grid, height, width)
+    cl = _grid_error(*cl_grid, height, width)
     cf_ok, cl_ok = cf <= GRID_TOLERANCE, cl <= GRID_TOLERANCE
-    if hint in ("nchw", "nhwc"):
-        return Layout(hint, batch)
+    if hint == "nchw":
+        return Layout("nchw", batch, cf_grid)
+    if hint == "nhwc":
+        return Layout("nhwc", batch, cl_grid)
     if hint == "nhwc?":  # a layer norm over the last dim: channels-last only on an image grid
-        return Layout("nhwc" if cl_ok else "other", batch)
+        return Layout("nhwc", batch, cl_grid) if cl_ok else Layout("other", batch)
     if cf_ok and (not cl_ok or cf < cl):
-        return Layout("nchw", batch)
+        return Layout("nchw", batch, cf_grid)
     if cl_ok and (not cf_ok or cl < cf):
-        return Layout("nhwc", batch)
+        return Layout("nhwc", batch, cl_grid)
     return Layout("ambiguous" if cf_ok else "other", batch)
+
+
+def on_grid(t: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, int]:
+    """A spatial layer's tensor as 4-D (N, C, h, w) or (N, h, w, C), and its channel dim.
+
+    Token layouts drop their leading non-grid tokens (a class token) and are laid
+    out on their (h, w) grid in row-major order, as ViT's patch embedding lays them.
+    """
+    if layout.kind == "nchw":
+        return t, 1
+    if layout.kind == "nhwc":
+        return t, 3
+    if layout.batch == "dim:1":
+        t = t.movedim(1, 0)
+    h, w = layout.grid
+    t = t[:, layout.skip:, :]
+    return t.reshape(t.shape[0], h, w, t.shape[2]), 3
 
 
 def per_image_sum(t: torch.Tensor, layout: Layout, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -159,7 +208,8 @@ class MapAccumulator:
 
     def add_layer(self, t: torch.Tensor, layout: Layout, inplace: bool = False) -> None:
         """psi + channel sum of a spatial layer's term, added at its own resolution."""
-        m = psi_channel_sum(t, 1 if layout.kind == "nchw" else 3, inplace)
+        grid_t, channel_dim = on_grid(t, layout)
+        m = psi_channel_sum(grid_t, channel_dim, inplace and grid_t.data_ptr() == t.data_ptr())
         grid = (m.shape[2], m.shape[3])
         if grid in self.by_grid:
             self.by_grid[grid] += m

@@ -23,7 +23,12 @@ from fgcli.engine.decompose import (
     resolve_target,
     run_pass,
 )
-from fgcli.engine.postprocess import MapAccumulator, per_image_sum, psi_channel_sum
+from fgcli.engine.postprocess import (
+    MapAccumulator,
+    on_grid,
+    per_image_sum,
+    psi_channel_sum,
+)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -124,7 +129,8 @@ class _MapSink(_Sink):
         term = self.term(info, grad, bias)
         if self.compact is not None:  # signed, so before psi may overwrite the term
             if info.in_map:
-                self.compact[index] = term.sum(1 if info.layout.kind == "nchw" else 3)
+                grid_t, channel_dim = on_grid(term, info.layout)
+                self.compact[index] = grid_t.sum(channel_dim)
             else:
                 self.compact[index] = per_image_sum(term, info.layout, self.n, torch.float32)
         if info.in_map:
@@ -140,8 +146,7 @@ class _MapSink(_Sink):
         for i, info in enumerate(layers):
             term = self.compact.get(i)
             if term is None:  # the layer's output did not reach the logit
-                shape = (self.n, info.shape[2], info.shape[3]) if info.layout.kind == "nchw" \
-                    else (self.n, info.shape[1], info.shape[2]) if info.in_map else (self.n,)
+                shape = (self.n, *info.layout.grid) if info.in_map else (self.n,)
                 term = input_term.new_zeros(shape)
             out[info.name] = term
         return CompactDecomposition(input_term.sum(1), out)
