@@ -59,42 +59,10 @@ def reference_recipe(name: str) -> nn.Module:
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial biases, norm statistics and affine parameters for any architecture.
+    """Non-trivial weights for any architecture (the same recipe as ``--weights random``)."""
+    from fgcli.models import randomise_weights
 
-    Conv / linear weights get He-scaled normals and biases N(0, 0.1); batch
-    norms random statistics; layer / group norms random affine parameters;
-    every other parameter (class tokens, positional embeddings, layer scales)
-    a small normal, so nothing is zero-initialised.
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def normal(t: torch.Tensor, std: float, mean: float = 0.0) -> None:
-        t.copy_(torch.randn(t.shape, generator=g) * std + mean)
-
-    done: set[int] = set()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                normal(m.weight, (2.0 / m.weight[0].numel()) ** 0.5)
-                if m.bias is not None:
-                    normal(m.bias, 0.1)
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if m.running_mean is not None:
-                    normal(m.running_mean, 0.2)
-                    m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                    normal(m.bias, 0.2)
-            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                normal(m.bias, 0.2)
-            else:
-                continue
-            done.update(id(p) for p in m.parameters(recurse=False))
-        for p in model.parameters():
-            if id(p) not in done:
-                normal(p, 0.1, mean=float(p.detach().mean()))
-    return model.eval()
+    return randomise_weights(model, seed)
 
 
 def random_images(n: int, size: int = 64, seed: int = 1, dtype=torch.float32) -> torch.Tensor:

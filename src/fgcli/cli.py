@@ -254,6 +254,103 @@ def dump(
 
 
 @app.command()
+def check(
+    images: Annotated[Optional[list[str]], typer.Argument(
+        help="Images to decompose (default: a seeded random input).", show_default=False)
+    ] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="torchvision classifier name.")] = None,
+    weights: Annotated[str, typer.Option(
+        help="As for dump; `random` draws seeded non-trivial weights (offline).")
+    ] = "DEFAULT",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    size: Annotated[Optional[int], typer.Option(help="Input size.  [default: the model's]")
+    ] = None,
+    all_models: Annotated[bool, typer.Option(
+        "--all", help="Check every classifier (one random input each) and print a table.")
+    ] = False,
+) -> None:
+    """Check completeness: logit = input term + bias terms, within 1e-4 * max(1, |logit|)."""
+    try:
+        from fgcli.models import SetupError
+
+        try:
+            ok = _run_check(images or [], model, weights, device, size, all_models)
+        except SetupError as exc:
+            _fail(str(exc), EXIT_USAGE)
+    except UsageError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    raise typer.Exit(EXIT_OK if ok else EXIT_FAILED)
+
+
+def _run_check(images: list[str], model: str | None, weights: str, device: str,
+               size: int | None, all_models: bool) -> bool:
+    import torch
+
+    from fgcli.check import TOLERANCE, check_batch, kind_summary
+    from fgcli.data import DecodeError, decode, preprocess
+    from fgcli.models import SetupError, classifier_names, load_model
+    from fgcli.pipeline import resolve_device
+
+    dev = resolve_device(device)
+    if all_models == bool(model):
+        raise UsageError("give --model NAME, or --all")
+
+    def inputs(loaded) -> tuple[torch.Tensor, list[str]]:
+        proc = loaded.preprocessing
+        if not images:
+            gen = torch.Generator().manual_seed(0)
+            return torch.randn(1, 3, *proc.size, generator=gen).to(dev), ["random(seed=0)"]
+        batch = []
+        for path in images:
+            try:
+                x, _ = preprocess(decode(path, 178_956_970), proc.size, proc.crop,
+                                  proc.resize, proc.mean, proc.std)
+            except DecodeError as exc:
+                raise UsageError(f"{path}: {exc}") from exc
+            batch.append(x)
+        return torch.stack(batch).to(dev), list(images)
+
+    if not all_models:
+        loaded = load_model(model, weights, size=size)
+        x, labels = inputs(loaded)
+        result = check_batch(loaded.model.to(dev), loaded.name, x, labels)
+        typer.echo(f"model {loaded.name}  weights {loaded.weights}  device {dev}  "
+                   f"tolerance {TOLERANCE:g} * max(1, |logit|)")
+        typer.echo(f"{'image':32s} {'target':>6s} {'logit':>14s} {'sum of terms':>14s} "
+                   f"{'residual':>11s}  ok")
+        for im in result.images:
+            typer.echo(f"{im.name[-32:]:32s} {im.target:6d} {im.logit:14.6f} {im.total:14.6f} "
+                       f"{im.residual:11.2e}  {'yes' if im.ok else 'NO'}")
+        typer.echo(f"bias-carrying ops: {sum(result.kinds.values())} "
+                   f"({kind_summary(result.kinds)})")
+        typer.echo(f"layers in the map ({len(result.map_layers)}): "
+                   f"{', '.join(result.map_layers) or 'none'}")
+        typer.echo(f"completeness only ({len(result.other_layers)}): "
+                   f"{', '.join(result.other_layers) or 'none'}")
+        return result.ok
+
+    typer.echo(f"{'model':24s} {'residual':>9s} {'ok':>3s} {'ops':>5s} {'map':>5s} "
+               f"{'s/img':>6s}  bias-carrying ops")
+    all_ok = True
+    for name in classifier_names():
+        try:
+            loaded = load_model(name, weights, size=size)
+            x, labels = inputs(loaded)
+            result = check_batch(loaded.model.to(dev), name, x, labels)
+        except (SetupError, UsageError, RuntimeError, ValueError) as exc:
+            all_ok = False
+            typer.echo(f"{name:24s} error: {str(exc).splitlines()[0]}")
+            continue
+        all_ok &= result.ok
+        typer.echo(f"{name:24s} {result.worst:9.1e} {'yes' if result.ok else 'NO':>3s} "
+                   f"{sum(result.kinds.values()):5d} {len(result.map_layers):5d} "
+                   f"{result.seconds_per_image:6.2f}  {kind_summary(result.kinds)}")
+        del loaded, result
+    return all_ok
+
+
+@app.command()
 def models(
     pattern: Annotated[Optional[str], typer.Argument(
         help="Shell pattern (resnet*) or substring to filter by.")] = None,

@@ -9,7 +9,9 @@ Weights (``--weights``):
   loaded with ``weights_only=True``; a ``{"state_dict": ...}`` or
   ``{"model": ...}`` wrapper and DataParallel's ``module.`` prefixes are
   accepted) or ``.safetensors`` when the ``safetensors`` package is installed.
-* ``none``: random initialisation (only useful for testing).
+* ``none``: torchvision's random initialisation (only useful for testing);
+  ``random``: seeded random weights with non-trivial biases and norm statistics
+  (see :func:`randomise_weights`), for exactness checks.
 
 Class names and preprocessing come from the weights' metadata. For a local
 file they come from the model's ``DEFAULT`` weights metadata (available
@@ -165,6 +167,46 @@ def _num_classes(model: nn.Module) -> int | None:
     return None
 
 
+def randomise_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial weights for exactness checks on any architecture (``--weights random``).
+
+    Random initialisation leaves biases at zero and BatchNorm at mean 0 / var 1, which
+    makes bias terms vanish. Here conv / linear weights are He-scaled normals with
+    N(0, 0.1) biases; batch norms get random statistics and affine parameters; layer /
+    group norms random affine parameters; every other parameter (class tokens,
+    positional embeddings, layer scales) a small normal around its mean.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def normal(t: torch.Tensor, std: float, mean: float = 0.0) -> None:
+        t.copy_(torch.randn(t.shape, generator=g) * std + mean)
+
+    done: set[int] = set()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                normal(m.weight, (2.0 / m.weight[0].numel()) ** 0.5)
+                if m.bias is not None:
+                    normal(m.bias, 0.1)
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.running_mean is not None:
+                    normal(m.running_mean, 0.2)
+                    m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    normal(m.bias, 0.2)
+            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                normal(m.bias, 0.2)
+            else:
+                continue
+            done.update(id(p) for p in m.parameters(recurse=False))
+        for p in model.parameters():
+            if id(p) not in done:
+                normal(p, 0.1, mean=float(p.detach().mean()))
+    return model.eval()
+
+
 def read_labels(path: str) -> tuple[str, ...]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -187,6 +229,10 @@ def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
     if spec.lower() == "none":
         model = torchvision.models.get_model(name, weights=None)
         label, identity = "none (random initialisation)", "none"
+    elif spec.lower() == "random":
+        torch.manual_seed(0)
+        model = randomise_weights(torchvision.models.get_model(name, weights=None))
+        label, identity = "random (seeded, non-trivial biases and norm statistics)", "random"
     elif _looks_like_file(spec):
         path = Path(spec).expanduser()
         state = _read_state_dict(path)

@@ -49,6 +49,9 @@ def _grid_error(h: int, w: int, height: int, width: int) -> float:
     return abs(h * width - w * height) / max(height, width)
 
 
+TOKEN_GRID_TOLERANCE = 0.5  # patch grids divide the input exactly: allow rounding only
+
+
 def _token_grid(count: int, height: int, width: int) -> tuple[int, int] | None:
     """(h, w) with h * w == count on the input's aspect ratio, if there is one."""
     if count < 1:
@@ -56,7 +59,7 @@ def _token_grid(count: int, height: int, width: int) -> tuple[int, int] | None:
     guess = max(1, round((count * height / width) ** 0.5))
     for h in (guess, guess - 1, guess + 1):
         if h > 0 and count % h == 0 and _grid_error(h, count // h, height, width) <= \
-                GRID_TOLERANCE:
+                TOKEN_GRID_TOLERANCE:
             return h, count // h
     return None
 
