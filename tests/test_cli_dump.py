@@ -543,3 +543,15 @@ def test_torn_manifest_line_from_a_killed_run(tmp_path):
     assert records["coffee.png"]["status"] == "skipped"
     assert records["rocket.jpg"]["status"] == "ok"  # its line was lost: recomputed
     assert len(manifest(out)) == 2
+
+
+def test_output_tree_inside_the_input_tree_is_not_read_back(tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (imgs / "a.png").write_bytes((PHOTOS / "coffee.png").read_bytes())
+    out = imgs / "saliency"
+    assert invoke([str(imgs), "--out", str(out)]).exit_code == 0
+    again = invoke([str(imgs), "--out", str(out)])
+    assert again.exit_code == 0
+    assert [r["key"] for r in manifest(out)] == ["a.png"]
+    assert manifest(out)[0]["status"] == "skipped"

@@ -71,7 +71,7 @@ def _walk(root: Path, prefix: str, seen: set[str]) -> Iterator[Item]:
     try:
         real = os.path.realpath(root)
         if real in seen:
-            return  # a symlinked directory we already walked: cut the loop
+            return  # a symlinked directory we already walked (or the output tree): skip
         seen.add(real)
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as exc:
@@ -152,8 +152,12 @@ def _listed_item(path: str) -> Item:
 
 
 def discover(inputs: Iterable[str], files_from: str | None = None, null: bool = False,
-             stdin: Any = None) -> Iterator[Item]:
-    """Every input image in a deterministic order, lazily (a list may be endless)."""
+             stdin: Any = None, exclude: str | None = None) -> Iterator[Item]:
+    """Every input image in a deterministic order, lazily (a list may be endless).
+
+    ``exclude``: a directory never walked into (the output tree, so that
+    ``fullgrad dump . --out ./saliency`` does not read its own heatmaps back).
+    """
     inputs = list(inputs)
     several = len(inputs) + (files_from is not None) > 1
     used: dict[str, str] = {}
@@ -175,7 +179,8 @@ def discover(inputs: Iterable[str], files_from: str | None = None, null: bool = 
         p = Path(arg)
         if p.is_dir():
             prefix = p.resolve().name if several else ""
-            for item in _walk(p, prefix, set()):
+            skip = {os.path.realpath(exclude)} if exclude else set()
+            for item in _walk(p, prefix, skip):
                 yield unique(item)
         else:
             key = p.name

@@ -250,7 +250,7 @@ class _Run:
         cfg = self.cfg
         proc = self.loaded.preprocessing
         keep_original = "overlay" in cfg.save
-        items = discover(cfg.inputs, cfg.files_from, cfg.null, self.stdin)
+        items = discover(cfg.inputs, cfg.files_from, cfg.null, self.stdin, exclude=cfg.out)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fgcli-writer") as pool:
             self.pool = pool
             for chunk in _chunks(items, self.batch_size * CHUNK_BATCHES):
