@@ -555,3 +555,14 @@ def test_output_tree_inside_the_input_tree_is_not_read_back(tmp_path):
     assert again.exit_code == 0
     assert [r["key"] for r in manifest(out)] == ["a.png"]
     assert manifest(out)[0]["status"] == "skipped"
+
+
+def test_fifo_argument_fails_instead_of_hanging(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    result = invoke([str(fifo), str(PHOTOS / "coffee.png"), "--out", str(out)])
+    assert result.exit_code == 1
+    records = by_key(out)
+    assert records["pipe.jpg"]["error"] == "not a regular file"
+    assert records["coffee.png"]["status"] == "ok"

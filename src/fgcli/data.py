@@ -183,12 +183,8 @@ def discover(inputs: Iterable[str], files_from: str | None = None, null: bool = 
             for item in _walk(p, prefix, skip):
                 yield unique(item)
         else:
-            key = p.name
-            try:
-                os.stat(p)
-                yield unique(Item(arg, key))
-            except OSError as exc:
-                yield Item(arg, key, _os_reason(exc))
+            item = _listed_item(arg)  # not a FIFO or device: reading one would hang
+            yield unique(Item(item.path, p.name, item.error))
     if files_from is not None:
         try:
             fh = open(files_from, encoding="utf-8", newline="" if null else None)
@@ -261,9 +257,12 @@ def decode(path: str, max_pixels: int) -> np.ndarray:
             raise DecodeError(_os_reason(exc)) from exc
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
         raise DecodeError(f"corrupt image: {message}") from exc
-    except (ValueError, SyntaxError, EOFError, MemoryError) as exc:
+    except (SyntaxError, EOFError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DecodeError(f"corrupt image: {message}") from exc
+    except (ValueError, MemoryError) as exc:  # e.g. a colour mode Pillow cannot convert
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DecodeError(f"unsupported image: {message}") from exc
 
 
 @dataclass(frozen=True)
