@@ -461,10 +461,12 @@ def test_methods_and_crop(tmp_path):
 def test_models_command():
     result = CliRunner().invoke(app, ["models", "resnet*"])
     assert result.exit_code == 0
-    rows = dict(line.split("\t") for line in result.stdout.splitlines())
-    assert rows["resnet50"] == "224" and "vgg16" not in rows
-    assert "299" == dict(line.split("\t") for line in CliRunner().invoke(
-        app, ["models", "inception"]).stdout.splitlines())["inception_v3"]
+    rows = {line.split("\t")[0]: line.split("\t")[1:] for line in result.stdout.splitlines()}
+    assert rows["resnet50"] == ["224", "grid"] and "vgg16" not in rows
+    rows = {line.split("\t")[0]: line.split("\t")[1:] for line in CliRunner().invoke(
+        app, ["models", "*"]).stdout.splitlines()}
+    assert rows["inception_v3"] == ["299", "grid"] and rows["vit_b_16"][1] == "tokens"
+    assert len(rows) == len(torchvision.models.list_models(module=torchvision.models))
     assert CliRunner().invoke(app, ["models", "zzz"]).exit_code == 2
 
 

@@ -75,3 +75,24 @@ def test_check_usage_errors():
     assert CliRunner().invoke(app, ["check"]).exit_code == 2
     bad = CliRunner().invoke(app, ["check", "--model", "resnet5", "--weights", "random"])
     assert bad.exit_code == 2 and "did you mean" in bad.stderr
+
+
+@pytest.mark.parametrize("name,size", [("resnet18", 64), ("convnext_tiny", 64), ("vit_b_32", 224),
+                                       ("swin_t", 224), ("maxvit_t", 224)])
+def test_models_map_layout_column_matches_tracing(name, size):
+    from fgcli.models import map_layout
+
+    torch.manual_seed(0)
+    model = randomise(torchvision.models.get_model(name))
+    layers = FullGrad(model).explain(random_images(1, size=size)).layers
+    kinds = {layer.layout.kind for layer in layers if layer.in_map}
+    windowed = any(layer.layout.batch == "merged" or
+                   (len(layer.shape) == 4 and not layer.in_map and layer.kind != "linear")
+                   for layer in layers)
+    expected = {"grid": {"nchw"}, "channels-last": {"nchw", "nhwc"}, "tokens": {"nchw", "tokens"},
+                # a Swin stage whose single window is the whole grid reads as tokens
+                "channels-last+windows": {"nchw", "nhwc", "tokens"}, "grid+windows": {"nchw"}}
+    layout = map_layout(name)
+    assert kinds <= expected[layout] and kinds & (expected[layout] - {"nchw"} or {"nchw"})
+    assert windowed == layout.endswith("+windows"), [
+        (layer.name, layer.shape, layer.layout) for layer in layers if not layer.in_map][:5]

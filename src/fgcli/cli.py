@@ -355,14 +355,18 @@ def models(
     pattern: Annotated[Optional[str], typer.Argument(
         help="Shell pattern (resnet*) or substring to filter by.")] = None,
 ) -> None:
-    """List the torchvision classifiers fgcli can load, with their input size."""
-    from fgcli.models import input_size, matching_models
+    """List the classifiers fgcli can load: name, default input size, map layout.
+
+    Map layout: grid (conv layers), channels-last (also (N, h, w, C) blocks), tokens
+    (ViT token sequences); +windows: windowed attention tensors are not mapped.
+    """
+    from fgcli.models import input_size, map_layout, matching_models
 
     names = matching_models(pattern)
     if not names:
         _fail(f"no classifier matches {pattern!r}", EXIT_USAGE)
     for name in names:
-        typer.echo(f"{name}\t{input_size(name)}")
+        typer.echo(f"{name}\t{input_size(name)}\t{map_layout(name)}")
 
 
 def main() -> None:

@@ -108,6 +108,26 @@ def input_size(name: str) -> int:
     return 224
 
 
+# Which layouts a family's map is built from (verified by tracing in the tests):
+# ``grid`` channels-first conv layers only; ``channels-last`` (N, h, w, C) blocks too;
+# ``tokens`` (N, 1 + h*w, C) token sequences; ``+windows`` marks windowed attention
+# tensors that are not mapped (they still count for completeness).
+_MAP_LAYOUTS = (
+    ("vit_", "tokens"),
+    ("swin_", "channels-last+windows"),
+    ("maxvit_", "grid+windows"),
+    ("convnext_", "channels-last"),
+)
+
+
+def map_layout(name: str) -> str:
+    """The layouts of the layers that build this classifier's saliency map."""
+    for prefix, layout in _MAP_LAYOUTS:
+        if name.startswith(prefix):
+            return layout
+    return "grid"
+
+
 def _resolve_enum(name: str, spec: str) -> Any:
     enum_cls = torchvision.models.get_model_weights(name)
     member = spec.split(".")[-1]
