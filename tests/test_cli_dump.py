@@ -568,3 +568,9 @@ def test_fifo_argument_fails_instead_of_hanging(tmp_path):
     records = by_key(out)
     assert records["pipe.jpg"]["error"] == "not a regular file"
     assert records["coffee.png"]["status"] == "ok"
+
+
+def test_out_that_is_a_file_is_a_setup_error(tmp_path):
+    (tmp_path / "taken").write_text("not a directory")
+    result = invoke([str(PHOTOS / "coffee.png"), "--out", str(tmp_path / "taken")])
+    assert result.exit_code == 2 and "--out" in result.stderr and "cannot write" in result.stderr

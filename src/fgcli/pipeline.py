@@ -194,6 +194,9 @@ class _Run:
             self.tree.acquire(list(cfg.command))
         except LockedError as exc:
             raise SetupError(str(exc)) from exc
+        except OSError as exc:  # --out is a file, unwritable, on a full disk...
+            raise SetupError(f"--out {cfg.out}: cannot write there "
+                             f"({exc.strerror or exc})") from exc
         self.previous = self.tree.index_manifest()  # (key, rank) -> offset, not records
 
     def _probe_classes(self, model: torch.nn.Module) -> int:
