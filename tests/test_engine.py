@@ -37,7 +37,7 @@ def test_bias_terms_equal_parameter_gradients(tiny_cnn):
     logit = model(x)[0, dec.target[0]]
     names = ["0.bias", "1.bias", "3.conv.bias", "3.bn.bias", "6.bias", "10.bias"]
     grads = torch.autograd.grad(logit, [params[n] for n in names])
-    for (layer, term), name, g in zip(dec.bias_terms.items(), names, grads):
+    for term, name, g in zip(dec.bias_terms.values(), names, grads, strict=True):
         module = model.get_submodule(name.rsplit(".", 1)[0])
         if isinstance(module, nn.BatchNorm2d):  # effective bias beta - gamma mean / sqrt(var+eps)
             b = module.bias - module.weight * module.running_mean / torch.sqrt(

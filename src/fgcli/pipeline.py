@@ -308,7 +308,7 @@ class _Run:
                 exp = self._explain(x, target)
                 if rank == 1:
                     top = exp.logits.topk(len(self.ranks), dim=1).indices
-                results.append((rank, exp, _to_host(exp)))
+                results.append((rank, _to_host(exp)))
         except OutOfMemory as exc:
             for sample in batch.samples:
                 self._fail(todo[sample.index], str(exc))
@@ -317,7 +317,7 @@ class _Run:
 
         records: list[dict[str, Any]] = []
         futures: list[Future] = []
-        for rank, exp, host in results:
+        for rank, host in results:
             for j, sample in enumerate(batch.samples):
                 item = todo[sample.index]
                 cls = int(host["target"][j])
