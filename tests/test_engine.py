@@ -362,3 +362,26 @@ def test_closed_form_products_and_quotients():
         is not None
     # a product with a constant has no bias and is not on this path
     assert fast_implicit_bias("mul", (a, s.detach()), {}, [a.detach()], a * s.detach()) is None
+
+
+def test_batchnorm_without_affine_parameters():
+    """affine=False: the effective bias is -mean / sqrt(var + eps) (the reference crashes)."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4, affine=False)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), bn, nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(4))
+        bn.running_var.copy_(torch.rand(4) + 0.5)
+    model.eval()
+    x = random_images(2, size=8, dtype=torch.float64)
+    dec = FullGrad(model).decompose(x)
+    assert list(dec.bias_terms) == ["1", "5"]
+    assert (dec.residual.abs() < 1e-10).all()
+    # the term is grad_z * b with b = -mean / sqrt(var + eps), per channel (plain autograd)
+    b = -bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
+    z = bn(model[0](x))
+    logits = model[5](model[4](model[3](model[2](z))))
+    (grad_z,) = torch.autograd.grad(logits.gather(1, dec.target[:, None]).sum(), z)
+    torch.testing.assert_close(dec.bias_terms["1"], grad_z * b.view(1, 4, 1, 1),
+                               rtol=1e-12, atol=1e-12)
