@@ -59,12 +59,7 @@ def check_batch(model: torch.nn.Module, name: str, x: torch.Tensor,
     dec = FullGrad(model).decompose(x)
     result.seconds_per_image = (time.perf_counter() - start) / len(x)
     n = len(x)
-    acc = torch.float64 if x.device.type != "mps" else torch.float32
-    total = dec.input_term.reshape(n, -1).sum(1, dtype=acc)
-    from fgcli.engine.postprocess import per_image_sum
-
-    for layer, term in zip(dec.layers, dec.bias_terms.values()):
-        total = total + per_image_sum(term, layer.layout, n, acc)
+    total = dec.logit.double() - dec.residual  # the residual is logit - input - bias terms
     for j in range(n):
         result.images.append(ImageCheck(labels[j], int(dec.target[j]), float(dec.logit[j]),
                                         float(total[j]), float(dec.residual[j])))

@@ -122,7 +122,8 @@ class BiasTracer(TorchFunctionMode):
             return out
         kind = ops.implicit_category(name, args, kwargs)
         outs = [out_leaves[j] for j in out_idx]
-        biases = _implicit_biases(func, name, leaves, spec, act_idx, saved, outs, out_idx)
+        biases = _implicit_biases(func, name, args, kwargs, leaves, spec, act_idx, saved, outs,
+                                  out_idx)
         for o, b in zip(outs, biases):
             self._record(o, name, kind, b)
         return out
@@ -179,7 +180,8 @@ class BiasTracer(TorchFunctionMode):
         self._sink.layer(index, rec.info, grad, bias)
 
 
-def _implicit_biases(func, name: str, leaves: list[Any], spec: Any, act_idx: list[int],
+def _implicit_biases(func, name: str, args: Any, kwargs: dict[str, Any], leaves: list[Any],
+                     spec: Any, act_idx: list[int],
                      saved: list[torch.Tensor] | None, outs: list[torch.Tensor],
                      out_idx: list[int]) -> list[torch.Tensor]:
     """``b = phi(u) - J u`` for each activation output of a generic op.
@@ -191,7 +193,6 @@ def _implicit_biases(func, name: str, leaves: list[Any], spec: Any, act_idx: lis
     inplace = saved is not None
     primals = saved if inplace else [leaves[i].detach() for i in act_idx]
     if len(outs) == 1:
-        args, kwargs = pytree.tree_unflatten(leaves, spec)
         fast = ops.fast_implicit_bias(name, args, kwargs, primals, outs[0])
         if fast is not None:
             return [fast]

@@ -215,14 +215,19 @@ class _FullGradFamily(ABC):
         """
         return self.explain(x, target).maps
 
-    @abstractmethod
     def explain(self, x: torch.Tensor, target: Any = None, *,
                 compact: bool = False) -> Explanation:
-        """Maps plus logits, targets and completeness residuals.
+        """Maps plus logits, targets and completeness residuals, from one pass.
 
         compact: also return a :class:`CompactDecomposition` (computed in the
         same backward pass).
         """
+        sink = _MapSink(check_input(self.model, x), self, compact)
+        result = run_pass(self.model, x, target, sink)
+        input_term, residual = sink.residual(result, x)
+        maps = sink.maps.result() + psi_channel_sum(input_term)
+        return Explanation(maps, result.logits, result.target, residual, tuple(result.layers),
+                           sink.compact_result(result.layers, input_term))
 
     def decompose(self, x: torch.Tensor, target: Any = None) -> Decomposition:
         """The full-gradient decomposition of each image's target logit."""
@@ -241,17 +246,10 @@ class _FullGradFamily(ABC):
         )
 
     @staticmethod
+    @abstractmethod
     def layer_map_input(grad: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-        """What a spatial layer feeds into psi: its bias-gradient (FullGrad)."""
-        return term
-
-    def _single_pass(self, x: torch.Tensor, target: Any, compact: bool) -> Explanation:
-        sink = _MapSink(check_input(self.model, x), self, compact)
-        result = run_pass(self.model, x, target, sink)
-        input_term, residual = sink.residual(result, x)
-        maps = sink.maps.result() + psi_channel_sum(input_term)
-        return Explanation(maps, result.logits, result.target, residual, tuple(result.layers),
-                           sink.compact_result(result.layers, input_term))
+        """The method's maths: what a spatial layer feeds into psi, given its output
+        gradient and its bias term."""
 
 
 @register("fullgrad")
@@ -259,9 +257,9 @@ class FullGrad(_FullGradFamily):
     """FullGrad (Srinivas & Fleuret, 2019): psi of input-gradient x input plus psi of
     every spatial layer's bias-gradient, upsampled and summed."""
 
-    def explain(self, x: torch.Tensor, target: Any = None, *,
-                compact: bool = False) -> Explanation:
-        return self._single_pass(x, target, compact)
+    @staticmethod
+    def layer_map_input(grad: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+        return term
 
 
 @register("simple")
@@ -273,13 +271,9 @@ class SimpleFullGrad(_FullGradFamily):
     def layer_map_input(grad: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
         return grad
 
-    def explain(self, x: torch.Tensor, target: Any = None, *,
-                compact: bool = False) -> Explanation:
-        return self._single_pass(x, target, compact)
-
 
 @register("smooth")
-class SmoothFullGrad(_FullGradFamily):
+class SmoothFullGrad(FullGrad):
     """SmoothFullGrad: FullGrad aggregation of input and bias-gradient terms averaged
     over ``n_samples`` noisy copies of each image.
 
