@@ -69,6 +69,25 @@ def check_batch(model: torch.nn.Module, name: str, x: torch.Tensor,
     return result
 
 
+def random_inputs(size: tuple[int, int], n: int = 2, seed: int = 1
+                  ) -> tuple[torch.Tensor, list[str]]:
+    """The seeded photo-like inputs ``check`` decomposes when given no images (another
+    seed than the batch-norm calibration of ``--weights random``)."""
+    from fgcli.models import calibration_batch
+
+    return calibration_batch(size, seed=seed, n=n), [f"random(seed={seed})#{i}" for i in range(n)]
+
+
+def check_model(name: str, weights: str = "random", device: torch.device | str = "cpu", *,
+                size: int | None = None, smallest: bool = False) -> ModelCheck:
+    """Load ``name`` and check its decomposition on :func:`random_inputs` (``check --all``)."""
+    from fgcli.models import load_model
+
+    loaded = load_model(name, weights, size=size, smallest=smallest)
+    x, labels = random_inputs(loaded.preprocessing.size)
+    return check_batch(loaded.model.to(device), loaded.name, x.to(device), labels)
+
+
 def kind_summary(kinds: Counter) -> str:
     """``closed-form conv 13, norm 13, linear 3; implicit activation 2`` (zero counts left out)."""
     closed = ", ".join(f"{k} {kinds[k]}" for k in CLOSED_FORM_KINDS if kinds[k])

@@ -266,8 +266,10 @@ def check(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     size: Annotated[Optional[int], typer.Option(help="Input size.  [default: the model's]")
     ] = None,
+    smallest: Annotated[bool, typer.Option(
+        "--smallest", help="Use the smallest input size each model accepts.")] = False,
     all_models: Annotated[bool, typer.Option(
-        "--all", help="Check every classifier (one random input each) and print a table.")
+        "--all", help="Check every classifier (two random inputs each) and print a table.")
     ] = False,
 ) -> None:
     """Check completeness: logit = input term + bias terms, within 1e-4 * max(1, |logit|)."""
@@ -275,7 +277,7 @@ def check(
         from fgcli.models import SetupError
 
         try:
-            ok = _run_check(images or [], model, weights, device, size, all_models)
+            ok = _run_check(images or [], model, weights, device, size, smallest, all_models)
         except SetupError as exc:
             _fail(str(exc), EXIT_USAGE)
     except UsageError as exc:
@@ -284,10 +286,10 @@ def check(
 
 
 def _run_check(images: list[str], model: str | None, weights: str, device: str,
-               size: int | None, all_models: bool) -> bool:
+               size: int | None, smallest: bool, all_models: bool) -> bool:
     import torch
 
-    from fgcli.check import TOLERANCE, check_batch, kind_summary
+    from fgcli.check import TOLERANCE, check_batch, check_model, kind_summary, random_inputs
     from fgcli.data import DecodeError, decode, preprocess
     from fgcli.models import SetupError, classifier_names, load_model
     from fgcli.pipeline import resolve_device
@@ -295,12 +297,16 @@ def _run_check(images: list[str], model: str | None, weights: str, device: str,
     dev = resolve_device(device)
     if all_models == bool(model):
         raise UsageError("give --model NAME, or --all")
+    if smallest and size is not None:
+        raise UsageError("--size and --smallest exclude each other")
+    if all_models and images:
+        raise UsageError("--all checks random inputs; give images with --model NAME")
 
     def inputs(loaded) -> tuple[torch.Tensor, list[str]]:
         proc = loaded.preprocessing
         if not images:
-            gen = torch.Generator().manual_seed(0)
-            return torch.randn(1, 3, *proc.size, generator=gen).to(dev), ["random(seed=0)"]
+            x, labels = random_inputs(proc.size)
+            return x.to(dev), labels
         batch = []
         for path in images:
             try:
@@ -312,7 +318,7 @@ def _run_check(images: list[str], model: str | None, weights: str, device: str,
         return torch.stack(batch).to(dev), list(images)
 
     if not all_models:
-        loaded = load_model(model, weights, size=size)
+        loaded = load_model(model, weights, size=size, smallest=smallest)
         x, labels = inputs(loaded)
         result = check_batch(loaded.model.to(dev), loaded.name, x, labels)
         typer.echo(f"model {loaded.name}  weights {loaded.weights}  device {dev}  "
@@ -335,9 +341,7 @@ def _run_check(images: list[str], model: str | None, weights: str, device: str,
     all_ok = True
     for name in classifier_names():
         try:
-            loaded = load_model(name, weights, size=size)
-            x, labels = inputs(loaded)
-            result = check_batch(loaded.model.to(dev), name, x, labels)
+            result = check_model(name, weights, dev, size=size, smallest=smallest)
         except (SetupError, UsageError, RuntimeError, ValueError) as exc:
             all_ok = False
             typer.echo(f"{name:24s} error: {str(exc).splitlines()[0]}")
@@ -346,7 +350,7 @@ def _run_check(images: list[str], model: str | None, weights: str, device: str,
         typer.echo(f"{name:24s} {result.worst:9.1e} {'yes' if result.ok else 'NO':>3s} "
                    f"{sum(result.kinds.values()):5d} {len(result.map_layers):5d} "
                    f"{result.seconds_per_image:6.2f}  {kind_summary(result.kinds)}")
-        del loaded, result
+        del result
     return all_ok
 
 

@@ -108,6 +108,25 @@ def input_size(name: str) -> int:
     return 224
 
 
+def _built_size(name: str, model: nn.Module) -> int:
+    """The input size a built model expects: a ViT fixes it at construction (vit_h_14 is
+    518 with its SWAG weights but 224 without weights), others take their weights'."""
+    fixed = getattr(model, "image_size", None)
+    return fixed if isinstance(fixed, int) else input_size(name)
+
+
+def smallest_input_size(name: str, model: nn.Module | None = None) -> int:
+    """The smallest square input the classifier accepts: a ViT's fixed size, else the
+    ``min_size`` of torchvision's weights metadata (1 for ResNets, 32 for VGG, 75 for
+    Inception v3, 224 for Swin and MaxViT)."""
+    fixed = getattr(model, "image_size", None)
+    if isinstance(fixed, int):
+        return fixed
+    w = default_weights(name)
+    low = w.meta.get("min_size") if w is not None else None
+    return int(max(low)) if low else 32
+
+
 # Which layouts a family's map is built from (verified by tracing in the tests):
 # ``grid`` channels-first conv layers only; ``channels-last`` (N, h, w, C) blocks too;
 # ``tokens`` (N, 1 + h*w, C) token sequences; ``+windows`` marks windowed attention
@@ -187,44 +206,118 @@ def _num_classes(model: nn.Module) -> int | None:
     return None
 
 
-def randomise_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+def randomise_weights(model: nn.Module, seed: int = 0,
+                      calibration: torch.Tensor | None = None) -> nn.Module:
     """Non-trivial weights for exactness checks on any architecture (``--weights random``).
 
     Random initialisation leaves biases at zero and BatchNorm at mean 0 / var 1, which
-    makes bias terms vanish. Here conv / linear weights are He-scaled normals with
-    N(0, 0.1) biases; batch norms get random statistics and affine parameters; layer /
-    group norms random affine parameters; every other parameter (class tokens,
-    positional embeddings, layer scales) a small normal around its mean.
+    makes bias terms vanish. The recipe:
+
+    * conv weights He-scaled normals (variance 2 / fan-in), linear weights and every
+      other weight matrix (attention in-projections) LeCun-scaled (1 / fan-in), biases
+      N(0, 0.1);
+    * batch norms random affine parameters (gamma U(0.5, 1.5), beta N(0, 0.2)) and
+      random statistics. With ``calibration`` (a batch of inputs) the statistics are
+      data-dependent, as a trained network's are: one forward pass measures each batch
+      norm's input per channel, and its running mean becomes the measured mean plus
+      N(0, 0.2) measured standard deviations, its running variance the measured
+      variance times U(0.5, 2). Without it they are N(0, 0.2) and U(0.5, 2), which
+      makes activations grow geometrically with depth in deep nets (EfficientNet-B6:
+      logits of 1e4 and cancelling terms of 1e11, beyond float32);
+    * layer / group norms random affine parameters; every other parameter (class
+      tokens, positional embeddings, layer scales, position-bias tables) a normal with
+      standard deviation 0.1 around its mean.
     """
     g = torch.Generator().manual_seed(seed)
 
     def normal(t: torch.Tensor, std: float, mean: float = 0.0) -> None:
         t.copy_(torch.randn(t.shape, generator=g) * std + mean)
 
+    def uniform(t: torch.Tensor, low: float, high: float) -> None:
+        t.copy_(torch.rand(t.shape, generator=g) * (high - low) + low)
+
+    def fan_in(w: torch.Tensor) -> int:
+        return max(1, w[0].numel())
+
     done: set[int] = set()
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                normal(m.weight, (2.0 / m.weight[0].numel()) ** 0.5)
-                if m.bias is not None:
-                    normal(m.bias, 0.1)
+            if isinstance(m, nn.Conv2d):
+                normal(m.weight, (2.0 / fan_in(m.weight)) ** 0.5)
+            elif isinstance(m, nn.Linear):
+                normal(m.weight, (1.0 / fan_in(m.weight)) ** 0.5)
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 if m.running_mean is not None:
                     normal(m.running_mean, 0.2)
-                    m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+                    uniform(m.running_var, 0.5, 2.0)
                 if m.weight is not None:
-                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                    normal(m.bias, 0.2)
+                    uniform(m.weight, 0.5, 1.5)
             elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                normal(m.bias, 0.2)
+                uniform(m.weight, 0.5, 1.5)
             else:
                 continue
+            bias = getattr(m, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                normal(bias, 0.1 if isinstance(m, (nn.Conv2d, nn.Linear)) else 0.2)
             done.update(id(p) for p in m.parameters(recurse=False))
-        for p in model.parameters():
-            if id(p) not in done:
+        for pname, p in model.named_parameters():
+            if id(p) in done:
+                continue
+            if pname.endswith("weight") and p.dim() >= 2:
+                normal(p, (1.0 / fan_in(p)) ** 0.5)
+            else:
                 normal(p, 0.1, mean=float(p.detach().mean()))
-    return model.eval()
+    model.eval()
+    if calibration is not None:
+        _calibrate_batch_norms(model, calibration, g)
+    return model
+
+
+def _calibrate_batch_norms(model: nn.Module, x: torch.Tensor, g: torch.Generator) -> None:
+    """Give every tracked-statistics batch norm data-dependent running statistics."""
+
+    def pre_hook(m: nn.Module, args: tuple) -> None:
+        u = args[0].detach().double()
+        dims = [d for d in range(u.dim()) if d != 1]
+        mean = u.mean(dims)
+        var = u.var(dims, unbiased=False)
+        var = var.clamp_min(max(1e-4, 0.01 * float(var.mean())))  # no near-dead channel blows up
+        shift = torch.randn(mean.shape, generator=g, dtype=torch.float64) * 0.2
+        scale = torch.rand(var.shape, generator=g, dtype=torch.float64) * 1.5 + 0.5
+        m.running_mean.copy_(mean + shift * var.sqrt())
+        m.running_var.copy_(var * scale)
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def calibration_batch(size: int | tuple[int, int], seed: int = 0, n: int | None = None
+                      ) -> torch.Tensor:
+    """Seeded photo-like random inputs: noise upsampled from 1x1 to full-resolution
+    grids in octaves, equal weight per octave (a roughly 1/f spectrum like natural
+    images), scaled to unit standard deviation like ImageNet-normalised photos.
+    ``--weights random`` calibrates batch-norm statistics on such a batch, and
+    ``fullgrad check`` without images decomposes one (with another seed)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if n is None:  # enough samples per channel also where the grid has shrunk to 2x2:
+        n = max(4, min(256, -(-200_000 // (h * w))))  # 4 at 224, 184 at 33, 256 at 1
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 3, h, w)
+    cells = 1
+    while True:
+        coarse = torch.randn(n, 3, min(cells, h), min(cells, w), generator=g)
+        x += torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear",
+                                             align_corners=False)
+        if cells >= max(h, w):
+            break
+        cells *= 2
+    return x / x.std()
 
 
 def read_labels(path: str) -> tuple[str, ...]:
@@ -239,10 +332,14 @@ def read_labels(path: str) -> tuple[str, ...]:
 
 
 def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
-               crop: bool = False, mean: tuple[float, float, float] | None = None,
+               smallest: bool = False, crop: bool = False, mean: tuple[float, float, float] | None = None,
                std: tuple[float, float, float] | None = None,
                labels: str | None = None) -> LoadedModel:
-    """Build the named classifier with its weights, preprocessing and class names."""
+    """Build the named classifier with its weights, preprocessing and class names.
+
+    size: the input side (default: the weights' crop size); smallest: the smallest
+    side the built model accepts (see :func:`smallest_input_size`) instead.
+    """
     name = check_model_name(name)
     spec = weights.strip()
     meta_source = None
@@ -251,7 +348,9 @@ def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
         label, identity = "none (random initialisation)", "none"
     elif spec.lower() == "random":
         torch.manual_seed(0)
-        model = randomise_weights(torchvision.models.get_model(name, weights=None))
+        model = torchvision.models.get_model(name, weights=None)
+        side = smallest_input_size(name, model) if smallest else size or _built_size(name, model)
+        randomise_weights(model, calibration=calibration_batch(side))
         label, identity = "random (seeded, non-trivial biases and norm statistics)", "random"
     elif _looks_like_file(spec):
         path = Path(spec).expanduser()
@@ -284,7 +383,7 @@ def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
 
     categories: tuple[str, ...] | None = None
     proc_mean, proc_std = IMAGENET_MEAN, IMAGENET_STD
-    crop_size, resize_size = input_size(name), None
+    crop_size, resize_size = _built_size(name, model), None
     if meta_source is not None:
         categories = tuple(meta_source.meta.get("categories") or ()) or None
         t = meta_source.transforms()
@@ -298,7 +397,7 @@ def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
     if categories is not None and n_classes is not None and len(categories) != n_classes:
         raise UsageError(f"--labels: {len(categories)} class names for a model with "
                          f"{n_classes} classes")
-    side = size or crop_size
+    side = smallest_input_size(name, model) if smallest else size or crop_size
     resize = round(side * resize_size / crop_size) if resize_size else round(side * 256 / 224)
     proc = Preprocessing((side, side), resize, crop, tuple(mean or proc_mean),
                          tuple(std or proc_std))
