@@ -15,23 +15,50 @@ from fgcli.engine.postprocess import psi_channel_sum
 PHOTOS = ROOT / "examples" / "photos"
 
 
-@pytest.mark.parametrize("name,layout", [("vit_b_16", "tokens"), ("swin_t", "nhwc")])
-def test_transformer_maps_come_from_transformer_layers(name, layout):
+TRANSFORMER_LAYOUTS = {"tokens", "nhwc", "tracked"}
+
+
+@pytest.mark.parametrize("name,layouts", [("vit_b_16", {"tokens"}),
+                                          ("swin_t", {"nhwc", "tracked"}),
+                                          ("maxvit_t", {"tracked"})])
+def test_transformer_maps_come_from_transformer_layers(name, layouts, monkeypatch):
+    from fgcli.engine import decompose
+    from fgcli.engine.postprocess import Layout
+
     torch.manual_seed(0)
     model = randomise(torchvision.models.get_model(name))
     x = random_images(2, size=224)
     fg = FullGrad(model)
-    exp = fg.explain(x)
+    exp = fg.explain(x, compact=True)
     assert exp.maps.shape == (2, 1, 224, 224) and torch.isfinite(exp.maps).all()
-    token_layers = [layer for layer in exp.layers if layer.in_map and layer.layout.kind == layout]
-    kinds = {layer.kind for layer in token_layers}
-    assert len(token_layers) >= 20 and {"normalisation", "linear"} <= kinds, kinds
-    # the map is more than the input term: transformer layers contribute
-    dec = fg.decompose(x)
-    only_input = psi_channel_sum(dec.input_term)
-    assert (exp.maps - only_input).abs().amax() > 1.0
-    # and it depends on the image
+    mapped = [layer for layer in exp.layers if layer.in_map and layer.layout.kind in layouts]
+    kinds = {layer.kind for layer in mapped}
+    # attention itself (softmax / attention ops), its projections and the MLPs' layers
+    assert {"attention", "linear", "normalisation", "activation"} <= kinds, kinds
+    assert {layer.layout.kind for layer in mapped} == layouts
+    # every layer but the classifier head (vectors) is in the map
+    assert {layer.layout.kind for layer in exp.layers if not layer.in_map} == {"vector"}
+    # the map is more than the input term and the conv layers: without the transformer
+    # layers' contributions it changes by a large fraction of its range
+    real_layout = decompose._layout
+
+    def without_transformer_layers(*args):
+        layout = real_layout(*args)
+        return Layout("other", layout.batch) if layout.kind in TRANSFORMER_LAYOUTS else layout
+
+    monkeypatch.setattr(decompose, "_layout", without_transformer_layers)
+    reduced = fg.explain(x).maps
+    span = exp.maps.amax() - exp.maps.amin()
+    assert (exp.maps - reduced).abs().amax() > 0.5 * span
+    # the map depends on the image
     assert not torch.allclose(exp.maps[0], exp.maps[1], rtol=1e-3)
+    # and the compact decomposition still sums to the logit (class token, padding: offgrid)
+    c = exp.compact
+    total = c.input.flatten(1).sum(1).double() + exp.residual
+    total += sum(v.flatten(1).sum(1).double() if v.dim() > 1 else v.double()
+                 for v in c.layers.values())
+    total += sum((v.double() for v in c.offgrid.values()), torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(total, exp.logit.double(), atol=1e-4, rtol=1e-5)
 
 
 def test_vit_class_token_is_left_out_of_the_grid():
@@ -86,13 +113,12 @@ def test_models_map_layout_column_matches_tracing(name, size):
     model = randomise(torchvision.models.get_model(name))
     layers = FullGrad(model).explain(random_images(1, size=size)).layers
     kinds = {layer.layout.kind for layer in layers if layer.in_map}
-    windowed = any(layer.layout.batch == "merged" or
-                   (len(layer.shape) == 4 and not layer.in_map and layer.kind != "linear")
-                   for layer in layers)
     expected = {"grid": {"nchw"}, "channels-last": {"nchw", "nhwc"}, "tokens": {"nchw", "tokens"},
                 # a Swin stage whose single window is the whole grid reads as tokens
-                "channels-last+windows": {"nchw", "nhwc", "tokens"}, "grid+windows": {"nchw"}}
+                "channels-last+tracked": {"nchw", "nhwc", "tokens", "tracked"},
+                "grid+tracked": {"nchw", "tracked"}}
     layout = map_layout(name)
     assert kinds <= expected[layout] and kinds & (expected[layout] - {"nchw"} or {"nchw"})
-    assert windowed == layout.endswith("+windows"), [
-        (layer.name, layer.shape, layer.layout) for layer in layers if not layer.in_map][:5]
+    assert ("tracked" in kinds) == layout.endswith("+tracked")
+    # nothing spatial is left out: only vectors (the classifier) stay out of the map
+    assert {layer.layout.kind for layer in layers if not layer.in_map} <= {"vector"}

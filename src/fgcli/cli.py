@@ -362,7 +362,8 @@ def models(
     """List the classifiers fgcli can load: name, default input size, map layout.
 
     Map layout: grid (conv layers), channels-last (also (N, h, w, C) blocks), tokens
-    (ViT token sequences); +windows: windowed attention tensors are not mapped.
+    (ViT token sequences); +tracked: windowed attention tensors, mapped through
+    pixel positions tracked from the image grid.
     """
     from fgcli.models import input_size, map_layout, matching_models
 

@@ -129,12 +129,12 @@ def smallest_input_size(name: str, model: nn.Module | None = None) -> int:
 
 # Which layouts a family's map is built from (verified by tracing in the tests):
 # ``grid`` channels-first conv layers only; ``channels-last`` (N, h, w, C) blocks too;
-# ``tokens`` (N, 1 + h*w, C) token sequences; ``+windows`` marks windowed attention
-# tensors that are not mapped (they still count for completeness).
+# ``tokens`` (N, 1 + h*w, C) token sequences; ``+tracked``: windowed attention tensors
+# mapped through pixel positions tracked from the grid (fgcli.engine.positions).
 _MAP_LAYOUTS = (
     ("vit_", "tokens"),
-    ("swin_", "channels-last+windows"),
-    ("maxvit_", "grid+windows"),
+    ("swin_", "channels-last+tracked"),
+    ("maxvit_", "grid+tracked"),
     ("convnext_", "channels-last"),
 )
 

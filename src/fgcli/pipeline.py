@@ -15,7 +15,7 @@ import os
 import platform
 import sys
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -440,13 +440,15 @@ def _concat(parts: list[Any]) -> Any:
     """One Explanation from the Explanations of consecutive sub-batches."""
     from fgcli.engine import CompactDecomposition, Explanation
 
+    def joined(field: str) -> OrderedDict[str, torch.Tensor]:
+        first = getattr(parts[0].compact, field)
+        return OrderedDict((k, torch.cat([getattr(p.compact, field)[k] for p in parts]))
+                           for k in first)
+
     compact = None
     if parts[0].compact is not None:
-        compact = CompactDecomposition(
-            torch.cat([p.compact.input for p in parts]),
-            type(parts[0].compact.layers)(
-                (k, torch.cat([p.compact.layers[k] for p in parts]))
-                for k in parts[0].compact.layers))
+        compact = CompactDecomposition(torch.cat([p.compact.input for p in parts]),
+                                       joined("layers"), joined("offgrid"))
     return Explanation(
         maps=torch.cat([p.maps for p in parts]), logits=torch.cat([p.logits for p in parts]),
         target=torch.cat([p.target for p in parts]),
@@ -500,6 +502,8 @@ def _to_host(exp: Any) -> dict[str, Any]:
         host["compact_input"] = exp.compact.input.float().cpu().numpy()
         host["compact_layers"] = {k: v.float().cpu().numpy()
                                   for k, v in exp.compact.layers.items()}
+        host["compact_offgrid"] = {k: v.float().cpu().numpy()
+                                   for k, v in exp.compact.offgrid.items()}
     return host
 
 
@@ -513,6 +517,8 @@ def _decomp_arrays(host: dict[str, Any], j: int, cls: int) -> dict[str, np.ndarr
     }
     for name, value in host["compact_layers"].items():
         arrays[f"bias/{name}"] = value[j]
+    for name, value in host["compact_offgrid"].items():
+        arrays[f"offgrid/{name}"] = np.float32(value[j])
     return arrays
 
 

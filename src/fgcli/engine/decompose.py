@@ -34,7 +34,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from fgcli.engine import ops
-from fgcli.engine.postprocess import Layout, layout_of
+from fgcli.engine.positions import PositionTracker, Positions, positions_of
+from fgcli.engine.postprocess import Layout, batch_layout, layout_of
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,11 @@ class LayerInfo:
 
 
 class Sink(Protocol):
-    """Receives each layer's gradient and bias during the backward pass."""
+    """Receives each layer's gradient and bias during the backward pass (and, for a
+    layer in the ``tracked`` layout, its pixel positions)."""
 
-    def layer(self, index: int, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor) -> None:
+    def layer(self, index: int, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor,
+              positions: Positions | None) -> None:
         ...
 
 
@@ -81,6 +84,7 @@ class _Record:
     shape: tuple[int, ...]
     bias: torch.Tensor | None  # broadcastable to the output; dropped once used
     hint: str | None  # layout implied by the op (nchw / nhwc) or None
+    positions: Positions | None = None  # tracked pixel positions of the output
     info: LayerInfo | None = None
 
 
@@ -92,6 +96,17 @@ class BiasTracer(TorchFunctionMode):
         self._stack = module_stack
         self.records: list[_Record] = []
         self._sink: Sink | None = None
+        self._positions: PositionTracker | None = None
+
+    def begin(self, n: int, height: int, width: int) -> None:
+        """Set the batch shape before the forward pass (pixel positions need it)."""
+        self._positions = PositionTracker(n, height, width)
+
+    def _track(self, out: Any, func, name: str, args: Any, kwargs: dict[str, Any],
+               leaves: list[Any]) -> Any:
+        if self._positions is not None:
+            self._positions.after(name, func, args, kwargs, leaves, out)
+        return out
 
     # -- forward ----------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
@@ -104,11 +119,13 @@ class BiasTracer(TorchFunctionMode):
         if not act_idx:
             return func(*args, **kwargs)
         if ops.zero_bias(name, args, kwargs, leaves):
-            return self._tagged(func(*args, **kwargs), name, args, kwargs, leaves)
+            out = self._tagged(func(*args, **kwargs), name, args, kwargs, leaves)
+            return self._track(out, func, name, args, kwargs, leaves)
 
         handled, cf = ops.closed_form(name, args, kwargs)
         if handled:
             out = self._tagged(func(*args, **kwargs), name, args, kwargs, leaves)
+            self._track(out, func, name, args, kwargs, leaves)
             if cf is not None and ops.is_activation(out):
                 self._record(out, name, cf.kind, cf.broadcast(out.dim()))
             return out
@@ -116,6 +133,7 @@ class BiasTracer(TorchFunctionMode):
         inplace = ops.is_inplace(name, kwargs)
         saved = [leaves[i].detach().clone() for i in act_idx] if inplace else None
         out = self._tagged(func(*args, **kwargs), name, args, kwargs, leaves)
+        self._track(out, func, name, args, kwargs, leaves)
         out_leaves = pytree.tree_leaves(out)
         out_idx = [j for j, o in enumerate(out_leaves) if ops.is_activation(o)]
         if not out_idx:
@@ -145,7 +163,7 @@ class BiasTracer(TorchFunctionMode):
         index = len(self.records)
         module = self._stack[-1] if self._stack else ""
         self.records.append(_Record(module, op.strip("_"), kind, tuple(out.shape), bias,
-                                    getattr(out, ops.LAYOUT_ATTR, None)))
+                                    getattr(out, ops.LAYOUT_ATTR, None), positions_of(out)))
         out.register_hook(lambda grad, i=index: self._on_grad(i, grad))
 
     # -- backward ---------------------------------------------------------------
@@ -165,7 +183,9 @@ class BiasTracer(TorchFunctionMode):
                     name = f"{name}.{seen[key]}"
             seen[key] += 1
             r.info = LayerInfo(name, r.module, r.op, r.kind, r.shape,
-                               layout_of(r.shape, n, height, width, r.hint))
+                               _layout(r, n, height, width))
+            if r.info.layout.kind != "tracked":
+                r.positions = None
             infos.append(r.info)
         return infos
 
@@ -177,7 +197,18 @@ class BiasTracer(TorchFunctionMode):
         if self._sink is None or rec.info is None or rec.bias is None:
             return
         bias, rec.bias = rec.bias, None  # each op's gradient arrives once; free its bias
-        self._sink.layer(index, rec.info, grad, bias)
+        positions, rec.positions = rec.positions, None
+        self._sink.layer(index, rec.info, grad, bias, positions)
+
+
+def _layout(r: _Record, n: int, height: int, width: int) -> Layout:
+    """A layer's layout: the op's exact tag first, then a token sequence read from the
+    shape, then tracked pixel positions, then the shape alone (see ``layout_of``)."""
+    by_shape = layout_of(r.shape, n, height, width, r.hint)
+    if r.hint in ("nchw", "nhwc") or by_shape.kind == "tokens" or r.positions is None \
+            or len(r.shape) < 3:
+        return by_shape
+    return Layout("tracked", batch_layout(r.shape, n), r.positions.grid)
 
 
 def _implicit_biases(func, name: str, args: Any, kwargs: dict[str, Any], leaves: list[Any],
@@ -398,6 +429,7 @@ def run_pass(model: nn.Module, x: torch.Tensor, target: Any, sink: Sink) -> Pass
     with traced_model(model) as tracer, torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         setattr(xg, ops.LAYOUT_ATTR, "nchw")
+        tracer.begin(n, height, width)
         with tracer:
             out = model(xg)
         logits = _checked_logits(out, n)

@@ -125,6 +125,16 @@ CHANNELS_FIRST = frozenset(
 
 LAYOUT_ATTR = "_fgcli_layout"
 
+# Ops that can keep a tensor's shape while moving its elements to other pixels (a roll,
+# a transposed square grid): their outputs do not inherit a layout tag, so a tag always
+# means "element (h, w) belongs to pixel (h, w)" (fgcli.engine.positions relies on it).
+_MOVES_PIXELS = frozenset(
+    {"roll", "flip", "fliplr", "flipud", "rot90", "transpose", "transpose_", "swapaxes",
+     "swapdims", "movedim", "moveaxis", "gather", "index_select", "take_along_dim", "t",
+     "view", "reshape", "view_as", "reshape_as", "unflatten", "flatten", "scatter",
+     "index_put", "index_add"}
+)
+
 
 def layout_tag(name: str, args: Sequence[Any], kwargs: dict[str, Any], leaves: Sequence[Any],
                out: torch.Tensor) -> str | None:
@@ -148,12 +158,13 @@ def layout_tag(name: str, args: Sequence[Any], kwargs: dict[str, Any], leaves: S
             return None
         first = args[0] if args else kwargs.get("input")
         return "nhwc" if getattr(first, LAYOUT_ATTR, None) == "nhwc" else "nhwc?"
-    source = next((x for x in leaves if is_activation(x) and getattr(x, LAYOUT_ATTR, None)),
-                  None)
-    if source is None:
+    if name in _MOVES_PIXELS:
+        return None  # same shape, but elements moved: the grid no longer locates them
+    sources = [x for x in leaves if is_activation(x) and getattr(x, LAYOUT_ATTR, None)]
+    if not sources:
         return None
-    tag = getattr(source, LAYOUT_ATTR)
     if name == "permute":
+        tag = getattr(sources[0], LAYOUT_ATTR)
         dims = tuple(args[1:]) if len(args) > 2 else tuple(_arg(args, kwargs, 1, "dims", ()))
         dims = tuple(d % 4 for d in dims)
         if dims == (0, 2, 3, 1) and tag == "nchw":
@@ -161,9 +172,13 @@ def layout_tag(name: str, args: Sequence[Any], kwargs: dict[str, Any], leaves: S
         if dims == (0, 3, 1, 2) and tag == "nhwc":
             return "nchw"
         return None if dims != (0, 1, 2, 3) else tag
-    same_grid = (out.shape[2:] == source.shape[2:]) if tag == "nchw" else (
-        out.shape[1:3] == source.shape[1:3])
-    return tag if source.dim() == 4 and out.shape[0] == source.shape[0] and same_grid else None
+    for source in sources:  # e.g. x * scale: x's grid, not the (N, C, 1, 1) scale's
+        tag = getattr(source, LAYOUT_ATTR)
+        same_grid = (out.shape[2:] == source.shape[2:]) if tag == "nchw" else (
+            out.shape[1:3] == source.shape[1:3])
+        if source.dim() == 4 and out.shape[0] == source.shape[0] and same_grid:
+            return tag
+    return None
 
 
 def _unary_bias(name: str, u: torch.Tensor, out: torch.Tensor,

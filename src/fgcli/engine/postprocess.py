@@ -23,7 +23,8 @@ GRID_TOLERANCE = 1.5
 class Layout:
     """Where a layer's batch, channels and spatial grid are.
 
-    kind: ``nchw`` / ``nhwc`` / ``tokens`` (spatial, enters the map), ``vector``
+    kind: ``nchw`` / ``nhwc`` / ``tokens`` / ``tracked`` (spatial, enters the map;
+    ``tracked``: each element's pixel is known from :mod:`fgcli.engine.positions`), ``vector``
     (N, K), ``other`` (any other shape: counted for completeness, not mapped) or
     ``ambiguous`` (two readings fit the input grid equally well; left out of the
     map rather than guessed).
@@ -41,7 +42,7 @@ class Layout:
 
     @property
     def spatial(self) -> bool:
-        return self.kind in ("nchw", "nhwc", "tokens")
+        return self.kind in ("nchw", "nhwc", "tokens", "tracked")
 
 
 def _grid_error(h: int, w: int, height: int, width: int) -> float:
@@ -188,6 +189,69 @@ def psi_channel_sum(t: torch.Tensor, channel_dim: int = 1, inplace: bool = False
     return (s - channels * lo) / (hi - lo + EPS)
 
 
+def _reduced(positions, t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The position index of a tracked tensor with its broadcast (zero-stride) dims cut to
+    size 1, and those dims: every element along them shares a pixel, so sums, minima and
+    maxima over them can run as dense reductions before any scatter."""
+    index = positions.index.expand(t.shape)
+    dims = [d for d in range(index.dim()) if index.stride(d) == 0 and index.shape[d] > 1]
+    for d in dims:
+        index = index.narrow(d, 0, 1)
+    return index, dims
+
+
+def _cells(index: torch.Tensor, grid: tuple[int, int], n: int
+           ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Flat (cell, image) indices of each element of ``index``; elements not on the grid
+    go to one extra cell / image past the end."""
+    h, w = grid
+    cells = n * h * w
+    index = index.reshape(-1)
+    on = index >= 0
+    cell = torch.where(on, index, cells)
+    image = torch.where(on, index // (h * w), n)
+    return cell, image, cells
+
+
+def psi_tracked(t: torch.Tensor, positions, n: int) -> torch.Tensor:
+    """psi + sum per pixel for a ``tracked`` layer (see :mod:`fgcli.engine.positions`):
+    (N, 1, h, w), every element that belongs to a pixel counting like a channel of it.
+
+    As :func:`psi_channel_sum`: ``(sum |t| - count * min) / (max - min + eps)`` per pixel,
+    min and max per image over the elements on the grid.
+    """
+    a = t.float().abs() if t.dtype in (torch.float16, torch.bfloat16) else t.abs()
+    index, dims = _reduced(positions, a)
+    share = 1
+    for d in dims:
+        share *= a.shape[d]
+    if dims:
+        lo_r, hi_r, sum_r = a.amin(dims, keepdim=True), a.amax(dims, keepdim=True), \
+            a.sum(dims, keepdim=True)
+    else:
+        lo_r = hi_r = sum_r = a
+    cell, image, cells = _cells(index, positions.grid, n)
+    lo = a.new_full((n + 1,), float("inf")).scatter_reduce(0, image, lo_r.reshape(-1), "amin")
+    hi = a.new_full((n + 1,), float("-inf")).scatter_reduce(0, image, hi_r.reshape(-1), "amax")
+    lo, hi = lo[:n].nan_to_num(posinf=0.0), hi[:n].nan_to_num(neginf=0.0)
+    total = a.new_zeros(cells + 1).scatter_add_(0, cell, sum_r.reshape(-1))[:cells]
+    count = a.new_zeros(cells + 1).index_add_(0, cell, a.new_full((1,), float(share))
+                                             .expand(cell.shape[0]))[:cells]
+    h, w = positions.grid
+    total, count = total.view(n, 1, h, w), count.view(n, 1, h, w)
+    lo, hi = lo.view(n, 1, 1, 1), hi.view(n, 1, 1, 1)
+    return (total - count * lo) / (hi - lo + EPS)
+
+
+def grid_sum_tracked(t: torch.Tensor, positions, n: int) -> torch.Tensor:
+    """The signed sum of a tracked layer's elements per pixel: (N, h, w)."""
+    index, dims = _reduced(positions, t)
+    s = t.sum(dims, keepdim=True) if dims else t
+    cell, _, cells = _cells(index, positions.grid, n)
+    h, w = positions.grid
+    return s.new_zeros(cells + 1).scatter_add_(0, cell, s.reshape(-1))[:cells].view(n, h, w)
+
+
 def upsample(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling with ``align_corners=True`` (the reference's choice)."""
     if tuple(m.shape[-2:]) == tuple(size):
@@ -209,10 +273,16 @@ class MapAccumulator:
         self.total = torch.zeros(n, 1, *size, dtype=torch.float32, device=device)
         self.by_grid: dict[tuple[int, int], torch.Tensor] = {}
 
-    def add_layer(self, t: torch.Tensor, layout: Layout, inplace: bool = False) -> None:
-        """psi + channel sum of a spatial layer's term, added at its own resolution."""
-        grid_t, channel_dim = on_grid(t, layout)
-        m = psi_channel_sum(grid_t, channel_dim, inplace and grid_t.data_ptr() == t.data_ptr())
+    def add_layer(self, t: torch.Tensor, layout: Layout, inplace: bool = False,
+                  positions=None) -> None:
+        """psi + channel sum of a spatial layer's term, added at its own resolution
+        (``positions``: the pixel positions of a ``tracked`` layer)."""
+        if layout.kind == "tracked":
+            m = psi_tracked(t, positions, self.total.shape[0])
+        else:
+            grid_t, channel_dim = on_grid(t, layout)
+            m = psi_channel_sum(grid_t, channel_dim,
+                                inplace and grid_t.data_ptr() == t.data_ptr())
         grid = (m.shape[2], m.shape[3])
         if grid in self.by_grid:
             self.by_grid[grid] += m

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -23,8 +23,10 @@ from fgcli.engine.decompose import (
     resolve_target,
     run_pass,
 )
+from fgcli.engine.positions import Positions
 from fgcli.engine.postprocess import (
     MapAccumulator,
+    grid_sum_tracked,
     on_grid,
     per_image_sum,
     psi_channel_sum,
@@ -47,13 +49,16 @@ class CompactDecomposition:
     """A small, signed summary of the decomposition, per image.
 
     input: (N, H, W) the input term summed over colour channels. layers: for
-    each bias-carrying layer, its bias-gradient summed over channels, (N, h, w),
-    when the layer is spatial, else its total, (N,). ``input.sum + sum of every
-    layer + residual == logit``.
+    each bias-carrying layer, its bias-gradient summed over channels (over every
+    element of a pixel, for a tracked layer), (N, h, w), when the layer is spatial,
+    else its total, (N,). offgrid: for spatial layers with elements that are not
+    pixels (a class token, Swin's padding), the sum of those elements, (N,).
+    ``input.sum + sum of every layer + sum of offgrid + residual == logit``.
     """
 
     input: torch.Tensor
     layers: OrderedDict[str, torch.Tensor]
+    offgrid: OrderedDict[str, torch.Tensor] = field(default_factory=OrderedDict)
 
 
 @dataclass(frozen=True)
@@ -104,10 +109,13 @@ class _Sink:
         self.acc = _accum_dtype(x.device)
         self.bias_sum = torch.zeros(self.n, dtype=self.acc, device=x.device)
 
-    def term(self, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def term(self, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's bias term and its per-image sum (added to the completeness sum)."""
         term = _wide(grad) * _wide(bias)
-        self.bias_sum += per_image_sum(term, info.layout, self.n, self.acc)
-        return term
+        total = per_image_sum(term, info.layout, self.n, self.acc)
+        self.bias_sum += total
+        return term, total
 
     def residual(self, result: PassResult, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(input term, completeness residual) for the pass that fed this sink."""
@@ -124,32 +132,43 @@ class _MapSink(_Sink):
         self.method = method
         self.maps = MapAccumulator(self.n, self.size, x.device)
         self.compact: dict[int, torch.Tensor] | None = {} if compact else None
+        self.offgrid: dict[int, torch.Tensor] = {}
 
-    def layer(self, index: int, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor) -> None:
-        term = self.term(info, grad, bias)
+    def layer(self, index: int, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor,
+              positions: Positions | None = None) -> None:
+        term, total = self.term(info, grad, bias)
         if self.compact is not None:  # signed, so before psi may overwrite the term
-            if info.in_map:
+            if info.layout.kind == "tracked":
+                grid = grid_sum_tracked(term, positions, self.n)
+            elif info.in_map:
                 grid_t, channel_dim = on_grid(term, info.layout)
-                self.compact[index] = grid_t.sum(channel_dim)
+                grid = grid_t.sum(channel_dim)
             else:
-                self.compact[index] = per_image_sum(term, info.layout, self.n, torch.float32)
+                grid = total.float()
+            if info.layout.kind == "tracked" or info.layout.skip:
+                self.offgrid[index] = (total - grid.reshape(self.n, -1).sum(1, dtype=total.dtype)
+                                       ).float()
+            self.compact[index] = grid
         if info.in_map:
             source = self.method.layer_map_input(grad, term)
             # the bias term is ours to overwrite; an autograd gradient is not
-            self.maps.add_layer(source, info.layout, inplace=source is term)
+            self.maps.add_layer(source, info.layout, inplace=source is term, positions=positions)
 
     def compact_result(self, layers: list[LayerInfo],
                        input_term: torch.Tensor) -> CompactDecomposition | None:
         if self.compact is None:
             return None
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        offgrid: OrderedDict[str, torch.Tensor] = OrderedDict()
         for i, info in enumerate(layers):
             term = self.compact.get(i)
             if term is None:  # the layer's output did not reach the logit
                 shape = (self.n, *info.layout.grid) if info.in_map else (self.n,)
                 term = input_term.new_zeros(shape)
             out[info.name] = term
-        return CompactDecomposition(input_term.sum(1), out)
+            if info.layout.kind == "tracked" or info.layout.skip:
+                offgrid[info.name] = self.offgrid.get(i, input_term.new_zeros(self.n))
+        return CompactDecomposition(input_term.sum(1), out, offgrid)
 
 
 class _KeepSink(_Sink):
@@ -158,9 +177,13 @@ class _KeepSink(_Sink):
     def __init__(self, x: torch.Tensor) -> None:
         super().__init__(x)
         self.terms: dict[int, torch.Tensor] = {}
+        self.positions: dict[int, Positions] = {}
 
-    def layer(self, index: int, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor) -> None:
-        term = self.term(info, grad, bias)
+    def layer(self, index: int, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor,
+              positions: Positions | None = None) -> None:
+        term, _ = self.term(info, grad, bias)
+        if positions is not None:  # the same in every pass: the model's structure
+            self.positions[index] = positions
         if index in self.terms:
             self.terms[index] += term
         else:
@@ -320,9 +343,10 @@ class SmoothFullGrad(FullGrad):
             layers = result.layers
         k = float(self.n_samples)
         acc = MapAccumulator(x.shape[0], sink.size, x.device)
-        for info, term in zip(layers, sink.ordered(layers, input_sum).values()):
-            if info.in_map:
-                acc.add_layer(term / k, info.layout, inplace=True)
+        for i, (info, term) in enumerate(zip(layers, sink.ordered(layers, input_sum).values())):
+            if info.in_map and (info.layout.kind != "tracked" or i in sink.positions):
+                acc.add_layer(term / k, info.layout, inplace=True,
+                              positions=sink.positions.get(i))
         maps = acc.result() + psi_channel_sum(input_sum / k)
         summary = FullGrad(self.model).explain(x, target, compact=True).compact if compact \
             else None

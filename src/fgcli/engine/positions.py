@@ -1,0 +1,350 @@
+"""Pixel positions tracked through structural ops (windowed attention, partitions).
+
+Some layers hold image features in layouts no shape rule can read: Swin's shifted
+windows (padded, rolled, cut into windows and merged into the batch), MaxViT's
+window and grid partitions (``(N, windows, pixels per window, C)``, in two different
+orders), the attention scores and head-split tensors inside them. Their positions
+are exact, though, if we follow them: a tensor whose elements sit on an image grid
+(a conv / batch-norm / pooling output, or a channels-last tensor verified by shape)
+gets an integer *position tensor* of the same shape holding, for every element, the
+flat index ``image * h * w + row * w + col`` of its pixel on that grid, and each op
+applied to the features is applied to the positions too:
+
+* moves (views, reshapes, permutes, transposes, rolls, slicing, chunking,
+  concatenation, padding) run the same op on the position tensor; padding and
+  concatenated non-image tensors (a class token) get ``-1``, "not on the grid";
+* elementwise ops keep the positions (broadcast to the output's shape; two
+  position-carrying operands must agree element by element, else ``-1``);
+* ops that mix along some dims (linear layers, layer norms and softmax over the
+  last dim, ``normalize``) need the positions to be constant along those dims, as
+  they are along channels; rows where they are not get ``-1``;
+* products that contract a dim (``matmul``, ``einsum``, attention): an output
+  element takes the position of its row in the first operand, i.e. an attention
+  score or attention output belongs to its *query* pixel;
+* any other op (pooling, reductions, convolutions, ...) ends tracking; its
+  output is either a new grid tensor or not an image layout at all.
+
+A tensor whose positions turn out to be entirely ``-1`` after a mixing op (e.g.
+Swin's patch merging, which concatenates four neighbouring pixels along channels)
+is not tracked further; the next grid tensor starts afresh at its own resolution.
+
+Position tensors are integer tensors on the features' device, mostly
+zero-stride views (channels are never materialised), built and moved without
+any host synchronisation except one check after a mixing op that is not free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from fgcli.engine import ops
+from fgcli.engine.postprocess import layout_of
+
+POS_ATTR = "_fgcli_positions"
+OFF_GRID = -1
+
+
+@dataclass(frozen=True)
+class Positions:
+    """index: int64, broadcastable to (and with the shape of) the tracked tensor;
+    ``image * h * w + row * w + col`` on ``grid`` = (h, w), or -1 (not a pixel)."""
+
+    index: torch.Tensor
+    grid: tuple[int, int]
+
+
+# ops whose output elements are input elements moved around (rerun on positions)
+_MOVES = frozenset(
+    {
+        "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute",
+        "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "squeeze",
+        "unsqueeze", "expand", "expand_as", "repeat", "tile", "narrow", "select",
+        "__getitem__", "flip", "roll", "contiguous", "clone", "chunk", "split",
+        "tensor_split", "unbind", "cat", "concat", "concatenate", "stack", "pad",
+        "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
+    }
+)
+# elementwise: each output element at the position of the same element of the input(s)
+_ELEMENTWISE = (
+    frozenset(n for n, c in ops.CATEGORY.items() if c == "activation")
+    | frozenset(
+        {
+            "relu", "relu_", "leaky_relu", "leaky_relu_", "abs", "abs_", "neg", "neg_",
+            "__neg__", "positive", "__pos__", "dropout", "dropout_", "dropout1d", "dropout2d",
+            "alpha_dropout", "feature_alpha_dropout", "to", "float", "double", "half",
+            "bfloat16", "type_as", "add", "__add__", "__radd__", "__iadd__", "add_", "sub",
+            "__sub__", "__rsub__", "__isub__", "sub_", "subtract", "mul", "__mul__",
+            "__rmul__", "__imul__", "mul_", "multiply", "div", "__truediv__", "__itruediv__",
+            "div_", "true_divide", "divide", "where", "masked_fill", "prelu",
+        }
+    )
+)
+_MIX_LAST = frozenset({"linear", "softmax", "log_softmax", "softmin", "normalize",
+                       "layer_norm", "rms_norm"})
+_CONTRACT = frozenset({"matmul", "__matmul__", "bmm", "einsum"})
+_QUERY_FIRST = frozenset({"scaled_dot_product_attention", "multi_head_attention_forward"})
+TRACKED_OPS = _MOVES | _ELEMENTWISE | _MIX_LAST | _CONTRACT | _QUERY_FIRST
+
+# a fresh position tensor is only worth starting where an op is about to lose the layout
+_GRID_TAGS = ("nchw", "nhwc")
+
+
+def positions_of(t: Any) -> Positions | None:
+    return getattr(t, POS_ATTR, None) if isinstance(t, torch.Tensor) else None
+
+
+def start(t: torch.Tensor, tag: str) -> Positions | None:
+    """Positions of a 4-D grid tensor whose layout tag is ``nchw`` or ``nhwc``."""
+    n = t.shape[0]
+    h, w = (t.shape[2], t.shape[3]) if tag == "nchw" else (t.shape[1], t.shape[2])
+    if h * w <= 1:
+        return None  # a globally pooled vector is not a map
+    base = torch.arange(n * h * w, device=t.device)
+    shape = (n, 1, h, w) if tag == "nchw" else (n, h, w, 1)
+    return Positions(base.view(shape).expand(t.shape), (h, w))
+
+
+def _dims(d: Any, ndim: int) -> list[int]:
+    if isinstance(d, int):
+        d = [d]
+    return [x % ndim for x in d]
+
+
+def _collapse(index: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, bool]:
+    """``index`` with ``dims`` reduced to size 1: the common position along them, or -1;
+    and whether any position had to be compared (not free: a zero stride is)."""
+    compared = False
+    for d in dims:
+        if index.shape[d] == 1:
+            continue
+        first = index.narrow(d, 0, 1)
+        if index.stride(d) == 0:
+            index = first
+            continue
+        same = (index == first).all(d, keepdim=True)
+        index = torch.where(same, first, OFF_GRID)
+        compared = True
+    return index, compared
+
+
+def _broadcast(index: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
+    try:
+        return index.expand(shape) if index.dim() == len(shape) else \
+            torch.broadcast_to(index, shape)
+    except RuntimeError:
+        return None
+
+
+class PositionTracker:
+    """Attaches :class:`Positions` to op outputs during the traced forward pass of a
+    batch of ``n`` images of (height, width)."""
+
+    def __init__(self, n: int, height: int, width: int) -> None:
+        self.n, self.height, self.width = n, height, width
+
+    def _grid_tag(self, x: torch.Tensor) -> str | None:
+        """``nchw`` / ``nhwc`` when ``x``'s layout tag places its elements on a grid."""
+        tag = getattr(x, ops.LAYOUT_ATTR, None)
+        if x.dim() != 4 or x.shape[0] != self.n:
+            return None
+        if tag == "nhwc?":  # a layer norm over channels: channels-last if the shape fits
+            return "nhwc" if layout_of(tuple(x.shape), self.n, self.height, self.width,
+                                       tag).kind == "nhwc" else None
+        return tag if tag in _GRID_TAGS else None
+
+    def after(self, name: str, func: Any, args: tuple, kwargs: dict[str, Any],
+              leaves: list[Any], out: Any) -> None:
+        """Give the op's activation outputs positions, if its inputs have (or can get) them."""
+        if name not in TRACKED_OPS:
+            return
+        tensors = [x for x in leaves if ops.is_activation(x)]
+        if not any(positions_of(x) for x in tensors):
+            if _keeps_grid_tag(out):
+                return  # the output's own tag still locates it: nothing to start
+            started = False
+            for x in tensors:
+                tag = self._grid_tag(x)
+                p = start(x, tag) if tag else None
+                if p is not None:
+                    setattr(x, POS_ATTR, p)
+                    started = True
+            if not started:
+                return
+        try:
+            result = self._rule(name, func, args, kwargs, out)
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            result = None  # an op the integer rerun does not support: stop tracking
+        outs = [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        results = result if isinstance(result, list) else [result] * len(outs)
+        for o, p in zip(outs, results):
+            if p is not None and ops.is_activation(o) and p.index.shape == o.shape:
+                if p.index.device != o.device:
+                    p = Positions(p.index.to(o.device), p.grid)
+                setattr(o, POS_ATTR, p)
+            elif positions_of(o) is not None:
+                delattr(o, POS_ATTR)  # an in-place op on a tracked tensor we cannot follow
+
+    # -- rules -----------------------------------------------------------------
+    def _rule(self, name: str, func: Any, args: tuple, kwargs: dict[str, Any],
+              out: Any) -> Positions | list[Positions | None] | None:
+        if name in _MOVES:
+            return _move(name, func, args, kwargs, out)
+        first = out[0] if isinstance(out, tuple) else out
+        if not isinstance(first, torch.Tensor):
+            return None
+        if name in _ELEMENTWISE:
+            return _elementwise(args, kwargs, first)
+        if name in _MIX_LAST:
+            x = args[0] if args else kwargs.get("input")
+            p = positions_of(x)
+            if p is None:
+                return None
+            dims = [-1]
+            if name in ("softmax", "log_softmax", "softmin", "normalize"):
+                dims = [kwargs.get("dim", args[1] if len(args) > 1 else -1)]
+                if dims[0] is None:
+                    return None
+            elif name in ("layer_norm", "rms_norm"):
+                shape = kwargs.get("normalized_shape", args[1] if len(args) > 1 else None)
+                k = len(tuple(shape)) if shape is not None else 1
+                dims = list(range(-k, 0))
+            return _mixed(p, _dims(dims, x.dim()), first.shape)
+        if name in _QUERY_FIRST:
+            q = args[0] if args else kwargs.get("query")
+            p = positions_of(q)
+            return None if p is None else _mixed(p, [q.dim() - 1], first.shape)
+        if name == "einsum":
+            return _einsum(args, first)
+        a, b = (list(args[:2]) + [kwargs.get("other")])[:2]
+        p = positions_of(a)
+        if p is None or not isinstance(a, torch.Tensor) or a.dim() < 2 or b is None \
+                or b.dim() < 2:
+            return None
+        return _mixed(p, [a.dim() - 1], first.shape)
+
+
+def _keeps_grid_tag(out: Any) -> bool:
+    outs = [o for o in pytree.tree_leaves(out) if ops.is_activation(o)]
+    return bool(outs) and all(getattr(o, ops.LAYOUT_ATTR, None) in _GRID_TAGS for o in outs)
+
+
+def _mixed(p: Positions, dims: list[int], out_shape: torch.Size) -> Positions | None:
+    """Positions after mixing along ``dims`` (kept as size 1, then broadcast to the output)."""
+    index, compared = _collapse(p.index, dims)
+    if index.dim() != len(out_shape):
+        return None
+    if compared and not bool((index >= 0).any()):  # the one host check: nothing left
+        return None
+    out = _broadcast(index, out_shape)
+    return None if out is None else Positions(out, p.grid)
+
+
+def _elementwise(args: tuple, kwargs: dict[str, Any], out: torch.Tensor) -> Positions | None:
+    operands = [x for x in pytree.tree_leaves((args, kwargs)) if ops.is_activation(x)]
+    found = [positions_of(x) for x in operands]
+    known = [p for p in found if p is not None]
+    if not known:
+        return None
+    grid = known[0].grid
+    if any(p.grid != grid for p in known):
+        return None
+    # an activation operand of the output's full shape whose positions are unknown hides
+    # where the result's elements come from; smaller ones (per-channel scales) broadcast
+    for x, p in zip(operands, found):
+        if p is None and x.shape == out.shape:
+            return None
+    index = _broadcast(known[0].index, out.shape)
+    if index is None:
+        return None
+    for p in known[1:]:
+        other = _broadcast(p.index, out.shape)
+        if other is None:
+            return None
+        if other.data_ptr() == index.data_ptr() and other.stride() == index.stride():
+            continue  # the same positions
+        # compare only where either varies: dims both broadcast (channels) stay free
+        free = [d for d in range(index.dim()) if index.stride(d) == 0 and other.stride(d) == 0]
+        a, b = index, other
+        for d in free:
+            a, b = a.narrow(d, 0, 1), b.narrow(d, 0, 1)
+        index = torch.where(a == b, a, OFF_GRID).expand(out.shape)
+    return Positions(index, grid)
+
+
+def _move(name: str, func: Any, args: tuple, kwargs: dict[str, Any],
+          out: Any) -> Positions | list[Positions | None] | None:
+    """Rerun the op on the position tensors (-1 for untracked tensors and padding)."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    grid = None
+    new = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            p = positions_of(leaf)
+            if p is None:
+                if name not in ("cat", "concat", "concatenate", "stack"):
+                    return None  # e.g. x[mask] with a float operand: not a pure move
+                new.append(torch.full(leaf.shape, OFF_GRID, dtype=torch.long,
+                                      device=leaf.device))
+                continue
+            if grid is not None and p.grid != grid:
+                return None
+            grid = p.grid
+            new.append(p.index)
+        else:
+            new.append(leaf)
+    if grid is None:
+        return None
+    a, k = pytree.tree_unflatten(new, spec)
+    if name == "pad":
+        mode = k.get("mode", a[2] if len(a) > 2 else "constant")
+        if mode != "constant":
+            return None
+        a = tuple(a[:2])
+        k = {"value": OFF_GRID}
+    res = func(*a, **k)
+    if isinstance(res, torch.Tensor):
+        return Positions(res, grid)
+    if isinstance(res, (tuple, list)):
+        return [Positions(r, grid) if isinstance(r, torch.Tensor) else None for r in res]
+    return None
+
+
+def _einsum(args: tuple, out: torch.Tensor) -> Positions | None:
+    """``einsum(eq, a, b, ...)``: each output element at the position of its index in the
+    first position-carrying operand, which must be constant along that operand's
+    contracted indices."""
+    if not args or not isinstance(args[0], str):
+        return None
+    operands = list(args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    eq = args[0].replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return None
+    lhs, rhs = eq.split("->")
+    terms = lhs.split(",")
+    for term, x in zip(terms, operands):
+        p = positions_of(x)
+        if p is None:
+            continue
+        if len(term) != x.dim():
+            return None
+        contracted = [d for d, c in enumerate(term) if c not in rhs]
+        index, compared = _collapse(p.index, contracted)
+        if compared and not bool((index >= 0).any()):
+            return None
+        kept = "".join(c for c in term if c in rhs)
+        index = index.squeeze(tuple(contracted)) if contracted else index
+        # lay the kept dims out in output order, new output dims as size 1
+        order = sorted(range(len(kept)), key=lambda i: rhs.index(kept[i]))
+        index = index.permute(order) if order else index
+        shape = [1] * len(rhs)
+        for i, c in enumerate(sorted(kept, key=rhs.index)):
+            shape[rhs.index(c)] = index.shape[i]
+        out_index = _broadcast(index.reshape(shape), out.shape)
+        return None if out_index is None else Positions(out_index, p.grid)
+    return None
