@@ -226,7 +226,8 @@ def test_outputs_manifest_and_run_json(tmp_path, squeezenet):
     # the compact decomposition sums back to the logit
     with np.load(out / rec["outputs"]["decomp"]) as d:
         total = d["input"].astype(np.float64).sum() + float(d["residual"]) + sum(
-            d[f"bias/{name}"].astype(np.float64).sum() for name in d["layers"])
+            d[f"bias/{name}"].astype(np.float64).sum() for name in d["layers"]) + sum(
+            float(d[key]) for key in d.files if key.startswith("offgrid/"))
         assert abs(total - float(d["logit"])) <= 1e-4 * abs(float(d["logit"]))
         assert int(d["target"]) == 967 and d["input"].shape == (224, 224)
         assert len(d["layers"]) == 26
@@ -573,3 +574,20 @@ def test_out_that_is_a_file_is_a_setup_error(tmp_path):
     (tmp_path / "taken").write_text("not a directory")
     result = invoke([str(PHOTOS / "coffee.png"), "--out", str(tmp_path / "taken")])
     assert result.exit_code == 2 and "--out" in result.stderr and "cannot write" in result.stderr
+
+
+def test_decomposition_of_a_transformer_sums_to_the_logit(tmp_path):
+    """ViT's class token is not a pixel: its share of each layer is stored as offgrid/*."""
+    out = tmp_path / "out"
+    result = invoke([str(PHOTOS / "chelsea.png"), "--model", "vit_b_32", "--weights", "random",
+                     "--out", str(out), "--save", "map,decomp", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    rec = by_key(out)["chelsea.png"]
+    with np.load(out / rec["outputs"]["decomp"]) as d:
+        offgrid = {key: float(d[key]) for key in d.files if key.startswith("offgrid/")}
+        assert len(offgrid) >= 70 and max(abs(v) for v in offgrid.values()) > 1e-3
+        total = d["input"].astype(np.float64).sum() + float(d["residual"]) + sum(
+            d[f"bias/{name}"].astype(np.float64).sum() for name in d["layers"]) + sum(
+            offgrid.values())
+        assert abs(total - float(d["logit"])) <= 1e-4 * max(1.0, abs(float(d["logit"])))
+        assert d["bias/encoder.layers.encoder_layer_0.ln_1"].shape == (7, 7)

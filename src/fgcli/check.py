@@ -37,6 +37,7 @@ class ModelCheck:
     map_layers: list[str] = field(default_factory=list)
     other_layers: list[str] = field(default_factory=list)
     seconds_per_image: float = 0.0
+    size: tuple[int, int] = (0, 0)
     error: str | None = None
 
     @property
@@ -54,7 +55,7 @@ def check_batch(model: torch.nn.Module, name: str, x: torch.Tensor,
     """Decompose every image of ``x`` and compare the terms' sum with its logit."""
     from fgcli import FullGrad
 
-    result = ModelCheck(name)
+    result = ModelCheck(name, size=(int(x.shape[2]), int(x.shape[3])))
     start = time.perf_counter()
     dec = FullGrad(model).decompose(x)
     result.seconds_per_image = (time.perf_counter() - start) / len(x)

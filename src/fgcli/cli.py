@@ -336,7 +336,7 @@ def _run_check(images: list[str], model: str | None, weights: str, device: str,
                    f"{', '.join(result.other_layers) or 'none'}")
         return result.ok
 
-    typer.echo(f"{'model':24s} {'residual':>9s} {'ok':>3s} {'ops':>5s} {'map':>5s} "
+    typer.echo(f"{'model':24s} {'size':>4s} {'residual':>9s} {'ok':>3s} {'ops':>5s} {'map':>5s} "
                f"{'s/img':>6s}  bias-carrying ops")
     all_ok = True
     for name in classifier_names():
@@ -347,7 +347,8 @@ def _run_check(images: list[str], model: str | None, weights: str, device: str,
             typer.echo(f"{name:24s} error: {str(exc).splitlines()[0]}")
             continue
         all_ok &= result.ok
-        typer.echo(f"{name:24s} {result.worst:9.1e} {'yes' if result.ok else 'NO':>3s} "
+        typer.echo(f"{name:24s} {result.size[0]:4d} {result.worst:9.1e} "
+                   f"{'yes' if result.ok else 'NO':>3s} "
                    f"{sum(result.kinds.values()):5d} {len(result.map_layers):5d} "
                    f"{result.seconds_per_image:6.2f}  {kind_summary(result.kinds)}")
         del result

@@ -34,7 +34,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from fgcli.engine import ops
-from fgcli.engine.positions import PositionTracker, Positions, positions_of
+from fgcli.engine.positions import (
+    POS_ATTR,
+    PositionTracker,
+    Positions,
+    forget,
+    positions_of,
+)
 from fgcli.engine.postprocess import Layout, batch_layout, layout_of
 
 
@@ -113,6 +119,8 @@ class BiasTracer(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if name in ops.PASSTHROUGH:
+            if name == "__setitem__" and args:
+                forget(args[0])  # x[i] = y: x's elements at i now come from elsewhere
             return func(*args, **kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
         act_idx = [i for i, leaf in enumerate(leaves) if ops.is_activation(leaf)]
@@ -132,6 +140,8 @@ class BiasTracer(TorchFunctionMode):
 
         inplace = ops.is_inplace(name, kwargs)
         saved = [leaves[i].detach().clone() for i in act_idx] if inplace else None
+        if name in _DENSE_INPUTS:
+            args, kwargs, leaves = _dense_activations(leaves, spec, act_idx)
         out = self._tagged(func(*args, **kwargs), name, args, kwargs, leaves)
         self._track(out, func, name, args, kwargs, leaves)
         out_leaves = pytree.tree_leaves(out)
@@ -209,6 +219,31 @@ def _layout(r: _Record, n: int, height: int, width: int) -> Layout:
             or len(r.shape) < 3:
         return by_shape
     return Layout("tracked", batch_layout(r.shape, n), r.positions.grid)
+
+
+# Composite ops that run matrix products on their inputs as given: nn.MultiheadAttention
+# hands a transposed (L, N, E) view in, and a linear layer on such a view is 4-5x slower
+# than on a dense copy for N > 1 (CPU GEMM), in the op and again in its JVP.
+_DENSE_INPUTS = frozenset({"multi_head_attention_forward"})
+
+
+def _dense_activations(leaves: list[Any], spec: Any, act_idx: list[int]
+                       ) -> tuple[Any, dict[str, Any], list[Any]]:
+    """The call's arguments with non-contiguous activations copied dense; one copy per
+    tensor, so ``query is key is value`` (self-attention's packed projection) survives."""
+    copies: dict[int, torch.Tensor] = {}
+    leaves = list(leaves)
+    for i in act_idx:
+        t = leaves[i]
+        if not t.is_contiguous():
+            if id(t) not in copies:
+                copies[id(t)] = dense = t.contiguous()
+                for attr in (ops.LAYOUT_ATTR, POS_ATTR):  # same elements, same places
+                    if hasattr(t, attr):
+                        setattr(dense, attr, getattr(t, attr))
+            leaves[i] = copies[id(t)]
+    args, kwargs = pytree.tree_unflatten(leaves, spec)
+    return args, kwargs, leaves
 
 
 def _implicit_biases(func, name: str, args: Any, kwargs: dict[str, Any], leaves: list[Any],

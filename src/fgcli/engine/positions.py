@@ -160,6 +160,8 @@ class PositionTracker:
               leaves: list[Any], out: Any) -> None:
         """Give the op's activation outputs positions, if its inputs have (or can get) them."""
         if name not in TRACKED_OPS:
+            if ops.is_inplace(name, kwargs):  # changed in place by an op we cannot follow
+                forget(out)
             return
         tensors = [x for x in leaves if ops.is_activation(x)]
         if not any(positions_of(x) for x in tensors):
@@ -204,8 +206,10 @@ class PositionTracker:
             if p is None:
                 return None
             dims = [-1]
-            if name in ("softmax", "log_softmax", "softmin", "normalize"):
-                dims = [kwargs.get("dim", args[1] if len(args) > 1 else -1)]
+            if name == "normalize":  # normalize(input, p=2.0, dim=1)
+                dims = [kwargs.get("dim", args[2] if len(args) > 2 else 1)]
+            elif name in ("softmax", "log_softmax", "softmin"):  # softmax(input, dim)
+                dims = [kwargs.get("dim", args[1] if len(args) > 1 else None)]
                 if dims[0] is None:
                     return None
             elif name in ("layer_norm", "rms_norm"):
@@ -221,10 +225,16 @@ class PositionTracker:
             return _einsum(args, first)
         a, b = (list(args[:2]) + [kwargs.get("other")])[:2]
         p = positions_of(a)
-        if p is None or not isinstance(a, torch.Tensor) or a.dim() < 2 or b is None \
-                or b.dim() < 2:
+        if p is None or not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) \
+                or a.dim() < 2 or b.dim() < 2:
             return None
         return _mixed(p, [a.dim() - 1], first.shape)
+
+
+def forget(t: Any) -> None:
+    """Drop a tensor's positions (an op overwrote its elements in a way not followed)."""
+    if positions_of(t) is not None:
+        delattr(t, POS_ATTR)
 
 
 def _keeps_grid_tag(out: Any) -> bool:
@@ -298,6 +308,8 @@ def _move(name: str, func: Any, args: tuple, kwargs: dict[str, Any],
             new.append(leaf)
     if grid is None:
         return None
+    if name in ("contiguous", "clone"):  # same values: keep the (zero-stride) view
+        return Positions(next(x for x in new if isinstance(x, torch.Tensor)), grid)
     a, k = pytree.tree_unflatten(new, spec)
     if name == "pad":
         mode = k.get("mode", a[2] if len(a) > 2 else "constant")

@@ -1,0 +1,53 @@
+"""What pixel-position tracking costs: FullGrad.explain() with and without it, side by side.
+
+    OMP_WAIT_POLICY=PASSIVE python scripts/tracking_cost.py swin_t maxvit_t vit_b_16 resnet50
+
+Without tracking, windowed attention layers are left out of the map (the maps differ);
+this measures time only. Randomised weights (``--weights random``), batch 4 at 224.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from fgcli import FullGrad
+from fgcli.check import random_inputs
+from fgcli.engine import decompose
+from fgcli.models import load_model
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    tracked_begin = decompose.BiasTracer.begin
+    for name in args.models:
+        loaded = load_model(name, "random")
+        x, _ = random_inputs(loaded.preprocessing.size, n=args.batch_size)
+        fg = FullGrad(loaded.model)
+        fg.explain(x)  # warm-up
+        on = best_of(lambda: fg.explain(x), args.repeats)
+        decompose.BiasTracer.begin = lambda self, *a: None  # no position tracker
+        try:
+            off = best_of(lambda: fg.explain(x), args.repeats)
+        finally:
+            decompose.BiasTracer.begin = tracked_begin
+        on = min(on, best_of(lambda: fg.explain(x), args.repeats))
+        print(f"{name:16s} with tracking {on:6.2f} s  without {off:6.2f} s  ratio {on / off:.2f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
