@@ -110,3 +110,19 @@ def test_map_of_a_tracked_layer_is_psi_of_its_pixels():
             expected = expected + psi_channel_sum(term)
     maps = fg.explain(x, target=0).maps
     assert torch.allclose(maps, expected, atol=1e-10)
+
+
+def test_smooth_and_simple_fullgrad_map_tracked_layers():
+    from fgcli import SimpleFullGrad, SmoothFullGrad
+
+    torch.manual_seed(2)
+    model = WindowBlock(shift=1).double()
+    x = random_images(2, size=5, dtype=torch.float64)
+    plain = FullGrad(model).explain(x)
+    assert any(layer.layout.kind == "tracked" and layer.in_map for layer in plain.layers)
+    # no noise, one sample: exactly FullGrad, tracked layers included
+    smooth = SmoothFullGrad(model, n_samples=1, sigma=0.0).explain(x)
+    assert torch.allclose(smooth.maps, plain.maps, atol=1e-10)
+    simple = SimpleFullGrad(model).explain(x)
+    assert simple.maps.shape == (2, 1, 5, 5) and torch.isfinite(simple.maps).all()
+    assert not torch.allclose(simple.maps, plain.maps)

@@ -219,9 +219,9 @@ def randomise_weights(model: nn.Module, seed: int = 0,
     * batch norms random affine parameters (gamma U(0.5, 1.5), beta N(0, 0.2)) and
       random statistics. With ``calibration`` (a batch of inputs) the statistics are
       data-dependent, as a trained network's are: one forward pass measures each batch
-      norm's input per channel, and its running mean becomes the measured mean plus
-      N(0, 0.2) measured standard deviations, its running variance the measured
-      variance times U(0.5, 2). Without it they are N(0, 0.2) and U(0.5, 2), which
+      norm's input per channel, and its running variance becomes the measured mean
+      square times U(0.5, 2), its running mean N(0, 0.2) root-mean-squares. Without it
+      they are N(0, 0.2) and U(0.5, 2), which
       makes activations grow geometrically with depth in deep nets (EfficientNet-B6:
       logits of 1e4 and cancelling terms of 1e11, beyond float32);
     * layer / group norms random affine parameters; every other parameter (class
@@ -279,13 +279,15 @@ def _calibrate_batch_norms(model: nn.Module, x: torch.Tensor, g: torch.Generator
     def pre_hook(m: nn.Module, args: tuple) -> None:
         u = args[0].detach().double()
         dims = [d for d in range(u.dim()) if d != 1]
-        mean = u.mean(dims)
-        var = u.var(dims, unbiased=False)
-        var = var.clamp_min(max(1e-4, 0.01 * float(var.mean())))  # no near-dead channel blows up
-        shift = torch.randn(mean.shape, generator=g, dtype=torch.float64) * 0.2
-        scale = torch.rand(var.shape, generator=g, dtype=torch.float64) * 1.5 + 0.5
-        m.running_mean.copy_(mean + shift * var.sqrt())
-        m.running_var.copy_(var * scale)
+        # the second moment, not the variance: the output's RMS is then about gamma, and the
+        # per-channel means are not subtracted (subtracting them makes the effective biases
+        # -gamma * mean / std large and their terms cancel: ResNet-152 2e-4 of the logit)
+        power = u.square().mean(dims)
+        power = power.clamp_min(max(1e-4, 0.01 * float(power.mean())))  # near-dead channels
+        shift = torch.randn(power.shape, generator=g, dtype=torch.float64) * 0.2
+        scale = torch.rand(power.shape, generator=g, dtype=torch.float64) * 1.5 + 0.5
+        m.running_mean.copy_(shift * power.sqrt())
+        m.running_var.copy_(power * scale)
 
     handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules()
                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
