@@ -9,6 +9,7 @@ tracked layer must equal that layer's bias term mapped back to pixels by the
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -126,3 +127,45 @@ def test_smooth_and_simple_fullgrad_map_tracked_layers():
     simple = SimpleFullGrad(model).explain(x)
     assert simple.maps.shape == (2, 1, 5, 5) and torch.isfinite(simple.maps).all()
     assert not torch.allclose(simple.maps, plain.maps)
+
+
+def test_decomposition_exposes_positions_of_tracked_layers():
+    from fgcli.engine.postprocess import on_grid
+
+    torch.manual_seed(3)
+    model = WindowBlock(shift=1).double()
+    dec = FullGrad(model).decompose(random_images(2, size=5, dtype=torch.float64))
+    tracked = [layer for layer in dec.layers if layer.layout.kind == "tracked"]
+    assert tracked and set(dec.positions) == {layer.name for layer in tracked}
+    for layer in tracked:
+        p = dec.positions[layer.name]
+        index = p.index.expand(layer.shape)
+        assert p.grid == (5, 5) and int(index.max()) == 2 * 25 - 1  # every pixel of both
+        with pytest.raises(ValueError, match="tracked"):
+            on_grid(dec.bias_terms[layer.name], layer.layout)
+
+
+@pytest.mark.parametrize("size,n", [(224, 3), (160, 1)])
+def test_swin_batches_and_padded_windows(size, n):
+    """Batch 3 = Swin-T's stage-1 head count: the batch is dim 0 (windows), not the heads.
+    160: the last stage (5x5) is padded to one 7x7 window; its positions, not its shape,
+    place it."""
+    import torchvision
+
+    from conftest import randomise
+
+    torch.manual_seed(0)
+    model = randomise(torchvision.models.swin_t())
+    x = random_images(n, size=size)
+    exp = FullGrad(model).explain(x, compact=True)
+    assert (exp.residual.abs() <= 1e-4 * exp.logit.abs().clamp(min=1)).all()
+    offgrid = torch.stack(list(exp.compact.offgrid.values()))
+    scale = max(float(v.abs().max()) for v in exp.compact.layers.values())
+    if size == 224:  # no padding anywhere: nothing is off the grid
+        assert offgrid.abs().max() <= 1e-4 * scale
+    else:
+        last = [layer for layer in exp.layers if layer.module.startswith("features.7")
+                and layer.in_map]
+        assert last and {layer.layout.grid for layer in last} == {(5, 5)}
+        assert "tracked" in {layer.layout.kind for layer in last}
+        assert offgrid.abs().max() > 1e-3 * scale

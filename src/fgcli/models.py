@@ -291,6 +291,8 @@ def _calibrate_batch_norms(model: nn.Module, x: torch.Tensor, g: torch.Generator
 
     handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules()
                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    if not handles:
+        return  # no running statistics (ViT, Swin, ConvNeXt): nothing to measure
     try:
         with torch.no_grad():
             model(x)

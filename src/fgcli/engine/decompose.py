@@ -215,10 +215,20 @@ def _layout(r: _Record, n: int, height: int, width: int) -> Layout:
     """A layer's layout: the op's exact tag first, then a token sequence read from the
     shape, then tracked pixel positions, then the shape alone (see ``layout_of``)."""
     by_shape = layout_of(r.shape, n, height, width, r.hint)
-    if r.hint in ("nchw", "nhwc") or by_shape.kind == "tokens" or r.positions is None \
-            or len(r.shape) < 3:
+    if r.hint in ("nchw", "nhwc") or r.positions is None or len(r.shape) < 3:
         return by_shape
-    return Layout("tracked", batch_layout(r.shape, n), r.positions.grid)
+    if by_shape.kind == "tokens" and by_shape.grid == r.positions.grid:
+        return by_shape  # the same reading, and cheaper to map
+    # tracked tensors come from (N, ...) grid tensors by moves that keep the images in
+    # dim 0, whole (N, ...) or image-major merged with windows (N * windows, ...): never
+    # guess another dim of size N (Swin's heads) as the batch
+    if r.shape[0] == n:
+        batch = "lead"
+    elif r.shape[0] % n == 0:
+        batch = "merged"
+    else:
+        batch = batch_layout(r.shape, n)
+    return Layout("tracked", batch, r.positions.grid)
 
 
 # Composite ops that run matrix products on their inputs as given: nn.MultiheadAttention

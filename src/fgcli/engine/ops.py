@@ -160,6 +160,10 @@ def layout_tag(name: str, args: Sequence[Any], kwargs: dict[str, Any], leaves: S
         return "nhwc" if getattr(first, LAYOUT_ATTR, None) == "nhwc" else "nhwc?"
     if name in _MOVES_PIXELS:
         return None  # same shape, but elements moved: the grid no longer locates them
+    if name == "__getitem__" and len(args) > 1:
+        items = args[1] if isinstance(args[1], tuple) else (args[1],)
+        if any(isinstance(i, (torch.Tensor, list)) for i in items):
+            return None  # advanced indexing can permute pixels
     sources = [x for x in leaves if is_activation(x) and getattr(x, LAYOUT_ATTR, None)]
     if not sources:
         return None

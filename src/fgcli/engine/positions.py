@@ -87,6 +87,7 @@ _MIX_LAST = frozenset({"linear", "softmax", "log_softmax", "softmin", "normalize
                        "layer_norm", "rms_norm"})
 _CONTRACT = frozenset({"matmul", "__matmul__", "bmm", "einsum"})
 _QUERY_FIRST = frozenset({"scaled_dot_product_attention", "multi_head_attention_forward"})
+_CONVERSIONS = frozenset({"to", "float", "double", "half", "bfloat16", "type_as"})
 TRACKED_OPS = _MOVES | _ELEMENTWISE | _MIX_LAST | _CONTRACT | _QUERY_FIRST
 
 # a fresh position tensor is only worth starting where an op is about to lose the layout
@@ -164,18 +165,18 @@ class PositionTracker:
                 forget(out)
             return
         tensors = [x for x in leaves if ops.is_activation(x)]
-        if not any(positions_of(x) for x in tensors):
-            if _keeps_grid_tag(out):
-                return  # the output's own tag still locates it: nothing to start
-            started = False
-            for x in tensors:
+        tracked = any(positions_of(x) for x in tensors)
+        if not tracked and _keeps_grid_tag(out):
+            return  # the output's own tag still locates it: nothing to start
+        for x in tensors:  # grid tensors join in (e.g. cat of a tracked and a tagged one)
+            if positions_of(x) is None:
                 tag = self._grid_tag(x)
                 p = start(x, tag) if tag else None
                 if p is not None:
                     setattr(x, POS_ATTR, p)
-                    started = True
-            if not started:
-                return
+                    tracked = True
+        if not tracked:
+            return
         try:
             result = self._rule(name, func, args, kwargs, out)
         except (RuntimeError, TypeError, ValueError, IndexError):
@@ -198,6 +199,9 @@ class PositionTracker:
         first = out[0] if isinstance(out, tuple) else out
         if not isinstance(first, torch.Tensor):
             return None
+        if name in _CONVERSIONS:  # x.to(y), x.type_as(y): x's elements, whatever y is
+            x = args[0] if args else None
+            return positions_of(x)
         if name in _ELEMENTWISE:
             return _elementwise(args, kwargs, first)
         if name in _MIX_LAST:
@@ -295,8 +299,10 @@ def _move(name: str, func: Any, args: tuple, kwargs: dict[str, Any],
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
             p = positions_of(leaf)
             if p is None:
-                if name not in ("cat", "concat", "concatenate", "stack"):
-                    return None  # e.g. x[mask] with a float operand: not a pure move
+                if name not in ("cat", "concat", "concatenate", "stack") \
+                        or ops.is_activation(leaf):
+                    return None  # image features from an unknown place, or not a pure move
+                # a constant joined in (a class token): not a pixel
                 new.append(torch.full(leaf.shape, OFF_GRID, dtype=torch.long,
                                       device=leaf.device))
                 continue
@@ -327,8 +333,7 @@ def _move(name: str, func: Any, args: tuple, kwargs: dict[str, Any],
 
 def _einsum(args: tuple, out: torch.Tensor) -> Positions | None:
     """``einsum(eq, a, b, ...)``: each output element at the position of its index in the
-    first position-carrying operand, which must be constant along that operand's
-    contracted indices."""
+    first operand, which must carry positions constant along its contracted indices."""
     if not args or not isinstance(args[0], str):
         return None
     operands = list(args[1:])
@@ -339,11 +344,9 @@ def _einsum(args: tuple, out: torch.Tensor) -> Positions | None:
         return None
     lhs, rhs = eq.split("->")
     terms = lhs.split(",")
-    for term, x in zip(terms, operands):
+    for term, x in list(zip(terms, operands))[:1]:  # the first operand's rows, as matmul
         p = positions_of(x)
-        if p is None:
-            continue
-        if len(term) != x.dim():
+        if p is None or len(term) != x.dim() or len(set(term)) != len(term):
             return None
         contracted = [d for d, c in enumerate(term) if c not in rhs]
         index, compared = _collapse(p.index, contracted)

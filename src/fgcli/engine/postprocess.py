@@ -135,6 +135,9 @@ def on_grid(t: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, int]:
         return t, 1
     if layout.kind == "nhwc":
         return t, 3
+    if layout.kind != "tokens":
+        raise ValueError(f"a {layout.kind} layer has no grid reading of its shape; "
+                         "tracked layers are mapped through their positions")
     if layout.batch == "dim:1":
         t = t.movedim(1, 0)
     h, w = layout.grid

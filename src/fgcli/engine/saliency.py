@@ -98,6 +98,8 @@ class Decomposition:
     bias_terms: OrderedDict[str, torch.Tensor]
     layers: tuple[LayerInfo, ...]
     residual: torch.Tensor  # (N,) float64 (float32 on MPS)
+    # for layers in the ``tracked`` layout: each element's pixel (fgcli.engine.positions)
+    positions: dict[str, Positions] = field(default_factory=dict)
 
 
 class _Sink:
@@ -266,6 +268,7 @@ class _FullGradFamily(ABC):
             bias_terms=sink.ordered(result.layers, input_term),
             layers=tuple(result.layers),
             residual=residual,
+            positions={result.layers[i].name: p for i, p in sink.positions.items()},
         )
 
     @staticmethod
