@@ -9,6 +9,7 @@ this measures time only. Randomised weights (``--weights random``), batch 4 at 2
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 from fgcli import FullGrad
@@ -37,14 +38,15 @@ def main() -> None:
         loaded = load_model(name, "random")
         x, _ = random_inputs(loaded.preprocessing.size, n=args.batch_size)
         fg = FullGrad(loaded.model)
-        fg.explain(x)  # warm-up
-        on = best_of(lambda: fg.explain(x), args.repeats)
+        run = functools.partial(fg.explain, x)
+        run()  # warm-up
+        on = best_of(run, args.repeats)
         decompose.BiasTracer.begin = lambda self, *a: None  # no position tracker
         try:
-            off = best_of(lambda: fg.explain(x), args.repeats)
+            off = best_of(run, args.repeats)
         finally:
             decompose.BiasTracer.begin = tracked_begin
-        on = min(on, best_of(lambda: fg.explain(x), args.repeats))
+        on = min(on, best_of(run, args.repeats))
         print(f"{name:16s} with tracking {on:6.2f} s  without {off:6.2f} s  ratio {on / off:.2f}",
               flush=True)
 
