@@ -108,19 +108,19 @@ def input_size(name: str) -> int:
     return 224
 
 
-def _built_size(name: str, model: nn.Module) -> int:
-    """The input size a built model expects: a ViT fixes it at construction (vit_h_14 is
-    518 with its SWAG weights but 224 without weights), others take their weights'."""
+def _fixed_size(model: nn.Module | None) -> int | None:
+    """The input size a built model is fixed to: a ViT's, set at construction (vit_h_14
+    is 518 with its SWAG weights but 224 without weights); None for the others."""
     fixed = getattr(model, "image_size", None)
-    return fixed if isinstance(fixed, int) else input_size(name)
+    return fixed if isinstance(fixed, int) else None
 
 
 def smallest_input_size(name: str, model: nn.Module | None = None) -> int:
     """The smallest square input the classifier accepts: a ViT's fixed size, else the
     ``min_size`` of torchvision's weights metadata (1 for ResNets, 32 for VGG, 75 for
     Inception v3, 224 for Swin and MaxViT)."""
-    fixed = getattr(model, "image_size", None)
-    if isinstance(fixed, int):
+    fixed = _fixed_size(model)
+    if fixed is not None:
         return fixed
     w = default_weights(name)
     low = w.meta.get("min_size") if w is not None else None
@@ -221,9 +221,9 @@ def randomise_weights(model: nn.Module, seed: int = 0,
       data-dependent, as a trained network's are: one forward pass measures each batch
       norm's input per channel, and its running variance becomes the measured mean
       square times U(0.5, 2), its running mean N(0, 0.2) root-mean-squares. Without it
-      they are N(0, 0.2) and U(0.5, 2), which
-      makes activations grow geometrically with depth in deep nets (EfficientNet-B6:
-      logits of 1e4 and cancelling terms of 1e11, beyond float32);
+      they are N(0, 0.2) and U(0.5, 2), which makes activations grow geometrically
+      with depth in deep nets (EfficientNet-B6: logits of 1e4 and cancelling terms of
+      1e11, beyond float32);
     * layer / group norms random affine parameters; every other parameter (class
       tokens, positional embeddings, layer scales, position-bias tables) a normal with
       standard deviation 0.1 around its mean.
@@ -336,7 +336,8 @@ def read_labels(path: str) -> tuple[str, ...]:
 
 
 def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
-               smallest: bool = False, crop: bool = False, mean: tuple[float, float, float] | None = None,
+               smallest: bool = False, crop: bool = False,
+               mean: tuple[float, float, float] | None = None,
                std: tuple[float, float, float] | None = None,
                labels: str | None = None) -> LoadedModel:
     """Build the named classifier with its weights, preprocessing and class names.
@@ -352,9 +353,7 @@ def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
         label, identity = "none (random initialisation)", "none"
     elif spec.lower() == "random":
         torch.manual_seed(0)
-        model = torchvision.models.get_model(name, weights=None)
-        side = smallest_input_size(name, model) if smallest else size or _built_size(name, model)
-        randomise_weights(model, calibration=calibration_batch(side))
+        model = torchvision.models.get_model(name, weights=None)  # randomised below
         label, identity = "random (seeded, non-trivial biases and norm statistics)", "random"
     elif _looks_like_file(spec):
         path = Path(spec).expanduser()
@@ -387,7 +386,7 @@ def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
 
     categories: tuple[str, ...] | None = None
     proc_mean, proc_std = IMAGENET_MEAN, IMAGENET_STD
-    crop_size, resize_size = _built_size(name, model), None
+    crop_size, resize_size = _fixed_size(model) or input_size(name), None
     if meta_source is not None:
         categories = tuple(meta_source.meta.get("categories") or ()) or None
         t = meta_source.transforms()
@@ -402,6 +401,8 @@ def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
         raise UsageError(f"--labels: {len(categories)} class names for a model with "
                          f"{n_classes} classes")
     side = smallest_input_size(name, model) if smallest else size or crop_size
+    if spec.lower() == "random":  # batch norms calibrated at the size the model will see
+        randomise_weights(model, calibration=calibration_batch(side))
     resize = round(side * resize_size / crop_size) if resize_size else round(side * 256 / 224)
     proc = Preprocessing((side, side), resize, crop, tuple(mean or proc_mean),
                          tuple(std or proc_std))

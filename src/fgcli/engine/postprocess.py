@@ -44,6 +44,11 @@ class Layout:
     def spatial(self) -> bool:
         return self.kind in ("nchw", "nhwc", "tokens", "tracked")
 
+    @property
+    def off_grid(self) -> bool:
+        """Whether some elements may not be pixels (a class token; padding, for tracked)."""
+        return self.kind == "tracked" or self.skip > 0
+
 
 def _grid_error(h: int, w: int, height: int, width: int) -> float:
     """Distance of (h, w) from the input's aspect ratio, in cells of the smaller grid."""
@@ -246,8 +251,12 @@ def psi_tracked(t: torch.Tensor, positions, n: int) -> torch.Tensor:
     return (total - count * lo) / (hi - lo + EPS)
 
 
-def grid_sum_tracked(t: torch.Tensor, positions, n: int) -> torch.Tensor:
-    """The signed sum of a tracked layer's elements per pixel: (N, h, w)."""
+def grid_sum(t: torch.Tensor, layout: Layout, n: int, positions=None) -> torch.Tensor:
+    """The signed sum of a spatial layer's elements per pixel: (N, h, w) (``positions``:
+    the pixel positions of a ``tracked`` layer)."""
+    if layout.kind != "tracked":
+        grid_t, channel_dim = on_grid(t, layout)
+        return grid_t.sum(channel_dim)
     index, dims = _reduced(positions, t)
     s = t.sum(dims, keepdim=True) if dims else t
     cell, _, cells = _cells(index, positions.grid, n)

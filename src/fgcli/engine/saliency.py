@@ -26,8 +26,7 @@ from fgcli.engine.decompose import (
 from fgcli.engine.positions import Positions
 from fgcli.engine.postprocess import (
     MapAccumulator,
-    grid_sum_tracked,
-    on_grid,
+    grid_sum,
     per_image_sum,
     psi_channel_sum,
 )
@@ -140,14 +139,9 @@ class _MapSink(_Sink):
               positions: Positions | None = None) -> None:
         term, total = self.term(info, grad, bias)
         if self.compact is not None:  # signed, so before psi may overwrite the term
-            if info.layout.kind == "tracked":
-                grid = grid_sum_tracked(term, positions, self.n)
-            elif info.in_map:
-                grid_t, channel_dim = on_grid(term, info.layout)
-                grid = grid_t.sum(channel_dim)
-            else:
-                grid = total.float()
-            if info.layout.kind == "tracked" or info.layout.skip:
+            grid = grid_sum(term, info.layout, self.n, positions) if info.in_map \
+                else total.float()
+            if info.layout.off_grid:
                 self.offgrid[index] = (total - grid.reshape(self.n, -1).sum(1, dtype=total.dtype)
                                        ).float()
             self.compact[index] = grid
@@ -168,7 +162,7 @@ class _MapSink(_Sink):
                 shape = (self.n, *info.layout.grid) if info.in_map else (self.n,)
                 term = input_term.new_zeros(shape)
             out[info.name] = term
-            if info.layout.kind == "tracked" or info.layout.skip:
+            if info.layout.off_grid:
                 offgrid[info.name] = self.offgrid.get(i, input_term.new_zeros(self.n))
         return CompactDecomposition(input_term.sum(1), out, offgrid)
 
