@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -442,14 +442,37 @@ def resolve_target(target: Any, logits: torch.Tensor) -> torch.Tensor:
 
 
 def extract_logits(out: Any) -> torch.Tensor:
-    """The class scores of a model output (tensor, tuple/namedtuple, or object with .logits)."""
+    """The class scores of a model output: a tensor; an object with a ``.logits`` tensor
+    (Hugging Face style); a dict with a ``logits`` tensor, or with one tensor only; a
+    tuple or list whose first item is a tensor (inception's and GoogLeNet's namedtuples)."""
     if isinstance(out, torch.Tensor):
         return out
-    if hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
+    if isinstance(out, Mapping):
+        tensors = [v for v in out.values() if isinstance(v, torch.Tensor)]
+        if isinstance(out.get("logits"), torch.Tensor):
+            return out["logits"]
+        if len(tensors) == 1:
+            return tensors[0]
+    elif hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
         return out.logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+    elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
-    raise TypeError(f"the model returned {type(out).__name__}; expected a (N, K) logit tensor")
+    raise TypeError(f"the model returned {describe_output(out)}; expected (N, classes) logits: "
+                    "a tensor, a tuple whose first item is one, a dict with 'logits', or an "
+                    "object with .logits")
+
+
+def describe_output(out: Any) -> str:
+    """A short description of a model output, for error messages."""
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, Mapping):
+        keys = ", ".join(repr(k) for k in list(out)[:5])
+        return f"a dict with keys {keys}" if keys else "an empty dict"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)} items" + (
+            f" starting with {describe_output(out[0])}" if out else "")
+    return f"a {type(out).__name__}"
 
 
 def _checked_logits(out: Any, n: int) -> torch.Tensor:
