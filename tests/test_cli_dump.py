@@ -490,10 +490,12 @@ def test_out_of_memory_halves_the_batch_and_retries(tmp_path, monkeypatch):
     assert result.stderr.count("warning: out of memory") == 2
     assert sizes[:2] == [6, 3] and max(sizes[2:]) == 1 and sizes.count(1) == 6
     assert {r["status"] for r in manifest(out)} == {"ok"} and len(manifest(out)) == 6
-    # the maps equal a run that never ran out of memory
+    # the maps equal a run that never ran out of memory (at the batch size the retries
+    # settled on: other compositions differ by float rounding, which can flip a near-tied
+    # max-pool decision on some CPUs)
     monkeypatch.setattr(saliency.FullGrad, "explain", real)
     clean = tmp_path / "clean"
-    invoke([str(PHOTOS), "--out", str(clean), "--batch-size", "2", "--save", "map"])
+    invoke([str(PHOTOS), "--out", str(clean), "--batch-size", "1", "--save", "map"])
     for rec in manifest(out):
         np.testing.assert_allclose(np.load(out / rec["outputs"]["map"]),
                                    np.load(clean / rec["outputs"]["map"]), rtol=1e-5, atol=1e-4)

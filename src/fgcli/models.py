@@ -1,23 +1,23 @@
-"""Model name -> (model, preprocessing, class names). No saliency code here.
+"""Model spec -> (model, preprocessing, class names). No saliency code here.
 
-Weights (``--weights``):
+``--model`` takes four forms, each resolved by its own source in :mod:`fgcli.sources`,
+all returning the same :class:`LoadedModel`:
 
-* ``DEFAULT`` or a torchvision weights name (``IMAGENET1K_V1``, or the full
-  ``ResNet50_Weights.IMAGENET1K_V2``): torchvision's own loader, which uses the
-  cached file under ``$TORCH_HOME`` when there is one and downloads otherwise.
-* a local file: a ``state_dict`` saved with ``torch.save`` (``.pth`` / ``.pt``,
-  loaded with ``weights_only=True``; a ``{"state_dict": ...}`` or
-  ``{"model": ...}`` wrapper and DataParallel's ``module.`` prefixes are
-  accepted) or ``.safetensors`` when the ``safetensors`` package is installed.
-* ``none``: torchvision's random initialisation (only useful for testing);
-  ``random``: seeded random weights with non-trivial biases and norm statistics
-  (see :func:`randomise_weights`), for exactness checks.
+* a torchvision classifier name (``resnet50``): :mod:`fgcli.sources.tvision`;
+* ``timm/NAME`` (``timm/convnext_tiny.fb_in1k``), with the ``timm`` extra:
+  :mod:`fgcli.sources.timm_source`;
+* ``path/to/file.py:factory`` or ``package.module:factory``, a function of yours that
+  returns an ``nn.Module`` (``--model-arg key=value`` passes keyword arguments):
+  :mod:`fgcli.sources.usercode`;
+* a whole pickled model file (``torch.save(model)``), only with ``--trust-pickle``.
 
-Class names and preprocessing come from the weights' metadata. For a local
-file they come from the model's ``DEFAULT`` weights metadata (available
-offline) when the file's class count matches it, else ImageNet's
-normalisation and numbered classes; ``--mean``, ``--std`` and ``--labels``
-override either.
+``--weights``: ``DEFAULT`` (the source's own: torchvision's or timm's pretrained weights,
+cached or downloaded; for your factory or pickled model, the weights it comes with),
+a torchvision weights name, a local checkpoint (state_dicts in any of the containers
+:mod:`fgcli.sources.checkpoint` reads; the class count comes from its classifier), ``none``
+(the architecture's own initialisation) or ``random`` (seeded, non-trivial weights, see
+:func:`randomise_weights`). Preprocessing and class names come from the source's
+metadata; ``--size``, ``--mean``, ``--std`` and ``--labels`` override them.
 """
 
 from __future__ import annotations
@@ -34,14 +34,11 @@ import torchvision
 from torch import nn
 
 from fgcli.config import UsageError
+from fgcli.errors import SetupError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
-
-
-class SetupError(Exception):
-    """The run cannot start (missing weights, offline, locked output): exit code 2."""
 
 
 def classifier_names() -> list[str]:
@@ -77,6 +74,36 @@ class Preprocessing:
     crop: bool
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: str = "bilinear"  # or "bicubic" (antialiased either way)
+
+
+@dataclass(frozen=True)
+class Built:
+    """What a model source returns, before the command line's overrides.
+
+    ``size`` is the source's input size (h, w) and ``crop_fraction`` the share of the
+    resized image its centre crop keeps (for ``--crop``); ``smallest`` the smallest side
+    the model accepts, if known; ``randomise``: draw ``--weights random`` once the input
+    size is known (batch norms are calibrated at that size).
+    """
+
+    name: str
+    model: nn.Module
+    weights: str  # what was loaded, for run.json
+    identity: str  # stable description of the weights, for the resume fingerprint
+    source: str  # torchvision | timm | code | pickle
+    categories: tuple[str, ...] | None = None
+    labels_from: str | None = None  # where the class names come from
+    size: tuple[int, int] = (224, 224)
+    crop_fraction: float = 224 / 256
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    smallest: int | None = None
+    fixed_size: bool = False  # the model only takes ``size`` (ViTs)
+    checkpoint: dict[str, Any] | None = None  # entry / prefix / kind of a weights file
+    randomise: bool = False
+    num_classes: int | None = None  # when the source knows better than the head's width
 
 
 @dataclass(frozen=True)
@@ -87,7 +114,22 @@ class LoadedModel:
     identity: str  # stable description of the weights, for the resume fingerprint
     categories: tuple[str, ...] | None
     preprocessing: Preprocessing
-    num_classes: int | None = None  # from the last conv / linear layer, when there is one
+    num_classes: int | None = None  # from the model's head (or one probe forward)
+    source: str = "torchvision"
+    labels_from: str | None = None  # where the class names come from, for run.json
+    checkpoint: dict[str, Any] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The model's part of run.json."""
+        return {"source": self.source, "classes": self.num_classes,
+                "labels": self.labels_from or "none (class indices)",
+                "checkpoint": self.checkpoint,
+                "preprocessing": {"size": list(self.preprocessing.size),
+                                  "crop": self.preprocessing.crop,
+                                  "resize": self.preprocessing.resize,
+                                  "mean": list(self.preprocessing.mean),
+                                  "std": list(self.preprocessing.std),
+                                  "interpolation": self.preprocessing.interpolation}}
 
 
 def default_weights(name: str) -> Any | None:
@@ -147,54 +189,12 @@ def map_layout(name: str) -> str:
     return "grid"
 
 
-def _resolve_enum(name: str, spec: str) -> Any:
-    enum_cls = torchvision.models.get_model_weights(name)
-    member = spec.split(".")[-1]
-    if member == "DEFAULT":
-        return enum_cls.DEFAULT
-    try:
-        return enum_cls[member]
-    except KeyError as exc:
-        options = ", ".join(["DEFAULT", *[m.name for m in enum_cls]])
-        raise UsageError(f"--weights: {name} has no weights {spec!r}; choose from {options}, "
-                         "a file, or none") from exc
-
-
-def _looks_like_file(spec: str) -> bool:
-    return (os.sep in spec or spec.startswith(".") or spec.lower().endswith(WEIGHT_FILE_SUFFIXES)
-            or Path(spec).exists())
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise SetupError(f"--weights: {path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            try:
-                from safetensors.torch import load_file
-            except ImportError as exc:
-                raise SetupError(f"--weights: {path}: reading .safetensors needs the "
-                                 "'safetensors' package (pip install safetensors)") from exc
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except SetupError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any unpickling / format error
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SetupError(f"--weights: {path}: not a readable state_dict ({first})") from exc
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
-        raise SetupError(f"--weights: {path}: expected a state_dict of tensors")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def _num_classes(model: nn.Module) -> int | None:
+def head_size(model: nn.Module) -> int | None:
+    """The class count of a model's classifier: ``num_classes`` where the model states it
+    (timm), else the width of its last linear or conv layer; None when neither tells."""
+    stated = getattr(model, "num_classes", None)
+    if isinstance(stated, int) and not isinstance(stated, bool) and stated > 0:
+        return stated
     last = None
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -335,75 +335,71 @@ def read_labels(path: str) -> tuple[str, ...]:
     return labels
 
 
+
+
+def source_of(spec: str) -> str:
+    """Which source resolves a ``--model`` value: ``timm`` (``timm/NAME``), ``code``
+    (``file.py:factory``, ``package.module:factory``), ``pickle`` (a model file) or
+    ``torchvision`` (a name)."""
+    spec = spec.strip()
+    if spec.startswith("timm/"):
+        return "timm"
+    if ":" in spec:
+        return "code"
+    if spec.lower().endswith((".pt", ".pth", ".pkl", ".bin", ".ckpt")) or os.sep in spec:
+        return "pickle"
+    return "torchvision"
+
+
 def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
                smallest: bool = False, crop: bool = False,
                mean: tuple[float, float, float] | None = None,
                std: tuple[float, float, float] | None = None,
-               labels: str | None = None) -> LoadedModel:
-    """Build the named classifier with its weights, preprocessing and class names.
+               labels: str | None = None, model_args: dict[str, Any] | None = None,
+               trust_pickle: bool = False) -> LoadedModel:
+    """Resolve ``--model`` / ``--weights`` through the model's source (see the module
+    docstring) and apply the command line's overrides.
 
-    size: the input side (default: the weights' crop size); smallest: the smallest
-    side the built model accepts (see :func:`smallest_input_size`) instead.
+    size: the input side (default: the source's); smallest: the smallest side the
+    built model accepts instead. A model fixed to one input size (ViTs) refuses
+    another.
     """
-    name = check_model_name(name)
-    spec = weights.strip()
-    meta_source = None
-    if spec.lower() == "none":
-        model = torchvision.models.get_model(name, weights=None)
-        label, identity = "none (random initialisation)", "none"
-    elif spec.lower() == "random":
-        torch.manual_seed(0)
-        model = torchvision.models.get_model(name, weights=None)  # randomised below
-        label, identity = "random (seeded, non-trivial biases and norm statistics)", "random"
-    elif _looks_like_file(spec):
-        path = Path(spec).expanduser()
-        state = _read_state_dict(path)
-        model = torchvision.models.get_model(name, weights=None)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise SetupError(f"--weights: {path}: does not fit {name} ({first})") from exc
-        stat = path.stat()
-        label = str(path)
-        identity = f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        meta_source = default_weights(name)
-        if meta_source is not None and len(meta_source.meta.get("categories") or ()) != \
-                _num_classes(model):
-            meta_source = None
-    else:
-        enum_member = _resolve_enum(name, spec)
-        try:
-            model = torchvision.models.get_model(name, weights=enum_member)
-        except Exception as exc:  # noqa: BLE001 - URLError, HTTP errors, hash mismatch...
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SetupError(
-                f"--weights {spec}: cannot load {enum_member} ({reason}); offline? Use "
-                "--weights PATH for a local state_dict, or --weights none") from exc
-        label = str(enum_member)
-        identity = str(enum_member)
-        meta_source = enum_member
+    source = source_of(name)
+    if source == "timm":
+        from fgcli.sources import timm_source
 
-    categories: tuple[str, ...] | None = None
-    proc_mean, proc_std = IMAGENET_MEAN, IMAGENET_STD
-    crop_size, resize_size = _fixed_size(model) or input_size(name), None
-    if meta_source is not None:
-        categories = tuple(meta_source.meta.get("categories") or ()) or None
-        t = meta_source.transforms()
-        proc_mean = tuple(getattr(t, "mean", proc_mean))
-        proc_std = tuple(getattr(t, "std", proc_std))
-        crop_size = int(getattr(t, "crop_size", [crop_size])[0])
-        resize_size = int(getattr(t, "resize_size", [0])[0]) or None
+        built = timm_source.load(name[len("timm/"):], weights, model_args=model_args,
+                                 trust_pickle=trust_pickle, size=size)
+    elif source in ("code", "pickle"):
+        from fgcli.sources import usercode
+
+        built = usercode.load(name, weights, model_args=model_args,
+                              trust_pickle=trust_pickle, size=size)
+    else:
+        from fgcli.sources import tvision
+
+        built = tvision.load(name, weights, model_args=model_args, trust_pickle=trust_pickle)
+    model = built.model
+    categories, labels_from = built.categories, built.labels_from
     if labels:
-        categories = read_labels(labels)
-    n_classes = _num_classes(model)
+        categories, labels_from = read_labels(labels), f"--labels {labels}"
+    n_classes = built.num_classes or head_size(model)
     if categories is not None and n_classes is not None and len(categories) != n_classes:
-        raise UsageError(f"--labels: {len(categories)} class names for a model with "
-                         f"{n_classes} classes")
-    side = smallest_input_size(name, model) if smallest else size or crop_size
-    if spec.lower() == "random":  # batch norms calibrated at the size the model will see
+        raise UsageError(f"--labels: {labels}: {len(categories)} class names for a model "
+                         f"with {n_classes} classes")
+    if smallest and built.smallest is not None:
+        side: tuple[int, int] = (built.smallest, built.smallest)
+    elif size is not None:
+        side = (size, size)
+    else:
+        side = built.size
+    if built.fixed_size and side != built.size:
+        raise UsageError(f"--size: {built.name} takes {built.size[0]}x{built.size[1]} inputs "
+                         f"only, not {side[0]}x{side[1]}")
+    if built.randomise:  # batch norms calibrated at the size the model will see
         randomise_weights(model, calibration=calibration_batch(side))
-    resize = round(side * resize_size / crop_size) if resize_size else round(side * 256 / 224)
-    proc = Preprocessing((side, side), resize, crop, tuple(mean or proc_mean),
-                         tuple(std or proc_std))
-    return LoadedModel(name, model.eval(), label, identity, categories, proc, n_classes)
+    proc = Preprocessing(side, round(min(side) / built.crop_fraction), crop,
+                         tuple(mean or built.mean), tuple(std or built.std),
+                         built.interpolation)
+    return LoadedModel(built.name, model.eval(), built.weights, built.identity, categories,
+                       proc, n_classes, built.source, labels_from, built.checkpoint)

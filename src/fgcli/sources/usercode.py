@@ -1,0 +1,269 @@
+"""Your own model: ``--model path/to/file.py:factory``, ``--model package.module:factory``,
+or a whole pickled model file (``--model model.pt --trust-pickle``).
+
+The factory is called with the ``--model-arg`` keyword arguments and must return an
+``nn.Module`` whose forward takes an (N, 3, H, W) batch and returns (N, classes) logits:
+a tensor, a tuple or list whose first item is one, a dict with a ``logits`` entry (or a
+single tensor), or an object with ``.logits`` (Hugging Face style).
+
+Preprocessing, in order of precedence: ``--size`` / ``--mean`` / ``--std`` / ``--labels``
+on the command line; then these optional attributes of the factory's module:
+
+* ``INPUT_SIZE``: an int, ``(height, width)``, or timm's ``(3, height, width)``;
+* ``MEAN``, ``STD``: three numbers each (default: ImageNet's);
+* ``CLASSES``: the class names, in the order of the logits;
+* ``INTERPOLATION``: ``"bilinear"`` (default) or ``"bicubic"``;
+* ``CROP_PCT``: the share of the resized image ``--crop`` keeps (default 0.875).
+
+There is no default input size: without ``--size`` or ``INPUT_SIZE`` the run stops
+with a message naming both. A file is imported as a module of its own with its
+directory first on ``sys.path`` (so it can import its neighbours); ``package.module``
+is imported with the working directory on ``sys.path``, as ``python -m`` would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from fgcli.config import UsageError
+from fgcli.errors import SetupError
+from fgcli.models import Built
+from fgcli.sources import checkpoint as ckpt
+
+_INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {ckpt._first_line(exc)}"
+
+
+def _import_file(path: Path, spec: str) -> ModuleType:
+    if not path.is_file():
+        raise SetupError(f"--model {spec}: {path}: no such file")
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    name = f"fgcli_user_{path.stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise SetupError(f"--model {spec}: {path}: cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException as exc:
+        sys.modules.pop(name, None)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise SetupError(f"--model {spec}: importing {path} failed ({_one_line(exc)})") \
+            from exc
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+    return module
+
+
+def _import_module(dotted: str, spec: str) -> ModuleType:
+    cwd_added = "" not in sys.path and str(Path.cwd()) not in sys.path
+    if cwd_added:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        return importlib.import_module(dotted)
+    except ModuleNotFoundError as exc:
+        if exc.name and dotted.startswith(exc.name):
+            raise SetupError(f"--model {spec}: no module named {exc.name!r} (looked in the "
+                             "working directory and the installed packages)") from exc
+        raise SetupError(f"--model {spec}: importing {dotted} failed ({_one_line(exc)})") \
+            from exc
+    except Exception as exc:  # noqa: BLE001 - the user's module may raise anything
+        raise SetupError(f"--model {spec}: importing {dotted} failed ({_one_line(exc)})") \
+            from exc
+    finally:
+        if cwd_added:
+            sys.path.remove(str(Path.cwd()))
+
+
+def _factory(spec: str) -> tuple[Any, ModuleType, str]:
+    """The factory function, its module and an identity for the resume fingerprint."""
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr.isidentifier():
+        raise UsageError(f"--model {spec}: expected path/to/file.py:factory or "
+                         "package.module:factory")
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        path = Path(where).expanduser()
+        module = _import_file(path, spec)
+        stat = path.stat()
+        identity = f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{attr}"
+    else:
+        module = _import_module(where, spec)
+        file = getattr(module, "__file__", None)
+        identity = f"module:{where}:{attr}"
+        if file and Path(file).is_file():
+            stat = Path(file).stat()
+            identity += f":{stat.st_size}:{stat.st_mtime_ns}"
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise SetupError(f"--model {spec}: {where} has no {attr!r}")
+    if not callable(factory):
+        raise SetupError(f"--model {spec}: {attr} is a {type(factory).__name__}, "
+                         "not a function that returns a model")
+    return factory, module, identity
+
+
+def _call(factory: Any, kwargs: dict[str, Any], spec: str) -> nn.Module:
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:
+        if kwargs and "argument" in str(exc):
+            raise UsageError(f"--model-arg: {spec} {ckpt._first_line(exc)}") from exc
+        raise SetupError(f"--model {spec}: the factory raised {_one_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - the user's factory may raise anything
+        raise SetupError(f"--model {spec}: the factory raised {_one_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise SetupError(f"--model {spec}: the factory returned a {type(model).__name__}, "
+                         "not a torch.nn.Module")
+    return model
+
+
+def _size(value: Any, where: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 3:
+        value = tuple(value)[1:]  # timm's (channels, height, width)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 8 for v in value):
+        return int(value[0]), int(value[1])
+    raise SetupError(f"{where}: INPUT_SIZE must be an int or (height, width) of at least 8, "
+                     f"got {value!r}")
+
+
+def _triple(value: Any, name: str, where: str) -> tuple[float, float, float]:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise SetupError(f"{where}: {name} must be three numbers, got {value!r}") from exc
+    if len(out) != 3:
+        raise SetupError(f"{where}: {name} must be three numbers, got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+def _module_preprocessing(module: ModuleType | None, where: str) -> dict[str, Any]:
+    """The optional preprocessing attributes of the factory's module (see the docstring)."""
+    out: dict[str, Any] = {}
+    if module is None:
+        return out
+    if hasattr(module, "INPUT_SIZE"):
+        out["size"] = _size(module.INPUT_SIZE, where)
+    for name in ("MEAN", "STD"):
+        if hasattr(module, name):
+            out[name.lower()] = _triple(getattr(module, name), name, where)
+    if hasattr(module, "CLASSES"):
+        classes = module.CLASSES
+        if isinstance(classes, str) or not all(isinstance(c, str) for c in classes):
+            raise SetupError(f"{where}: CLASSES must be a list of class names")
+        out["categories"] = tuple(classes)
+        out["labels_from"] = f"{where} CLASSES"
+    if hasattr(module, "INTERPOLATION"):
+        mode = str(module.INTERPOLATION).lower()
+        if mode not in _INTERPOLATIONS:
+            raise SetupError(f"{where}: INTERPOLATION must be bilinear or bicubic, got {mode!r}")
+        out["interpolation"] = mode
+    if hasattr(module, "CROP_PCT"):
+        pct = module.CROP_PCT
+        if not isinstance(pct, (int, float)) or not 0 < pct <= 1:
+            raise SetupError(f"{where}: CROP_PCT must be a number in (0, 1], got {pct!r}")
+        out["crop_fraction"] = float(pct)
+    return out
+
+
+def probe(model: nn.Module, size: tuple[int, int], spec: str) -> int:
+    """One eval forward of two zero images: the model must give (2, classes) logits.
+    Returns the class count; raises SetupError with what was returned otherwise."""
+    from fgcli.engine.decompose import describe_output, extract_logits, frozen_eval
+
+    x = torch.zeros(2, 3, *size)
+    param = next(model.parameters(), None)
+    if param is not None:
+        x = x.to(param.device)
+    try:
+        with frozen_eval(model), torch.no_grad():
+            out = model(x)
+    except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
+        raise SetupError(f"--model {spec}: the model fails on a (2, 3, {size[0]}, {size[1]}) "
+                         f"batch ({_one_line(exc)})") from exc
+    try:
+        logits = extract_logits(out)
+    except TypeError as exc:
+        raise SetupError(f"--model {spec}: {exc}") from exc
+    if logits.dim() != 2 or logits.shape[0] != 2 or not logits.is_floating_point():
+        raise SetupError(f"--model {spec}: the model returned {describe_output(out)} for a "
+                         f"batch of 2; expected (N, classes) logits")
+    return int(logits.shape[1])
+
+
+def load(spec: str, weights: str, *, model_args: dict[str, Any] | None = None,
+         trust_pickle: bool = False, size: int | None = None) -> Built:
+    """Build a model from your code or a pickled model file (see the module docstring).
+
+    ``--weights``: ``DEFAULT`` / ``none`` keep the weights the model comes with, ``random``
+    draws seeded non-trivial ones, a file is loaded into it (its keys and shapes must fit).
+    """
+    kwargs = dict(model_args or {})
+    module: ModuleType | None = None
+    if ":" in spec:
+        factory, module, identity = _factory(spec)
+        model = _call(factory, kwargs, spec)
+        source, where = "code", spec.rpartition(":")[0]
+    else:
+        if kwargs:
+            raise UsageError("--model-arg: a pickled model file takes no arguments")
+        path = Path(spec).expanduser()
+        found = ckpt.read_checkpoint(path, trust_pickle=trust_pickle, option="--model")
+        if found.module is None:
+            raise SetupError(f"--model {spec}: holds a state_dict, not a model; give the "
+                             f"architecture with --model NAME (or file.py:factory) and "
+                             f"this file with --weights {spec}")
+        model = found.module
+        stat = path.stat()
+        identity = f"pickle:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        source, where = "pickle", spec
+    model = model.cpu().float()
+    info = _module_preprocessing(module, where)
+    checkpoint = None
+    label = "as built by the factory" if source == "code" else "from the pickled model"
+    w = weights.strip()
+    if w.lower() == "random":
+        label, identity = "random (seeded, non-trivial biases and norm statistics)", \
+            identity + ":random"
+    elif w.lower() not in ("default", "none"):
+        path = Path(w).expanduser()
+        found = ckpt.read_checkpoint(path, trust_pickle=trust_pickle)
+        fitted = ckpt.fit(found, model.state_dict(), spec)
+        ckpt.load_into(model, fitted.state, spec, path)
+        stat = path.stat()
+        identity += f":weights:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        label = str(path)
+        checkpoint = {"file": str(path), "kind": found.kind, "entry": fitted.entry,
+                      "prefix": fitted.prefix}
+    if size is not None:
+        info["size"] = (size, size)
+    if "size" not in info:
+        raise UsageError(f"--model {spec}: no input size; give --size N, or define "
+                         f"INPUT_SIZE in {where}")
+    if kwargs:
+        identity += ":" + repr(sorted(kwargs.items()))
+    classes = probe(model, info["size"], spec)  # the real class count, whatever the head
+    return Built(name=spec, model=model, weights=label, identity=identity, source=source,
+                 checkpoint=checkpoint, randomise=w.lower() == "random", num_classes=classes,
+                 **info)
