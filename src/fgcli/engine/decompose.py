@@ -35,13 +35,15 @@ from torch.utils import _pytree as pytree
 
 from fgcli.engine import ops
 from fgcli.engine.positions import (
+    IMG_ATTR,
     POS_ATTR,
     PositionTracker,
     Positions,
     forget,
+    images_of,
     positions_of,
 )
-from fgcli.engine.postprocess import Layout, batch_layout, layout_of
+from fgcli.engine.postprocess import Layout, batch_layout, compact_index, layout_of
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ class LayerInfo:
     kind: ``conv`` / ``linear`` / ``norm`` (closed form) or one of
     ``activation``, ``normalisation``, ``attention``, ``product``, ``constant``,
     ``other`` (implicit bias from the linearisation residual).
+    split: how the layer's terms are split between the images of the batch for the
+    per-image completeness sums: ``images`` (each element's image was followed through
+    the forward pass: exact in any layout) or ``shape`` (the batch dim read from the
+    layout; with one image there is nothing to split).
     """
 
     name: str
@@ -62,6 +68,7 @@ class LayerInfo:
     kind: str
     shape: tuple[int, ...]
     layout: Layout
+    split: str = "shape"
 
     @property
     def closed_form(self) -> bool:
@@ -75,10 +82,11 @@ class LayerInfo:
 
 class Sink(Protocol):
     """Receives each layer's gradient and bias during the backward pass (and, for a
-    layer in the ``tracked`` layout, its pixel positions)."""
+    layer in the ``tracked`` layout, its pixel positions; where followed, which image
+    each element belongs to)."""
 
     def layer(self, index: int, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor,
-              positions: Positions | None) -> None:
+              positions: Positions | None, images: torch.Tensor | None = None) -> None:
         ...
 
 
@@ -91,6 +99,7 @@ class _Record:
     bias: torch.Tensor | None  # broadcastable to the output; dropped once used
     hint: str | None  # layout implied by the op (nchw / nhwc) or None
     positions: Positions | None = None  # tracked pixel positions of the output
+    images: torch.Tensor | None = None  # each element's image (broadcastable), if followed
     info: LayerInfo | None = None
 
 
@@ -107,6 +116,11 @@ class BiasTracer(TorchFunctionMode):
     def begin(self, n: int, height: int, width: int) -> None:
         """Set the batch shape before the forward pass (pixel positions need it)."""
         self._positions = PositionTracker(n, height, width)
+
+    def start_images(self, x: torch.Tensor) -> None:
+        """Follow which image each element belongs to, from the input batch ``x`` on."""
+        if self._positions is not None:
+            self._positions.start_images(x)
 
     def _track(self, out: Any, func, name: str, args: Any, kwargs: dict[str, Any],
                leaves: list[Any]) -> Any:
@@ -172,13 +186,16 @@ class BiasTracer(TorchFunctionMode):
     def _record(self, out: torch.Tensor, op: str, kind: str, bias: torch.Tensor) -> None:
         index = len(self.records)
         module = self._stack[-1] if self._stack else ""
+        images = images_of(out)
         self.records.append(_Record(module, op.strip("_"), kind, tuple(out.shape), bias,
-                                    getattr(out, ops.LAYOUT_ATTR, None), positions_of(out)))
+                                    getattr(out, ops.LAYOUT_ATTR, None), positions_of(out),
+                                    None if images is None else images.index))
         out.register_hook(lambda grad, i=index: self._on_grad(i, grad))
 
     # -- backward ---------------------------------------------------------------
     def finalise(self, n: int, height: int, width: int) -> list[LayerInfo]:
         """Name the records (see :class:`LayerInfo`) once the forward pass is over."""
+        _complete_images(self.records)
         per_module = Counter(r.module for r in self.records)
         per_op = Counter((r.module, r.op) for r in self.records)
         seen: Counter[tuple[str, str]] = Counter()
@@ -193,7 +210,8 @@ class BiasTracer(TorchFunctionMode):
                     name = f"{name}.{seen[key]}"
             seen[key] += 1
             r.info = LayerInfo(name, r.module, r.op, r.kind, r.shape,
-                               _layout(r, n, height, width))
+                               _layout(r, n, height, width),
+                               "images" if r.images is not None else "shape")
             if r.info.layout.kind != "tracked":
                 r.positions = None
             infos.append(r.info)
@@ -208,7 +226,19 @@ class BiasTracer(TorchFunctionMode):
             return
         bias, rec.bias = rec.bias, None  # each op's gradient arrives once; free its bias
         positions, rec.positions = rec.positions, None
-        self._sink.layer(index, rec.info, grad, bias, positions)
+        images, rec.images = rec.images, None
+        self._sink.layer(index, rec.info, grad, bias, positions, images)
+
+
+def _complete_images(records: list[_Record]) -> None:
+    """Keep a record's image indices only where every element has one (one host sync)."""
+    known = [r for r in records if r.images is not None]
+    if not known:
+        return
+    flags = torch.stack([(compact_index(r.images) >= 0).all() for r in known]).tolist()
+    for r, ok in zip(known, flags):
+        if not ok:
+            r.images = None
 
 
 def _layout(r: _Record, n: int, height: int, width: int) -> Layout:
@@ -248,7 +278,7 @@ def _dense_activations(leaves: list[Any], spec: Any, act_idx: list[int]
         if not t.is_contiguous():
             if id(t) not in copies:
                 copies[id(t)] = dense = t.contiguous()
-                for attr in (ops.LAYOUT_ATTR, POS_ATTR):  # same elements, same places
+                for attr in (ops.LAYOUT_ATTR, POS_ATTR, IMG_ATTR):  # same elements, places
                     if hasattr(t, attr):
                         setattr(dense, attr, getattr(t, attr))
             leaves[i] = copies[id(t)]
@@ -498,6 +528,7 @@ def run_pass(model: nn.Module, x: torch.Tensor, target: Any, sink: Sink) -> Pass
         xg = x.detach().requires_grad_(True)
         setattr(xg, ops.LAYOUT_ATTR, "nchw")
         tracer.begin(n, height, width)
+        tracer.start_images(xg)
         with tracer:
             out = model(xg)
         logits = _checked_logits(out, n)

@@ -36,6 +36,7 @@ any host synchronisation except one check after a mixing op that is not free.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,7 +46,10 @@ from fgcli.engine import ops
 from fgcli.engine.postprocess import layout_of
 
 POS_ATTR = "_fgcli_positions"
+IMG_ATTR = "_fgcli_images"
 OFF_GRID = -1
+# image indices are positions on a grid of one cell per image: index = image
+IMAGE_GRID = (1, 1)
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,11 @@ _GRID_TAGS = ("nchw", "nhwc")
 
 def positions_of(t: Any) -> Positions | None:
     return getattr(t, POS_ATTR, None) if isinstance(t, torch.Tensor) else None
+
+
+def images_of(t: Any) -> Positions | None:
+    """Which image each element of ``t`` belongs to (grid ``IMAGE_GRID``), if followed."""
+    return getattr(t, IMG_ATTR, None) if isinstance(t, torch.Tensor) else None
 
 
 def start(t: torch.Tensor, tag: str) -> Positions | None:
@@ -157,9 +166,17 @@ class PositionTracker:
                                        tag).kind == "nhwc" else None
         return tag if tag in _GRID_TAGS else None
 
+    def start_images(self, x: torch.Tensor) -> None:
+        """Image indices of the input batch: element [j, ...] belongs to image j."""
+        base = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
+        setattr(x, IMG_ATTR, Positions(base.view(-1, *([1] * (x.dim() - 1))).expand(x.shape),
+                                       IMAGE_GRID))
+
     def after(self, name: str, func: Any, args: tuple, kwargs: dict[str, Any],
               leaves: list[Any], out: Any) -> None:
-        """Give the op's activation outputs positions, if its inputs have (or can get) them."""
+        """Give the op's activation outputs image indices and, if its inputs have (or can
+        get) them, pixel positions."""
+        _follow_images(name, func, args, kwargs, leaves, out)
         if name not in TRACKED_OPS:
             if ops.is_inplace(name, kwargs):  # changed in place by an op we cannot follow
                 forget(out)
@@ -178,7 +195,7 @@ class PositionTracker:
         if not tracked:
             return
         try:
-            result = self._rule(name, func, args, kwargs, out)
+            result = _rule(name, func, args, kwargs, out, positions_of)
         except (RuntimeError, TypeError, ValueError, IndexError):
             result = None  # an op the integer rerun does not support: stop tracking
         outs = [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
@@ -191,54 +208,200 @@ class PositionTracker:
             elif positions_of(o) is not None:
                 delattr(o, POS_ATTR)  # an in-place op on a tracked tensor we cannot follow
 
-    # -- rules -----------------------------------------------------------------
-    def _rule(self, name: str, func: Any, args: tuple, kwargs: dict[str, Any],
-              out: Any) -> Positions | list[Positions | None] | None:
-        if name in _MOVES:
-            return _move(name, func, args, kwargs, out)
-        first = out[0] if isinstance(out, tuple) else out
-        if not isinstance(first, torch.Tensor):
+
+# -- rules ---------------------------------------------------------------------
+Getter = Callable[[Any], "Positions | None"]
+
+
+def _rule(name: str, func: Any, args: tuple, kwargs: dict[str, Any], out: Any, get: Getter
+          ) -> Positions | list[Positions | None] | None:
+    """The output's index after one op, from the inputs' indices read by ``get`` (pixel
+    positions or image indices); None where the op's rule does not place it."""
+    if name in _MOVES:
+        return _move(name, func, args, kwargs, out, get)
+    first = out[0] if isinstance(out, tuple) else out
+    if not isinstance(first, torch.Tensor):
+        return None
+    if name in _CONVERSIONS:  # x.to(y), x.type_as(y): x's elements, whatever y is
+        x = args[0] if args else None
+        return get(x)
+    if name in _ELEMENTWISE:
+        return _elementwise(args, kwargs, first, get)
+    if name in _MIX_LAST:
+        x = args[0] if args else kwargs.get("input")
+        p = get(x)
+        if p is None:
             return None
-        if name in _CONVERSIONS:  # x.to(y), x.type_as(y): x's elements, whatever y is
-            x = args[0] if args else None
-            return positions_of(x)
-        if name in _ELEMENTWISE:
-            return _elementwise(args, kwargs, first)
-        if name in _MIX_LAST:
-            x = args[0] if args else kwargs.get("input")
-            p = positions_of(x)
-            if p is None:
+        dims = [-1]
+        if name == "normalize":  # normalize(input, p=2.0, dim=1)
+            dims = [kwargs.get("dim", args[2] if len(args) > 2 else 1)]
+        elif name in ("softmax", "log_softmax", "softmin"):  # softmax(input, dim)
+            dims = [kwargs.get("dim", args[1] if len(args) > 1 else None)]
+            if dims[0] is None:
                 return None
-            dims = [-1]
-            if name == "normalize":  # normalize(input, p=2.0, dim=1)
-                dims = [kwargs.get("dim", args[2] if len(args) > 2 else 1)]
-            elif name in ("softmax", "log_softmax", "softmin"):  # softmax(input, dim)
-                dims = [kwargs.get("dim", args[1] if len(args) > 1 else None)]
-                if dims[0] is None:
-                    return None
-            elif name in ("layer_norm", "rms_norm"):
-                shape = kwargs.get("normalized_shape", args[1] if len(args) > 1 else None)
-                k = len(tuple(shape)) if shape is not None else 1
-                dims = list(range(-k, 0))
-            return _mixed(p, _dims(dims, x.dim()), first.shape)
-        if name in _QUERY_FIRST:
-            q = args[0] if args else kwargs.get("query")
-            p = positions_of(q)
-            return None if p is None else _mixed(p, [q.dim() - 1], first.shape)
-        if name == "einsum":
-            return _einsum(args, first)
-        a, b = (list(args[:2]) + [kwargs.get("other")])[:2]
-        p = positions_of(a)
-        if p is None or not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) \
-                or a.dim() < 2 or b.dim() < 2:
-            return None
-        return _mixed(p, [a.dim() - 1], first.shape)
+        elif name in ("layer_norm", "rms_norm"):
+            shape = kwargs.get("normalized_shape", args[1] if len(args) > 1 else None)
+            k = len(tuple(shape)) if shape is not None else 1
+            dims = list(range(-k, 0))
+        return _mixed(p, _dims(dims, x.dim()), first.shape)
+    if name in _QUERY_FIRST:
+        q = args[0] if args else kwargs.get("query")
+        p = get(q)
+        return None if p is None else _mixed(p, [q.dim() - 1], first.shape)
+    if name == "einsum":
+        return _einsum(args, first, get)
+    a, b = (list(args[:2]) + [kwargs.get("other")])[:2]
+    p = get(a)
+    if p is None or not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) \
+            or a.dim() < 2 or b.dim() < 2:
+        return None
+    return _mixed(p, [a.dim() - 1], first.shape)
 
 
 def forget(t: Any) -> None:
-    """Drop a tensor's positions (an op overwrote its elements in a way not followed)."""
-    if positions_of(t) is not None:
-        delattr(t, POS_ATTR)
+    """Drop a tensor's positions and image indices (an op overwrote its elements in a
+    way not followed)."""
+    for attr in (POS_ATTR, IMG_ATTR):
+        if isinstance(t, torch.Tensor) and hasattr(t, attr):
+            delattr(t, attr)
+
+
+# -- image indices ---------------------------------------------------------------
+# Every activation's elements belong to one image (images never interact in eval mode);
+# the bias terms are split between images by these indices, exactly, whatever the
+# layout (heads == N, batch merged with windows in any order, batch not in dim 0).
+
+# ops that treat dim 0 as independent samples and mix everything else
+_PER_SAMPLE = frozenset(
+    {
+        "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+        "conv_transpose3d", "batch_norm", "instance_norm", "group_norm", "local_response_norm",
+        "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
+        "max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d",
+        "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+        "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+        "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices",
+        "adaptive_max_pool3d_with_indices", "lp_pool1d", "lp_pool2d", "interpolate",
+        "upsample", "upsample_nearest", "upsample_bilinear", "grid_sample", "fold",
+    }
+)
+# reductions along ``dim`` (the second argument): the reduced dims collapse
+_REDUCTIONS = frozenset(
+    {"sum", "mean", "nansum", "nanmean", "amax", "amin", "max", "min", "logsumexp", "prod",
+     "std", "var", "median", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin"}
+)
+_CUMULATIVE = frozenset({"cumsum", "cumprod", "logcumsumexp", "cummax", "cummin"})
+# elementwise ops beyond those positions follow (any output element is its inputs')
+_IMAGE_ELEMENTWISE = frozenset(
+    {"maximum", "minimum", "fmax", "fmin", "square", "square_", "reciprocal", "sin", "cos",
+     "log1p", "expm1", "lerp", "addcmul", "addcdiv", "nan_to_num", "sign", "floor", "ceil",
+     "round", "trunc", "frac", "sgn", "log2", "log10", "exp2", "atan", "arctan", "sinh",
+     "cosh", "asinh", "softplus", "logit", "hardtanh", "sigmoid", "clamp_min", "clamp_max"}
+)
+# moves by index: rerunning them on the image index is exact
+_IMAGE_MOVES = frozenset({"gather", "index_select", "take_along_dim", "repeat_interleave",
+                          "diagonal", "unfold"})
+
+
+def _follow_images(name: str, func: Any, args: tuple, kwargs: dict[str, Any],
+                   leaves: list[Any], out: Any) -> None:
+    """Attach image indices to the op's activation outputs (dropped where not followed)."""
+    if not any(images_of(x) is not None for x in leaves if ops.is_activation(x)):
+        return
+    try:
+        result = _image_rule(name, func, args, kwargs, leaves, out)
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        result = None
+    outs = [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+    results = result if isinstance(result, list) else [result] * len(outs)
+    for o, p in zip(outs, results):
+        if p is not None and ops.is_activation(o) and p.index.shape == o.shape:
+            setattr(o, IMG_ATTR, p)
+        elif images_of(o) is not None:
+            delattr(o, IMG_ATTR)
+
+
+def _image_rule(name: str, func: Any, args: tuple, kwargs: dict[str, Any],
+                leaves: list[Any], out: Any) -> Positions | list[Positions | None] | None:
+    first = out[0] if isinstance(out, (tuple, list)) and out else out
+    if not isinstance(first, torch.Tensor):
+        return None
+    x = next((t for t in leaves if ops.is_activation(t)), None)
+    if name == "unfold" and func is torch.nn.functional.unfold or name in _PER_SAMPLE:
+        p = images_of(x)
+        if p is None or first.dim() == 0 or first.shape[0] != x.shape[0]:
+            return None
+        index, _ = _collapse(p.index, list(range(1, x.dim())))
+        index = index.reshape(-1, *([1] * (first.dim() - 1)))
+        res = Positions(index.expand(first.shape), IMAGE_GRID)
+        return [res, None] if isinstance(out, tuple) else res
+    if name in _IMAGE_ELEMENTWISE or name in ("max", "min") and len(args) > 1 and \
+            isinstance(args[1], torch.Tensor):
+        return _elementwise(args, kwargs, first, images_of)
+    if name in _REDUCTIONS and x is args[0] and not any(
+            ops.is_activation(t) for t in leaves[1:]):
+        return _reduction(name, args, kwargs, x, out)
+    if name in ("cat", "concat", "concatenate"):
+        return _cat_images(args, kwargs)
+    if name == "pad":
+        p = images_of(x)
+        pad = kwargs.get("pad", args[1] if len(args) > 1 else None)
+        if p is None or pad is None:
+            return None
+        index, _ = _collapse(p.index, list(range(x.dim() - len(pad) // 2, x.dim())))
+        index = _broadcast(index, first.shape)
+        return None if index is None else Positions(index, IMAGE_GRID)
+    if name in TRACKED_OPS or name in _IMAGE_MOVES:
+        return _rule(name, func, args, kwargs, out, images_of)
+    return None
+
+
+def _reduction(name: str, args: tuple, kwargs: dict[str, Any], x: torch.Tensor,
+               out: Any) -> Positions | list[Positions | None] | None:
+    p = images_of(x)
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if p is None or isinstance(dim, torch.Tensor):
+        return None
+    dims = list(range(x.dim())) if dim is None else _dims(dim, x.dim()) if x.dim() else []
+    index, _ = _collapse(p.index, dims)
+    if name in _CUMULATIVE:
+        index = _broadcast(index, first.shape)
+    elif first.dim() != x.dim():  # keepdim=False
+        index = index.reshape(first.shape)
+    else:
+        index = _broadcast(index, first.shape)
+    if index is None:
+        return None
+    res = Positions(index, IMAGE_GRID)
+    if isinstance(out, (tuple, list)):  # (values, indices)
+        return [res if ops.is_activation(o) else None for o in out]
+    return res
+
+
+def _cat_images(args: tuple, kwargs: dict[str, Any]) -> Positions | None:
+    """A constant joined along a dim other than the batch's (a class token per image)
+    belongs to the image of its row; joined along the batch's dim, to none (-1)."""
+    seq = args[0] if args else kwargs.get("tensors", ())
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    ref = next((t for t in seq if images_of(t) is not None), None)
+    if ref is None:
+        return None
+    d = dim % ref.dim()
+    row, _ = _collapse(images_of(ref).index, [d])
+    parts = []
+    for t in seq:
+        p = images_of(t)
+        if p is not None:
+            parts.append(p.index)
+        elif ops.is_activation(t):
+            return None  # image features from an unknown place
+        else:
+            part = _broadcast(row, t.shape)
+            if part is None:
+                return None
+            parts.append(part)
+    return Positions(torch.cat(parts, d), IMAGE_GRID)
 
 
 def _keeps_grid_tag(out: Any) -> bool:
@@ -257,9 +420,10 @@ def _mixed(p: Positions, dims: list[int], out_shape: torch.Size) -> Positions | 
     return None if out is None else Positions(out, p.grid)
 
 
-def _elementwise(args: tuple, kwargs: dict[str, Any], out: torch.Tensor) -> Positions | None:
+def _elementwise(args: tuple, kwargs: dict[str, Any], out: torch.Tensor, get: Getter
+                 ) -> Positions | None:
     operands = [x for x in pytree.tree_leaves((args, kwargs)) if ops.is_activation(x)]
-    found = [positions_of(x) for x in operands]
+    found = [get(x) for x in operands]
     known = [p for p in found if p is not None]
     if not known:
         return None
@@ -290,14 +454,14 @@ def _elementwise(args: tuple, kwargs: dict[str, Any], out: torch.Tensor) -> Posi
 
 
 def _move(name: str, func: Any, args: tuple, kwargs: dict[str, Any],
-          out: Any) -> Positions | list[Positions | None] | None:
+          out: Any, get: Getter) -> Positions | list[Positions | None] | None:
     """Rerun the op on the position tensors (-1 for untracked tensors and padding)."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
     grid = None
     new = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-            p = positions_of(leaf)
+            p = get(leaf)
             if p is None:
                 if name not in ("cat", "concat", "concatenate", "stack") \
                         or ops.is_activation(leaf):
@@ -317,6 +481,14 @@ def _move(name: str, func: Any, args: tuple, kwargs: dict[str, Any],
     if name in ("contiguous", "clone"):  # same values: keep the (zero-stride) view
         return Positions(next(x for x in new if isinstance(x, torch.Tensor)), grid)
     a, k = pytree.tree_unflatten(new, spec)
+    if name in ("view", "view_as"):
+        # the features were viewable, but a position tensor kept as a zero-stride view
+        # through ``contiguous`` may not be: reshape gives the same elements
+        func = torch.reshape if name == "view" else torch.Tensor.reshape_as
+        if name == "view" and len(a) == 2 and isinstance(a[1], torch.dtype):
+            return None
+        a = (a[0], tuple(a[1]) if len(a) == 2 and isinstance(a[1], (tuple, list, torch.Size))
+             else tuple(a[1:])) if name == "view" else a
     if name == "pad":
         mode = k.get("mode", a[2] if len(a) > 2 else "constant")
         if mode != "constant":
@@ -331,7 +503,7 @@ def _move(name: str, func: Any, args: tuple, kwargs: dict[str, Any],
     return None
 
 
-def _einsum(args: tuple, out: torch.Tensor) -> Positions | None:
+def _einsum(args: tuple, out: torch.Tensor, get: Getter) -> Positions | None:
     """``einsum(eq, a, b, ...)``: each output element at the position of its index in the
     first operand, which must carry positions constant along its contracted indices."""
     if not args or not isinstance(args[0], str):
@@ -345,7 +517,7 @@ def _einsum(args: tuple, out: torch.Tensor) -> Positions | None:
     lhs, rhs = eq.split("->")
     terms = lhs.split(",")
     for term, x in list(zip(terms, operands))[:1]:  # the first operand's rows, as matmul
-        p = positions_of(x)
+        p = get(x)
         if p is None or len(term) != x.dim() or len(set(term)) != len(term):
             return None
         contracted = [d for d, c in enumerate(term) if c not in rhs]

@@ -150,9 +150,21 @@ def on_grid(t: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, int]:
     return t.reshape(t.shape[0], h, w, t.shape[2]), 3
 
 
-def per_image_sum(t: torch.Tensor, layout: Layout, n: int, dtype: torch.dtype) -> torch.Tensor:
+def compact_index(index: torch.Tensor) -> torch.Tensor:
+    """An index tensor with its broadcast (zero-stride) dims cut to size 1."""
+    for d in range(index.dim()):
+        if index.stride(d) == 0 and index.shape[d] > 1:
+            index = index.narrow(d, 0, 1)
+    return index
+
+
+def per_image_sum(t: torch.Tensor, layout: Layout, n: int, dtype: torch.dtype,
+                  images: torch.Tensor | None = None) -> torch.Tensor:
     """Sum ``t`` over everything but the batch: (n,) in ``dtype``.
 
+    ``images`` (broadcastable to ``t``, every entry in [0, n)): the image each element
+    belongs to, followed through the forward pass (fgcli.engine.positions); exact
+    whatever the layout. Without it the batch dim is read from ``layout``.
     The reduction runs in ``t``'s own precision (torch sums pairwise, so float32
     is accurate to ~1e-7 relative) and only the (n,) result is widened: casting
     whole layers to float64 first would double the hook's memory traffic.
@@ -161,6 +173,12 @@ def per_image_sum(t: torch.Tensor, layout: Layout, n: int, dtype: torch.dtype) -
     """
     if n == 1:
         return t.sum().reshape(1).to(dtype)
+    if images is not None:
+        index = images.expand(t.shape)
+        dims = [d for d in range(index.dim()) if index.stride(d) == 0 and index.shape[d] > 1]
+        s = t.sum(dims, keepdim=True) if dims else t
+        index = compact_index(index).reshape(-1)
+        return s.new_zeros(n, dtype=dtype).index_add_(0, index, s.reshape(-1).to(dtype))
     if layout.batch == "lead":
         return t.sum(dim=tuple(range(1, t.dim()))).to(dtype)
     if layout.batch.startswith("dim:"):

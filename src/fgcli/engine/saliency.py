@@ -110,11 +110,12 @@ class _Sink:
         self.acc = _accum_dtype(x.device)
         self.bias_sum = torch.zeros(self.n, dtype=self.acc, device=x.device)
 
-    def term(self, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's bias term and its per-image sum (added to the completeness sum)."""
+    def term(self, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor,
+             images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's bias term and its per-image sum (added to the completeness sum),
+        split by ``images`` where the forward pass followed them."""
         term = _wide(grad) * _wide(bias)
-        total = per_image_sum(term, info.layout, self.n, self.acc)
+        total = per_image_sum(term, info.layout, self.n, self.acc, images)
         self.bias_sum += total
         return term, total
 
@@ -136,8 +137,8 @@ class _MapSink(_Sink):
         self.offgrid: dict[int, torch.Tensor] = {}
 
     def layer(self, index: int, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor,
-              positions: Positions | None = None) -> None:
-        term, total = self.term(info, grad, bias)
+              positions: Positions | None = None, images: torch.Tensor | None = None) -> None:
+        term, total = self.term(info, grad, bias, images)
         if self.compact is not None:  # signed, so before psi may overwrite the term
             grid = grid_sum(term, info.layout, self.n, positions) if info.in_map \
                 else total.float()
@@ -176,8 +177,8 @@ class _KeepSink(_Sink):
         self.positions: dict[int, Positions] = {}
 
     def layer(self, index: int, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor,
-              positions: Positions | None = None) -> None:
-        term, _ = self.term(info, grad, bias)
+              positions: Positions | None = None, images: torch.Tensor | None = None) -> None:
+        term, _ = self.term(info, grad, bias, images)
         if positions is not None:  # the same in every pass: the model's structure
             self.positions[index] = positions
         if index in self.terms:
