@@ -26,7 +26,8 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# no emoji codes: a path like "net.py:x" must not print as "net.py❌"
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 def _version(value: bool) -> None:
@@ -134,10 +135,21 @@ def dump(
         help="Image files, directories (walked recursively) or - for a list of paths on "
              "stdin.", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option(
-        "--model", "-m", help="torchvision classifier name (see `fullgrad models`).")] = None,
+        "--model", "-m", help="A torchvision classifier name (see `fullgrad models`), "
+                              "timm/NAME, path/to/file.py:factory, package.module:factory, "
+                              "or a pickled model file (with --trust-pickle).")] = None,
     weights: Annotated[Optional[str], typer.Option(
-        help="DEFAULT, a weights name (IMAGENET1K_V1), a local .pth/.pt/.safetensors "
-             "state_dict, or none.  [default: DEFAULT]")] = None,
+        help="DEFAULT, a weights name (IMAGENET1K_V1), a local checkpoint (.pth/.pt/.ckpt/"
+             ".safetensors; any head size), none or random.  [default: DEFAULT]")] = None,
+    model_arg: Annotated[Optional[list[str]], typer.Option(
+        "--model-arg", help="key=value keyword argument for the model's builder or factory "
+                            "(value: a TOML literal, else a string); repeatable.",
+        show_default=False)] = None,
+    trust_pickle: Annotated[Optional[bool], typer.Option(
+        "--trust-pickle/--no-trust-pickle", help="Allow checkpoints and model files that hold "
+                                                 "pickled Python objects (unpickling runs code "
+                                                 "from the file: only for files you trust).")
+    ] = None,
     method: Annotated[Optional[Method], typer.Option(
         help="Saliency method.  [default: fullgrad]")] = None,
     device: Annotated[Optional[str], typer.Option(
@@ -218,6 +230,8 @@ def dump(
     try:
         cfg = build_config({
             "inputs": tuple(inputs) if inputs else None, "model": model, "weights": weights,
+            "model_args": tuple(model_arg) if model_arg else None,
+            "trust_pickle": trust_pickle,
             "method": method, "device": device, "out": out,
             "save": tuple(s.strip() for s in save.split(",") if s.strip()) if save else None,
             "target": target, "topk": topk, "batch_size": batch_size, "workers": workers,
@@ -256,28 +270,39 @@ def dump(
 @app.command()
 def check(
     images: Annotated[Optional[list[str]], typer.Argument(
-        help="Images to decompose (default: a seeded random input).", show_default=False)
-    ] = None,
-    model: Annotated[Optional[str], typer.Option(
-        "--model", "-m", help="torchvision classifier name.")] = None,
+        help="Images to decompose (default: two seeded photo-like random inputs).",
+        show_default=False)] = None,
+    model: Annotated[Optional[list[str]], typer.Option(
+        "--model", "-m", help="Model, as for dump; give several for a table.",
+        show_default=False)] = None,
     weights: Annotated[str, typer.Option(
         help="As for dump; `random` draws seeded non-trivial weights (offline).")
     ] = "DEFAULT",
+    model_arg: Annotated[Optional[list[str]], typer.Option(
+        "--model-arg", help="key=value keyword argument for the model's builder or factory; "
+                            "repeatable.", show_default=False)] = None,
+    trust_pickle: Annotated[bool, typer.Option(
+        "--trust-pickle", help="Allow checkpoints and model files with pickled objects.")
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     size: Annotated[Optional[int], typer.Option(help="Input size.  [default: the model's]")
     ] = None,
     smallest: Annotated[bool, typer.Option(
         "--smallest", help="Use the smallest input size each model accepts.")] = False,
     all_models: Annotated[bool, typer.Option(
-        "--all", help="Check every classifier (two random inputs each) and print a table.")
-    ] = False,
+        "--all", help="Check every torchvision classifier (two random inputs each) and print "
+                      "a table.")] = False,
 ) -> None:
-    """Check completeness: logit = input term + bias terms, within 1e-4 * max(1, |logit|)."""
+    """Check completeness per image: logit = input term + bias terms, within
+    1e-4 * max(1, |logit|); list the bias-carrying ops and why any are not in the map."""
     try:
+        from fgcli.config import parse_model_args
         from fgcli.models import SetupError
 
         try:
-            ok = _run_check(images or [], model, weights, device, size, smallest, all_models)
+            ok = _run_check(images or [], list(model or []), weights,
+                            parse_model_args(tuple(model_arg or ())), trust_pickle, device,
+                            size, smallest, all_models)
         except SetupError as exc:
             _fail(str(exc), EXIT_USAGE)
     except UsageError as exc:
@@ -285,22 +310,31 @@ def check(
     raise typer.Exit(EXIT_OK if ok else EXIT_FAILED)
 
 
-def _run_check(images: list[str], model: str | None, weights: str, device: str,
-               size: int | None, smallest: bool, all_models: bool) -> bool:
+def _counts(groups: dict[str, list[str]]) -> str:
+    return ", ".join(f"{reason} {len(names)}" for reason, names in groups.items()) or "none"
+
+
+def _run_check(images: list[str], models: list[str], weights: str, model_args: dict[str, Any],
+               trust_pickle: bool, device: str, size: int | None, smallest: bool,
+               all_models: bool) -> bool:
     import torch
 
-    from fgcli.check import TOLERANCE, check_batch, check_model, kind_summary, random_inputs
+    from fgcli.check import TOLERANCE, check_batch, kind_summary, random_inputs
     from fgcli.data import DecodeError, decode, preprocess
     from fgcli.models import SetupError, classifier_names, load_model
     from fgcli.pipeline import resolve_device
 
     dev = resolve_device(device)
-    if all_models == bool(model):
-        raise UsageError("give --model NAME, or --all")
+    if all_models == bool(models):
+        raise UsageError("give --model NAME (one or more), or --all")
     if smallest and size is not None:
         raise UsageError("--size and --smallest exclude each other")
-    if all_models and images:
-        raise UsageError("--all checks random inputs; give images with --model NAME")
+    if images and len(models) != 1:
+        raise UsageError("images are checked on one model: give one --model")
+
+    def load(name: str):
+        return load_model(name, weights, size=size, smallest=smallest, model_args=model_args,
+                          trust_pickle=trust_pickle)
 
     def inputs(loaded) -> tuple[torch.Tensor, list[str]]:
         proc = loaded.preprocessing
@@ -311,17 +345,18 @@ def _run_check(images: list[str], model: str | None, weights: str, device: str,
         for path in images:
             try:
                 x, _ = preprocess(decode(path, 178_956_970), proc.size, proc.crop,
-                                  proc.resize, proc.mean, proc.std)
+                                  proc.resize, proc.mean, proc.std, proc.interpolation)
             except DecodeError as exc:
                 raise UsageError(f"{path}: {exc}") from exc
             batch.append(x)
         return torch.stack(batch).to(dev), list(images)
 
-    if not all_models:
-        loaded = load_model(model, weights, size=size, smallest=smallest)
+    if len(models) == 1:
+        loaded = load(models[0])
         x, labels = inputs(loaded)
         result = check_batch(loaded.model.to(dev), loaded.name, x, labels)
         typer.echo(f"model {loaded.name}  weights {loaded.weights}  device {dev}  "
+                   f"input {x.shape[2]}x{x.shape[3]}, batch {len(x)}  "
                    f"tolerance {TOLERANCE:g} * max(1, |logit|)")
         typer.echo(f"{'image':32s} {'target':>6s} {'logit':>14s} {'sum of terms':>14s} "
                    f"{'residual':>11s}  ok")
@@ -332,47 +367,76 @@ def _run_check(images: list[str], model: str | None, weights: str, device: str,
                    f"({kind_summary(result.kinds)})")
         typer.echo(f"layers in the map ({len(result.map_layers)}): "
                    f"{', '.join(result.map_layers) or 'none'}")
+        excluded = getattr(result, "excluded", None) or {"": result.other_layers}
         typer.echo(f"completeness only ({len(result.other_layers)}): "
-                   f"{', '.join(result.other_layers) or 'none'}")
+                   f"{'none' if not result.other_layers else ''}")
+        for reason, names in excluded.items():
+            if names:
+                typer.echo(f"  {reason + ': ' if reason else ''}{', '.join(names)}")
         return result.ok
 
-    typer.echo(f"{'model':24s} {'size':>4s} {'residual':>9s} {'ok':>3s} {'ops':>5s} {'map':>5s} "
-               f"{'s/img':>6s}  bias-carrying ops")
+    names = classifier_names() if all_models else models
+    typer.echo(f"{'model':28s} {'size':>7s} {'residual':>9s} {'ok':>3s} {'ops':>5s} {'map':>5s} "
+               f"{'s/img':>6s}  not in the map; bias-carrying ops")
     all_ok = True
-    for name in classifier_names():
+    for name in names:
         try:
-            result = check_model(name, weights, dev, size=size, smallest=smallest)
-        except (SetupError, UsageError, RuntimeError, ValueError) as exc:
+            loaded = load(name)
+            x, labels = inputs(loaded)
+            result = check_batch(loaded.model.to(dev), loaded.name, x, labels)
+        except (SetupError, UsageError, RuntimeError, ValueError, TypeError) as exc:
             all_ok = False
-            typer.echo(f"{name:24s} error: {str(exc).splitlines()[0]}")
+            typer.echo(f"{name:28s} error: {str(exc).splitlines()[0] if str(exc) else exc!r}")
             continue
         all_ok &= result.ok
-        typer.echo(f"{name:24s} {result.size[0]:4d} {result.worst:9.1e} "
+        excluded = getattr(result, "excluded", None) or (
+            {"": result.other_layers} if result.other_layers else {})
+        typer.echo(f"{name:28s} {result.size[0]:>3d}x{result.size[1]:<3d} {result.worst:9.1e} "
                    f"{'yes' if result.ok else 'NO':>3s} "
                    f"{sum(result.kinds.values()):5d} {len(result.map_layers):5d} "
-                   f"{result.seconds_per_image:6.2f}  {kind_summary(result.kinds)}")
-        del result
+                   f"{result.seconds_per_image:6.2f}  {_counts(excluded)}; "
+                   f"{kind_summary(result.kinds)}")
+        del result, loaded
     return all_ok
 
 
 @app.command()
 def models(
     pattern: Annotated[Optional[str], typer.Argument(
-        help="Shell pattern (resnet*) or substring to filter by.")] = None,
+        help="Shell pattern (resnet*) or substring to filter by; timm/PATTERN lists timm's "
+             "models (timm/*.fb_in1k: pretrained tags).")] = None,
 ) -> None:
-    """List the classifiers fgcli can load: name, default input size, map layout.
+    """List the models fgcli can load: name, default input size, map layout (torchvision).
 
     Map layout: grid (conv layers), channels-last (also (N, h, w, C) blocks), tokens
     (ViT token sequences); +tracked: windowed attention tensors, mapped through
-    pixel positions tracked from the image grid.
+    pixel positions tracked from the image grid. For timm models the third column is
+    "timm" (`fullgrad check --model timm/NAME` shows which layers enter the map).
     """
+    from fgcli.models import SetupError
+
+    try:
+        rows = _model_rows(pattern)
+    except SetupError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    if not rows:
+        _fail(f"no model matches {pattern!r}", EXIT_USAGE)
+    for row in rows:
+        typer.echo("\t".join(row))
+
+
+def _model_rows(pattern: str | None) -> list[tuple[str, str, str]]:
+    if pattern and pattern.startswith("timm/"):
+        from fgcli.sources.timm_source import default_input_size, list_names
+
+        rows = []
+        for name in list_names(pattern[len("timm/"):]):
+            side = default_input_size(name)
+            rows.append((f"timm/{name}", str(side) if side else "-", "timm"))
+        return rows
     from fgcli.models import input_size, map_layout, matching_models
 
-    names = matching_models(pattern)
-    if not names:
-        _fail(f"no classifier matches {pattern!r}", EXIT_USAGE)
-    for name in names:
-        typer.echo(f"{name}\t{input_size(name)}\t{map_layout(name)}")
+    return [(name, str(input_size(name)), map_layout(name)) for name in matching_models(pattern)]
 
 
 def main() -> None:

@@ -46,6 +46,8 @@ class RunConfig:
     null: bool = False
     model: str = ""
     weights: str = "DEFAULT"
+    model_args: tuple[str, ...] = ()  # key=value, values TOML literals (see parse_model_args)
+    trust_pickle: bool = False
     method: Method = Method.fullgrad
     samples: int = 25
     sigma: float = 0.15
@@ -98,6 +100,7 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        parse_model_args(self.model_args)  # malformed key=value pairs fail here, early
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and len(value) != 3:
@@ -107,21 +110,52 @@ class RunConfig:
         if self.topk is not None and self.target != "pred":
             raise UsageError("--topk and --target exclude each other")
 
-    def settings_fingerprint(self, weights_identity: str) -> str:
+    def settings_fingerprint(self, weights_identity: str, interpolation: str = "bilinear"
+                             ) -> str:
         """A hash of every setting that changes an output file (for resuming).
 
         Batch size, workers, device, memory format and verbosity are not part of
         it: they change results by float rounding at most. ``--amp`` is: reduced
-        precision changes maps visibly.
+        precision changes maps visibly. ``--model-arg`` values and the resize
+        interpolation count where they are used (absent or bilinear, the hash is the
+        one earlier versions wrote, so their runs still resume).
         """
         keys = ("model", "method", "size", "crop", "mean", "std", "labels", "target",
                 "topk", "save", "colormap", "alpha", "amp")
         data: dict[str, Any] = {k: _plain(getattr(self, k)) for k in keys}
         data["weights"] = weights_identity
+        if self.model_args:
+            data["model_args"] = sorted(self.model_args)
+        if interpolation != "bilinear":
+            data["interpolation"] = interpolation
         if self.method is Method.smooth:
             data.update(samples=self.samples, sigma=self.sigma, seed=self.seed)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def parse_model_args(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """``--model-arg key=value`` pairs as keyword arguments.
+
+    Values are TOML literals (``depth=4``, ``drop=0.1``, ``pretrained=false``,
+    ``dims=[64, 128]``, ``name="x"``); a value that is not one is taken as a plain
+    string (``act=gelu``). Keys must be Python identifiers; a key given twice is an error.
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--model-arg: expected key=value with a Python name as key, "
+                             f"got {pair!r}")
+        if key in out:
+            raise UsageError(f"--model-arg: {key} is given twice")
+        text = text.strip()
+        try:
+            out[key] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = text
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -140,6 +174,14 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         except ValueError as exc:
             raise UsageError(f"config: method must be one of fullgrad, simple, smooth; "
                              f"got {value!r}") from exc
+    if name == "model_args":
+        if isinstance(value, dict):  # a TOML table: [model-args] depth = 4
+            return tuple(f"{k}={_toml_literal(v)}" for k, v in value.items())
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UsageError("config: model-args must be a table or a list of key=value strings")
+        return tuple(value)
     if name in ("inputs", "save"):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -171,6 +213,19 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     if kind is None and not isinstance(value, str):
         raise UsageError(f"config: {name} must be a string, got {value!r}")
     return value
+
+
+def _toml_literal(value: Any) -> str:
+    """A TOML value written back as the literal --model-arg parses."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_literal(v)}" for k, v in value.items()) + "}"
+    return repr(value)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

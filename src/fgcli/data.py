@@ -276,11 +276,14 @@ class Box:
 
 
 def preprocess(rgb: np.ndarray, size: tuple[int, int], crop: bool, resize: int,
-               mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, Box]:
+               mean: tuple[float, ...], std: tuple[float, ...],
+               interpolation: str = "bilinear") -> tuple[torch.Tensor, Box]:
     """Model input (3, h, w) and the region of the original it covers.
 
     Default: squash the whole image to ``size`` (the map covers every pixel).
     ``crop``: resize the shorter side to ``resize``, then centre-crop ``size``.
+    ``interpolation``: ``bilinear`` or ``bicubic`` (the model's own preprocessing says
+    which), antialiased when shrinking, as PIL and torchvision's transforms do.
     """
     import torch.nn.functional as F
 
@@ -289,14 +292,15 @@ def preprocess(rgb: np.ndarray, size: tuple[int, int], crop: bool, resize: int,
     if crop:
         scale = resize / min(h, w)
         rh, rw = max(size[0], round(h * scale)), max(size[1], round(w * scale))
-        t = F.interpolate(t, size=(rh, rw), mode="bilinear", align_corners=False,
+        t = F.interpolate(t, size=(rh, rw), mode=interpolation, align_corners=False,
                           antialias=True)
         top, left = (rh - size[0]) // 2, (rw - size[1]) // 2
         t = t[:, :, top:top + size[0], left:left + size[1]]
         box = Box(round(left / rw * w), round(top / rh * h),
                   round((left + size[1]) / rw * w), round((top + size[0]) / rh * h))
     else:
-        t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
+        t = F.interpolate(t, size=size, mode=interpolation, align_corners=False,
+                          antialias=True)
         box = Box(0, 0, w, h)
     t = t[0].clamp_(0.0, 1.0)
     m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
@@ -323,9 +327,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, items: list[Item], size: tuple[int, int], crop: bool, resize: int,
                  mean: tuple[float, ...], std: tuple[float, ...], keep_original: bool,
-                 max_pixels: int) -> None:
+                 max_pixels: int, interpolation: str = "bilinear") -> None:
         self.items = items
-        self.args = (size, crop, resize, mean, std)
+        self.args = (size, crop, resize, mean, std, interpolation)
         self.keep_original = keep_original
         self.max_pixels = max_pixels
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fgcli import __version__
-from fgcli.config import Method, RunConfig, UsageError
+from fgcli.config import Method, RunConfig, UsageError, parse_model_args
 from fgcli.data import Batch, ImageDataset, Item, collate, discover
 from fgcli.models import LoadedModel, SetupError, load_model
 from fgcli.writer import (
@@ -129,6 +129,13 @@ def resolve_target(spec: str, categories: tuple[str, ...] | None,
     lowered = [c.lower() for c in categories]
     if spec.lower() in lowered:
         return lowered.index(spec.lower())
+    # one of a description's comma-separated names (timm's "tabby, tabby cat")
+    alias = [i for i, c in enumerate(lowered) if spec.lower() in (a.strip() for a in c.split(","))]
+    if len(alias) == 1:
+        return alias[0]
+    if alias:
+        raise UsageError(f"--target: {spec!r} names several classes "
+                         f"({', '.join(str(i) for i in alias)}); give the index")
     close = difflib.get_close_matches(spec.lower(), lowered, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(categories[lowered.index(c)]) for c in close)}?" \
         if close else ""
@@ -166,7 +173,8 @@ class _Run:
         self.report.device = str(self.device)
         self.loaded: LoadedModel = load_model(
             cfg.model, cfg.weights, size=cfg.size, crop=cfg.crop, mean=cfg.mean, std=cfg.std,
-            labels=cfg.labels)
+            labels=cfg.labels, model_args=parse_model_args(cfg.model_args),
+            trust_pickle=cfg.trust_pickle)
         model = self.loaded.model.to(self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -186,7 +194,8 @@ class _Run:
         self.max_batch = self.batch_size  # lowered when the device runs out of memory
         cores = os.cpu_count() or 1
         self.workers = cfg.workers if cfg.workers is not None else max(1, min(4, cores - 1))
-        self.fingerprint = cfg.settings_fingerprint(self.loaded.identity)
+        self.fingerprint = cfg.settings_fingerprint(self.loaded.identity,
+                                                    self.loaded.preprocessing.interpolation)
         self.ranks: list[int | None] = (list(range(1, cfg.topk + 1)) if cfg.topk
                                         else [None])
         self.tree = OutputTree(cfg.out)
@@ -273,7 +282,8 @@ class _Run:
                     todo.append(item)
                 if todo and not self.report.stopped_early:
                     dataset = ImageDataset(todo, proc.size, proc.crop, proc.resize, proc.mean,
-                                           proc.std, keep_original, cfg.max_pixels)
+                                           proc.std, keep_original, cfg.max_pixels,
+                                           proc.interpolation)
                     loader = torch.utils.data.DataLoader(
                         dataset, batch_size=self.batch_size, shuffle=False,
                         num_workers=self.workers, collate_fn=collate,
@@ -394,8 +404,10 @@ class _Run:
         self.tree.write_json(self.tree.root / RUN_JSON, {
             "schema": MANIFEST_SCHEMA,
             "command": list(cfg.command),
-            "model": cfg.model,
+            "model": self.loaded.name,
+            "model_args": parse_model_args(cfg.model_args),
             "weights": self.loaded.weights,
+            **self.loaded.describe(),
             "method": cfg.method.value,
             "settings": self.fingerprint,
             "target": cfg.target, "topk": cfg.topk,

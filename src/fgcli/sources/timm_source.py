@@ -16,6 +16,7 @@ one is given (``img_size``), as timm does for fine-tuning at another resolution.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 from pathlib import Path
@@ -101,6 +102,69 @@ def _class_names(model: nn.Module, n_classes: int | None) -> tuple[str, ...] | N
         return None
 
 
+def _offline_message(name: str, reason: str) -> str:
+    return (f"--weights DEFAULT: cannot load timm's pretrained weights for {name} ({reason}); "
+            "offline? Use --weights PATH for a local checkpoint, or --weights none")
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face endpoint answers on its port (one quick connection)."""
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        endpoint = urlparse(constants.ENDPOINT)
+    except Exception:  # noqa: BLE001 - no hub client: timm downloads by URL
+        return True
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme != "http" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """The Hugging Face client in offline mode for one call: the cache only, no requests."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _pretrained(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """timm's pretrained weights: from the cache when they are there (no network at all),
+    else downloaded; unreachable hub: one line, at once (not the client's retry loop)."""
+    try:
+        with _hub_offline():
+            return _create(name, kwargs, pretrained=True)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - not cached (or a cache error): try the hub
+        cached_error = exc
+    if not _hub_reachable():
+        raise SetupError(_offline_message(name, "not in the local cache and the hub cannot "
+                                                "be reached")) from cached_error
+    try:
+        return _create(name, kwargs, pretrained=True)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - hub / network / hash errors of all kinds
+        raise SetupError(_offline_message(name, f"{type(exc).__name__}: "
+                                                f"{ckpt._first_line(exc)}")) from exc
+
+
 def load(name: str, weights: str, *, model_args: dict[str, Any] | None = None,
          trust_pickle: bool = False, size: int | None = None) -> Built:
     """Build ``timm/name`` with ``weights`` (see the module docstring)."""
@@ -115,15 +179,7 @@ def load(name: str, weights: str, *, model_args: dict[str, Any] | None = None,
         probe = _create(name, kwargs, pretrained=False)
     checkpoint = None
     if spec.upper() == "DEFAULT":
-        try:
-            model = _create(name, kwargs, pretrained=True)
-        except UsageError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - hub / network / cache errors of all kinds
-            raise SetupError(
-                f"--weights DEFAULT: cannot load timm's pretrained weights for {name} "
-                f"({type(exc).__name__}: {ckpt._first_line(exc)}); offline? Use --weights "
-                "PATH for a local checkpoint, or --weights none") from exc
+        model = _pretrained(name, kwargs)
         tag = getattr(model, "pretrained_cfg", {}).get("tag")
         label = f"timm pretrained {name if '.' in name or not tag else f'{name}.{tag}'}"
         identity = f"timm:{label}"
