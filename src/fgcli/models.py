@@ -344,7 +344,7 @@ def source_of(spec: str) -> str:
     spec = spec.strip()
     if spec.startswith("timm/"):
         return "timm"
-    if ":" in spec:
+    if ":" in spec or spec.endswith(".py"):
         return "code"
     if spec.lower().endswith((".pt", ".pth", ".pkl", ".bin", ".ckpt")) or os.sep in spec:
         return "pickle"

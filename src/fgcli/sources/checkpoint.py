@@ -42,6 +42,10 @@ from fgcli.errors import SetupError
 # torch.save's own bookkeeping keys: missing or extra ones never decide a fit
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 _MAX_DEPTH = 4  # how deep wrappers are searched for state dicts
+# what the unpickler says of bytes that are no pickle at all (as opposed to a pickle of
+# objects it may not build)
+_NOT_A_PICKLE = ("Unsupported operand", "invalid load key", "truncated", "could not find MARK",
+                 "unpickling stack underflow")
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,9 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False,
         obj = torch.load(p, map_location="cpu", weights_only=True)
         kind = "state_dict"
     except pickle.UnpicklingError as exc:
+        if any(marker in str(exc) for marker in _NOT_A_PICKLE):
+            raise SetupError(f"{option}: {p}: not a readable checkpoint (not a torch.save "
+                             "file, or a damaged one)") from exc
         if not trust_pickle:
             raise SetupError(_pickle_message(p, option, exc)) from exc
         try:

@@ -221,7 +221,7 @@ def load(spec: str, weights: str, *, model_args: dict[str, Any] | None = None,
     """
     kwargs = dict(model_args or {})
     module: ModuleType | None = None
-    if ":" in spec:
+    if ":" in spec or spec.endswith(".py"):
         factory, module, identity = _factory(spec)
         model = _call(factory, kwargs, spec)
         source, where = "code", spec.rpartition(":")[0]
