@@ -261,6 +261,29 @@ def test_whole_pickled_model_is_refused_then_allowed(resnet7, tmp_path):
     assert json.loads((out / "run.json").read_text())["source"] == "pickle"
 
 
+def test_foreign_objects_beside_the_weights_are_skipped_not_run(resnet7, tmp_path):
+    """timm's train checkpoints keep their argparse.Namespace; a custom class in the file
+    must not be instantiated (its code never runs) and the weights still load."""
+    import argparse
+
+    torch.save({"state_dict": resnet7.state_dict(), "epoch": 9,
+                "args": argparse.Namespace(model="resnet18", lr=0.1),
+                "trap": _Trap()}, tmp_path / "train.pth.tar")
+    _Trap.built = 0
+    loaded = load_model("resnet18", str(tmp_path / "train.pth.tar"))
+    assert same_weights(loaded.model, resnet7) and _Trap.built == 0
+    assert loaded.checkpoint["kind"] == "state_dict (other objects skipped)"
+
+
+class _Trap:
+    """Counts how often unpickling builds it."""
+
+    built = 0
+
+    def __setstate__(self, state):
+        type(self).built += 1
+
+
 def test_state_dict_given_as_model_says_what_to_do(resnet7, tmp_path):
     torch.save(resnet7.state_dict(), tmp_path / "sd.pth")
     result = invoke(["dump", PHOTO, "-m", str(tmp_path / "sd.pth"), "--size", "64",

@@ -14,6 +14,10 @@ What people actually have on disk, and how each is read:
   ``torch.compile``'s ``_orig_mod.``, any combination): the prefix is *found*, not
   guessed: the one after which the most keys are keys of the architecture;
 * ``.safetensors``: read with the ``safetensors`` package (tensors only, by design);
+* checkpoints that also pickle other objects (timm's train checkpoints keep their
+  ``argparse.Namespace``): read with torch's weights-only allowlist, every other class
+  the file names replaced by an inert stand-in, so nothing from the file runs and the
+  state dicts come out;
 * a whole pickled model (``torch.save(model)``): refused, because unpickling it runs
   code named in the file; ``trust_pickle`` (``--trust-pickle``) loads it with
   ``weights_only=False`` and takes the module's own state_dict (or the module itself,
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import types
 import zipfile
 from collections import Counter
 from collections.abc import Mapping
@@ -130,6 +135,12 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False,
             raise SetupError(f"{option}: {p}: not a readable checkpoint (not a torch.save "
                              "file, or a damaged one)") from exc
         if not trust_pickle:
+            found = _tensors_only(p)  # e.g. timm's train checkpoints with argparse args
+            if found is None:
+                raise SetupError(_pickle_message(p, option, exc)) from exc
+            entries = tuple(_state_dicts(found))
+            if entries:
+                return Checkpoint(p, entries, kind="state_dict (other objects skipped)")
             raise SetupError(_pickle_message(p, option, exc)) from exc
         try:
             obj = torch.load(p, map_location="cpu", weights_only=False)
@@ -152,6 +163,75 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False,
     return Checkpoint(p, entries, module, kind)
 
 
+class _Skipped(dict):
+    """Stands in for an object of a class the file names but that is not an allowed
+    tensor container (``argparse.Namespace``, a config class): built from nothing, its
+    state kept aside, none of its code run. A dict, so a pickled dict subclass fills it
+    harmlessly; its items are never taken for weights (see ``_state_dicts``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["skipped_state"] = state
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Skipped:
+        return _Skipped()
+
+
+def _tensors_only(path: Path) -> Any | None:
+    """The file unpickled with only torch's weights-only allowlist available: every
+    other class it names becomes a :class:`_Skipped` stand-in, so no code from the file
+    runs. None when the file holds a whole pickled module (refused on purpose: load
+    those with --trust-pickle) or when torch's allowlist cannot be reached."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = _get_allowed_globals()
+    except Exception:  # noqa: BLE001 - a private helper: absent in other torch versions
+        return None
+    modules: list[str] = []
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            known = allowed.get(f"{module}.{name}")
+            if known is not None:
+                return known
+            if module.startswith("torch.nn.modules") or name.endswith(("Net", "Model")):
+                modules.append(f"{module}.{name}")
+            return type(name, (_Skipped,), {})
+
+    stand_in = types.ModuleType("fgcli_tensors_only")
+    stand_in.Unpickler = Unpickler  # type: ignore[attr-defined]
+    stand_in.load = lambda f, **kw: Unpickler(f, **kw).load()  # type: ignore[attr-defined]
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=stand_in)
+    except Exception:  # noqa: BLE001 - anything odd: refuse as before
+        return None
+    if modules or _holds_module_state(obj):
+        return None
+    return obj
+
+
+def _holds_module_state(obj: Any, depth: int = 0) -> bool:
+    """Whether a stand-in holds an ``nn.Module``'s pickled state (``_parameters``...)."""
+    if depth > _MAX_DEPTH:
+        return False
+    if isinstance(obj, _Skipped):
+        state = obj.__dict__.get("skipped_state")
+        if isinstance(state, Mapping) and "_parameters" in state and "_modules" in state:
+            return True
+    if isinstance(obj, Mapping):
+        return any(_holds_module_state(v, depth + 1) for v in obj.values())
+    return False
+
+
 def _find_module(obj: Any, depth: int = 0) -> nn.Module | None:
     """A whole model in a (trusted) pickle: the object itself or a wrapper's entry."""
     if isinstance(obj, nn.Module):
@@ -168,6 +248,8 @@ def _state_dicts(obj: Any, entry: str = "", depth: int = 0):
     """Every dict of tensors inside ``obj`` (its tensor entries), with its entry path."""
     if not isinstance(obj, Mapping) or depth > _MAX_DEPTH:
         return
+    if isinstance(obj, _Skipped):
+        return  # an object the file named: not a container of weights
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if tensors:
         yield entry, tensors
