@@ -562,3 +562,9 @@ def test_check_on_a_timm_model_and_a_table():
     assert table.exit_code == 0, table.output
     rows = [line for line in table.stdout.splitlines() if " yes " in line]
     assert [r.split()[0] for r in rows] == ["timm/resnet18", "resnet18"]
+
+
+def test_a_timm_name_without_the_prefix_gets_a_hint():
+    result = invoke(["dump", PHOTO, "-m", "convnext_tiny.fb_in1k"])
+    assert result.exit_code == 2
+    assert "did you mean timm/convnext_tiny.fb_in1k?" in result.stderr

@@ -61,8 +61,19 @@ def check_model_name(name: str) -> str:
     if name in names:
         return name
     close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
+    if _is_timm_model(name):
+        close = [f"timm/{name}"]
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `fullgrad models`"
     raise UsageError(f"--model: unknown classifier {name!r}{hint}")
+
+
+def _is_timm_model(name: str) -> bool:
+    """Whether timm (if installed) knows ``name`` (for a hint on an unknown name)."""
+    try:
+        import timm
+    except ImportError:
+        return False
+    return bool(timm.is_model(name.partition(".")[0]))
 
 
 @dataclass(frozen=True)
