@@ -36,6 +36,9 @@ class ModelCheck:
     kinds: Counter = field(default_factory=Counter)
     map_layers: list[str] = field(default_factory=list)
     other_layers: list[str] = field(default_factory=list)
+    # why each layer outside the map is out (LayerInfo.excluded): reason -> layer names;
+    # reasons "vector", "ambiguous", "off-grid", "untracked"
+    excluded: dict[str, list[str]] = field(default_factory=dict)
     seconds_per_image: float = 0.0
     size: tuple[int, int] = (0, 0)
     error: str | None = None
@@ -67,6 +70,9 @@ def check_batch(model: torch.nn.Module, name: str, x: torch.Tensor,
     result.kinds = Counter(layer.kind for layer in dec.layers)
     result.map_layers = [layer.name for layer in dec.layers if layer.in_map]
     result.other_layers = [layer.name for layer in dec.layers if not layer.in_map]
+    for layer in dec.layers:
+        if layer.excluded is not None:
+            result.excluded.setdefault(layer.excluded, []).append(layer.name)
     return result
 
 

@@ -79,6 +79,18 @@ class LayerInfo:
         """Spatial layers enter the saliency map; all layers enter completeness."""
         return self.layout.spatial
 
+    @property
+    def excluded(self) -> str | None:
+        """Why the layer is not in the map (None if it is): ``vector`` ((N, K), a
+        classifier or pooled features), ``ambiguous`` (two readings of the shape fit the
+        input grid equally and nothing tracked it), ``off-grid`` (followed from the grid,
+        but no element is a pixel: a class token's own layers), ``untracked`` (no op
+        placed its elements on the grid, e.g. channel-by-channel attention)."""
+        if self.in_map:
+            return None
+        kind = self.layout.kind
+        return kind if kind in ("vector", "ambiguous", "off-grid") else "untracked"
+
 
 class Sink(Protocol):
     """Receives each layer's gradient and bias during the backward pass (and, for a
@@ -100,6 +112,8 @@ class _Record:
     hint: str | None  # layout implied by the op (nchw / nhwc) or None
     positions: Positions | None = None  # tracked pixel positions of the output
     images: torch.Tensor | None = None  # each element's image (broadcastable), if followed
+    off_grid: bool = False  # followed from the grid, but none of its elements is a pixel
+    tokens_agree: bool = False  # a token reading of the shape matches the positions
     info: LayerInfo | None = None
 
 
@@ -195,12 +209,13 @@ class BiasTracer(TorchFunctionMode):
     # -- backward ---------------------------------------------------------------
     def finalise(self, n: int, height: int, width: int) -> list[LayerInfo]:
         """Name the records (see :class:`LayerInfo`) once the forward pass is over."""
-        _complete_images(self.records)
+        by_shape = [layout_of(r.shape, n, height, width, r.hint) for r in self.records]
+        _host_checks(self.records, by_shape, n)
         per_module = Counter(r.module for r in self.records)
         per_op = Counter((r.module, r.op) for r in self.records)
         seen: Counter[tuple[str, str]] = Counter()
         infos = []
-        for r in self.records:
+        for r, shape_layout in zip(self.records, by_shape):
             key = (r.module, r.op)
             if per_module[r.module] == 1 and r.module:
                 name = r.module
@@ -210,7 +225,7 @@ class BiasTracer(TorchFunctionMode):
                     name = f"{name}.{seen[key]}"
             seen[key] += 1
             r.info = LayerInfo(name, r.module, r.op, r.kind, r.shape,
-                               _layout(r, n, height, width),
+                               _layout(r, shape_layout, n),
                                "images" if r.images is not None else "shape")
             if r.info.layout.kind != "tracked":
                 r.positions = None
@@ -230,24 +245,55 @@ class BiasTracer(TorchFunctionMode):
         self._sink.layer(index, rec.info, grad, bias, positions, images)
 
 
-def _complete_images(records: list[_Record]) -> None:
-    """Keep a record's image indices only where every element has one (one host sync)."""
-    known = [r for r in records if r.images is not None]
-    if not known:
+def _host_checks(records: list[_Record], by_shape: list[Layout], n: int) -> None:
+    """One host sync for all records: keep image indices only where every element has
+    one, mark tracked records none of whose elements is a pixel (``off_grid``), and
+    whether a token reading of a tracked record's shape puts every token where its
+    positions say (``tokens_agree``; Hiera's unrolled tokens are not row-major)."""
+    images = [r for r in records if r.images is not None]
+    tracked = [r for r in records if r.positions is not None]
+    tokens = [(r, s) for r, s in zip(records, by_shape) if r.positions is not None
+              and s.kind == "tokens" and s.grid == r.positions.grid]
+    if not images and not tracked:
         return
-    flags = torch.stack([(compact_index(r.images) >= 0).all() for r in known]).tolist()
-    for r, ok in zip(known, flags):
+    flags = torch.stack([(compact_index(r.images) >= 0).all() for r in images]
+                        + [(compact_index(r.positions.index) >= 0).any() for r in tracked]
+                        + [_tokens_agree(r, s, n) for r, s in tokens]).tolist()
+    for r, ok in zip(images, flags):
         if not ok:
             r.images = None
+    for r, ok in zip(tracked, flags[len(images):]):
+        if not ok:
+            r.positions, r.off_grid = None, True
+    for (r, _), ok in zip(tokens, flags[len(images) + len(tracked):]):
+        r.tokens_agree = bool(ok)
 
 
-def _layout(r: _Record, n: int, height: int, width: int) -> Layout:
+def _tokens_agree(r: _Record, layout: Layout, n: int) -> torch.Tensor:
+    """Whether tracked positions equal the row-major token reading (a 0-dim bool tensor)."""
+    index = compact_index(r.positions.index)
+    h, w = layout.grid
+    expected = torch.arange(n * h * w, device=index.device).view(n, h * w)
+    if layout.skip:
+        expected = torch.cat([expected.new_full((n, layout.skip), -1), expected], 1)
+    expected = expected.unsqueeze(-1) if layout.batch == "lead" else expected.t().unsqueeze(-1)
+    if index.dim() != 3 or expected.shape[:2] != index.shape[:2]:
+        return torch.tensor(False, device=index.device)
+    return (index == expected).all()
+
+
+def _layout(r: _Record, by_shape: Layout, n: int) -> Layout:
     """A layer's layout: the op's exact tag first, then a token sequence read from the
-    shape, then tracked pixel positions, then the shape alone (see ``layout_of``)."""
-    by_shape = layout_of(r.shape, n, height, width, r.hint)
-    if r.hint in ("nchw", "nhwc") or r.positions is None or len(r.shape) < 3:
+    shape where tracked positions agree with it, then tracked pixel positions, then the
+    shape alone (``by_shape``, see ``layout_of``)."""
+    if r.off_grid and by_shape.kind != "vector" and not (r.hint in ("nchw", "nhwc")
+                                                         and by_shape.spatial):
+        return Layout("off-grid", by_shape.batch)  # e.g. a class token's own layers
+    if r.positions is None or not r.shape:
         return by_shape
-    if by_shape.kind == "tokens" and by_shape.grid == r.positions.grid:
+    if r.hint in ("nchw", "nhwc") and by_shape.spatial:
+        return by_shape  # the op's own layout (not a conv on windows merged into the batch)
+    if by_shape.kind == "tokens" and r.tokens_agree:
         return by_shape  # the same reading, and cheaper to map
     # tracked tensors come from (N, ...) grid tensors by moves that keep the images in
     # dim 0, whole (N, ...) or image-major merged with windows (N * windows, ...): never

@@ -84,15 +84,24 @@ _ELEMENTWISE = (
             "__sub__", "__rsub__", "__isub__", "sub_", "subtract", "mul", "__mul__",
             "__rmul__", "__imul__", "mul_", "multiply", "div", "__truediv__", "__itruediv__",
             "div_", "true_divide", "divide", "where", "masked_fill", "prelu",
+            # eval-mode batch norm: a per-channel affine map of each element
+            "batch_norm",
         }
     )
 )
+# ops on (N, C, *spatial) that keep the spatial size: output pixel (i, j) sits where input
+# pixel (i, j) does (a stride-1 'same' conv or pooling on windows); channels mix
+_SAME_GRID = frozenset({"conv1d", "conv2d", "conv3d", "avg_pool1d", "avg_pool2d",
+                        "max_pool1d", "max_pool2d", "max_pool2d_with_indices"})
 _MIX_LAST = frozenset({"linear", "softmax", "log_softmax", "softmin", "normalize",
                        "layer_norm", "rms_norm"})
+# mixing ops whose every output element is its own input element rescaled by statistics
+# taken along ``dim``
+_RESCALE = frozenset({"softmax", "log_softmax", "softmin", "normalize"})
 _CONTRACT = frozenset({"matmul", "__matmul__", "bmm", "einsum"})
 _QUERY_FIRST = frozenset({"scaled_dot_product_attention", "multi_head_attention_forward"})
 _CONVERSIONS = frozenset({"to", "float", "double", "half", "bfloat16", "type_as"})
-TRACKED_OPS = _MOVES | _ELEMENTWISE | _MIX_LAST | _CONTRACT | _QUERY_FIRST
+TRACKED_OPS = _MOVES | _ELEMENTWISE | _MIX_LAST | _CONTRACT | _QUERY_FIRST | _SAME_GRID
 
 # a fresh position tensor is only worth starting where an op is about to lose the layout
 _GRID_TAGS = ("nchw", "nhwc")
@@ -227,6 +236,14 @@ def _rule(name: str, func: Any, args: tuple, kwargs: dict[str, Any], out: Any, g
         return get(x)
     if name in _ELEMENTWISE:
         return _elementwise(args, kwargs, first, get)
+    if name in _SAME_GRID:
+        x = args[0] if args else kwargs.get("input")
+        p = get(x)
+        if p is None or x.dim() < 3 or x.shape[0] != first.shape[0] or \
+                x.shape[2:] != first.shape[2:]:
+            return None
+        res = _mixed(p, [1], first.shape)
+        return [res, None] if isinstance(out, tuple) else res
     if name in _MIX_LAST:
         x = args[0] if args else kwargs.get("input")
         p = get(x)
@@ -243,7 +260,12 @@ def _rule(name: str, func: Any, args: tuple, kwargs: dict[str, Any], out: Any, g
             shape = kwargs.get("normalized_shape", args[1] if len(args) > 1 else None)
             k = len(tuple(shape)) if shape is not None else 1
             dims = list(range(-k, 0))
-        return _mixed(p, _dims(dims, x.dim()), first.shape)
+        res = _mixed(p, _dims(dims, x.dim()), first.shape)
+        if res is None and name in _RESCALE and get is positions_of:
+            # normalised across pixels (CoaT's key softmax over tokens, XCiT's normalize
+            # along tokens): each element is its own input element rescaled, at its pixel
+            res = p if p.index.shape == first.shape else None
+        return res
     if name in _QUERY_FIRST:
         q = args[0] if args else kwargs.get("query")
         p = get(q)
@@ -251,11 +273,17 @@ def _rule(name: str, func: Any, args: tuple, kwargs: dict[str, Any], out: Any, g
     if name == "einsum":
         return _einsum(args, first, get)
     a, b = (list(args[:2]) + [kwargs.get("other")])[:2]
-    p = get(a)
-    if p is None or not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) \
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) \
             or a.dim() < 2 or b.dim() < 2:
         return None
-    return _mixed(p, [a.dim() - 1], first.shape)
+    # a @ b: an output element sits at its row of ``a`` (the query's pixel, for attention
+    # scores and outputs) if ``a``'s positions are constant along the contracted dim,
+    # else at its column of ``b`` (``v @ attn.T`` with channels-first tokens)
+    pa, pb = get(a), get(b)
+    res = None if pa is None else _mixed(pa, [a.dim() - 1], first.shape)
+    if res is None and pb is not None:
+        res = _mixed(pb, [b.dim() - 2], first.shape)
+    return res
 
 
 def forget(t: Any) -> None:
@@ -431,9 +459,11 @@ def _elementwise(args: tuple, kwargs: dict[str, Any], out: torch.Tensor, get: Ge
     if any(p.grid != grid for p in known):
         return None
     # an activation operand of the output's full shape whose positions are unknown hides
-    # where the result's elements come from; smaller ones (per-channel scales) broadcast
+    # where the result's elements come from; smaller ones (per-channel scales) broadcast,
+    # and so do ones expanded to the full shape (MobileViT-v2's context vector)
     for x, p in zip(operands, found):
-        if p is None and x.shape == out.shape:
+        if p is None and x.shape == out.shape and not any(
+                x.stride(d) == 0 and x.shape[d] > 1 for d in range(x.dim())):
             return None
     index = _broadcast(known[0].index, out.shape)
     if index is None:
@@ -463,10 +493,11 @@ def _move(name: str, func: Any, args: tuple, kwargs: dict[str, Any],
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
             p = get(leaf)
             if p is None:
-                if name not in ("cat", "concat", "concatenate", "stack") \
-                        or ops.is_activation(leaf):
-                    return None  # image features from an unknown place, or not a pure move
-                # a constant joined in (a class token): not a pixel
+                if name not in ("cat", "concat", "concatenate", "stack"):
+                    return None  # image features from an unknown place
+                # a constant joined in (a class token), or features no rule placed (a
+                # grid tensor would have been given positions when the op started):
+                # not on the grid
                 new.append(torch.full(leaf.shape, OFF_GRID, dtype=torch.long,
                                       device=leaf.device))
                 continue

@@ -25,9 +25,9 @@ class Layout:
 
     kind: ``nchw`` / ``nhwc`` / ``tokens`` / ``tracked`` (spatial, enters the map;
     ``tracked``: each element's pixel is known from :mod:`fgcli.engine.positions`), ``vector``
-    (N, K), ``other`` (any other shape: counted for completeness, not mapped) or
+    (N, K), ``other`` (any other shape: counted for completeness, not mapped),
     ``ambiguous`` (two readings fit the input grid equally well; left out of the
-    map rather than guessed).
+    map rather than guessed) or ``off-grid`` (tracked, but no element is a pixel).
     batch: ``lead`` (dim 0 is the batch), ``dim:<d>`` (the unique dim of size N),
     ``merged`` (dim 0 is the batch times a factor, batch-major, e.g. attention
     windows) or ``unknown``.
