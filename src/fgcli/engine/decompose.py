@@ -112,6 +112,7 @@ class _Record:
     hint: str | None  # layout implied by the op (nchw / nhwc) or None
     positions: Positions | None = None  # tracked pixel positions of the output
     images: torch.Tensor | None = None  # each element's image (broadcastable), if followed
+    images_lead: bool = False  # followed, and the batch is dim 0 (no index needed)
     off_grid: bool = False  # followed from the grid, but none of its elements is a pixel
     tokens_agree: bool = False  # a token reading of the shape matches the positions
     info: LayerInfo | None = None
@@ -201,9 +202,12 @@ class BiasTracer(TorchFunctionMode):
         index = len(self.records)
         module = self._stack[-1] if self._stack else ""
         images = images_of(out)
+        # plain batch-in-dim-0 indices need no tensor: the shape's leading batch is exact
+        lead = self._positions is not None and self._positions.is_lead(images)
         self.records.append(_Record(module, op.strip("_"), kind, tuple(out.shape), bias,
                                     getattr(out, ops.LAYOUT_ATTR, None), positions_of(out),
-                                    None if images is None else images.index))
+                                    None if images is None or lead else images.index,
+                                    images_lead=lead))
         out.register_hook(lambda grad, i=index: self._on_grad(i, grad))
 
     # -- backward ---------------------------------------------------------------
@@ -226,7 +230,8 @@ class BiasTracer(TorchFunctionMode):
             seen[key] += 1
             r.info = LayerInfo(name, r.module, r.op, r.kind, r.shape,
                                _layout(r, shape_layout, n),
-                               "images" if r.images is not None else "shape")
+                               "images" if r.images is not None or r.images_lead
+                               else "shape")
             if r.info.layout.kind != "tracked":
                 r.positions = None
             infos.append(r.info)

@@ -177,15 +177,73 @@ class PositionTracker:
 
     def start_images(self, x: torch.Tensor) -> None:
         """Image indices of the input batch: element [j, ...] belongs to image j."""
-        base = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
-        setattr(x, IMG_ATTR, Positions(base.view(-1, *([1] * (x.dim() - 1))).expand(x.shape),
-                                       IMAGE_GRID))
+        self._n = x.shape[0]
+        self._device = x.device
+        self._bases: dict[int, torch.Tensor] = {}  # k -> arange(n).repeat_interleave(k)
+        self._base_k: dict[int, int] = {}  # data_ptr of a base -> its k
+        self._lead: dict[tuple[torch.Size, int], Positions] = {}  # read-only, shared
+        setattr(x, IMG_ATTR, self._block_images(x.shape, 1))
+
+    def _block_images(self, shape: torch.Size, k: int) -> Positions:
+        """Image indices of a tensor whose dim 0 is the batch merged batch-major with k
+        blocks per image (k = 1: the plain batch): row r belongs to image r // k."""
+        p = self._lead.get((shape, k))
+        if p is None:
+            base = self._bases.get(k)
+            if base is None:
+                base = torch.arange(self._n, device=self._device, dtype=torch.int32)
+                base = self._bases[k] = base.repeat_interleave(k)
+                self._base_k[base.data_ptr()] = k
+            p = self._lead[(shape, k)] = lead_images(base, shape)
+        return p
+
+    def block_of(self, p: Positions | None) -> int | None:
+        """k if image indices are those of :meth:`_block_images` (told from strides and
+        the data pointer, no tensor work), else None."""
+        if p is None or not hasattr(self, "_base_k"):
+            return None
+        index = p.index
+        if index.dim() == 0 or index.stride(0) != 1 or any(index.stride()[1:]):
+            return None
+        k = self._base_k.get(index.data_ptr())
+        return k if k is not None and index.shape[0] == self._n * k else None
+
+    def is_lead(self, p: Positions | None) -> bool:
+        """Whether image indices are the plain batch-in-dim-0 ones (element [j, ...] of
+        image j)."""
+        return self.block_of(p) == 1
+
+    def _follow_images(self, name: str, func: Any, args: tuple, kwargs: dict[str, Any],
+                       leaves: list[Any], out: Any) -> None:
+        """Image indices for the op's outputs. Batch-major merged inputs (plain batch or
+        windows, all with the same k) skip the rules where the op keeps rows of dim 0
+        (per-sample, elementwise, mixing along other dims, batched products, moves that
+        leave dim 0 alone) or reshapes: their outputs are batch-major merged too, with
+        k = rows / N (a reshape keeps the flat order, and each image's elements are one
+        contiguous block of it). Most ops of most models take this path."""
+        acts = [x for x in leaves if ops.is_activation(x)]
+        ks = {self.block_of(images_of(x)) for x in acts}
+        if len(ks) == 1 and None not in ks:
+            k = ks.pop()
+            outs = [out] if isinstance(out, torch.Tensor) else \
+                [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+            outs = [o for o in outs if ops.is_activation(o)]
+            if name in _RESHAPES:
+                ok = all(o.dim() > 0 and o.shape[0] % self._n == 0 for o in outs)
+            else:
+                ok = all(o.dim() > 0 and o.shape[0] == self._n * k for o in outs) and \
+                    _keeps_rows(name, args, kwargs, acts)
+            if ok and outs:
+                for o in outs:
+                    setattr(o, IMG_ATTR, self._block_images(o.shape, o.shape[0] // self._n))
+                return
+        _follow_images(name, func, args, kwargs, leaves, out)
 
     def after(self, name: str, func: Any, args: tuple, kwargs: dict[str, Any],
               leaves: list[Any], out: Any) -> None:
         """Give the op's activation outputs image indices and, if its inputs have (or can
         get) them, pixel positions."""
-        _follow_images(name, func, args, kwargs, leaves, out)
+        self._follow_images(name, func, args, kwargs, leaves, out)
         if name not in TRACKED_OPS:
             if ops.is_inplace(name, kwargs):  # changed in place by an op we cannot follow
                 forget(out)
@@ -329,6 +387,59 @@ _IMAGE_ELEMENTWISE = frozenset(
 # moves by index: rerunning them on the image index is exact
 _IMAGE_MOVES = frozenset({"gather", "index_select", "take_along_dim", "repeat_interleave",
                           "diagonal", "unfold"})
+
+
+def lead_images(base: torch.Tensor, shape: torch.Size) -> Positions:
+    """Plain image indices for a tensor of ``shape`` whose dim 0 is the batch."""
+    return Positions(base.view(-1, *([1] * (len(shape) - 1))).expand(shape), IMAGE_GRID)
+
+
+def _keeps_rows(name: str, args: tuple, kwargs: dict[str, Any], acts: list[torch.Tensor]
+                ) -> bool:
+    """Whether the op maps row r of dim 0 of its activation inputs to row r of its
+    outputs (given that all have the same size in dim 0)."""
+    x = acts[0]
+    if name in _PER_SAMPLE or name in _ELEMENTWISE or name in _IMAGE_ELEMENTWISE or \
+            name in ("contiguous", "clone"):
+        return name != "glu" or _arg_dim(args, kwargs, 1, -1, x.dim()) != 0
+    if name in ("linear", "layer_norm", "rms_norm"):  # mix the last dim(s) only
+        shape = kwargs.get("normalized_shape", args[1] if len(args) > 1 else None)
+        k = 1 if name == "linear" or shape is None else len(tuple(shape))
+        return x.dim() > k
+    if name in ("softmax", "log_softmax", "softmin"):
+        return _arg_dim(args, kwargs, 1, None, x.dim()) not in (0, None)
+    if name == "normalize":
+        return _arg_dim(args, kwargs, 2, 1, x.dim()) not in (0, None)
+    if name in ("matmul", "__matmul__", "bmm", "scaled_dot_product_attention"):
+        return all(t.dim() >= 3 for t in acts)  # batched: dim 0 is a batch dim
+    if name == "permute":
+        dims = args[1:] if len(args) > 2 else kwargs.get("dims", args[1] if len(args) > 1
+                                                         else None)
+        return bool(dims) and isinstance(dims[0], int) and dims[0] % x.dim() == 0
+    if name in ("transpose", "swapaxes", "swapdims"):
+        d = [v for v in list(args[1:3]) + [kwargs.get("dim0"), kwargs.get("dim1")]
+             if isinstance(v, int)]
+        return len(d) == 2 and all(v % x.dim() != 0 for v in d)
+    if name == "roll":
+        dims = kwargs.get("dims", args[2] if len(args) > 2 else None)
+        if dims is None:
+            return False
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        return all(v % x.dim() != 0 for v in dims)
+    if name in ("chunk", "split", "unbind"):
+        return _arg_dim(args, kwargs, 1 if name == "unbind" else 2, 0, x.dim()) \
+            not in (0, None)
+    if name == "pad":
+        pad = kwargs.get("pad", args[1] if len(args) > 1 else None)
+        return pad is not None and len(pad) // 2 < x.dim()
+    return False
+
+
+def _arg_dim(args: tuple, kwargs: dict[str, Any], pos: int, default: Any, ndim: int
+             ) -> int | None:
+    """An op's ``dim`` argument (keyword or positional), as a non-negative int."""
+    dim = kwargs.get("dim", args[pos] if len(args) > pos else default)
+    return dim % ndim if isinstance(dim, int) and ndim else None
 
 
 def _follow_images(name: str, func: Any, args: tuple, kwargs: dict[str, Any],
@@ -512,14 +623,12 @@ def _move(name: str, func: Any, args: tuple, kwargs: dict[str, Any],
     if name in ("contiguous", "clone"):  # same values: keep the (zero-stride) view
         return Positions(next(x for x in new if isinstance(x, torch.Tensor)), grid)
     a, k = pytree.tree_unflatten(new, spec)
-    if name in ("view", "view_as"):
-        # the features were viewable, but a position tensor kept as a zero-stride view
-        # through ``contiguous`` may not be: reshape gives the same elements
-        func = torch.reshape if name == "view" else torch.Tensor.reshape_as
-        if name == "view" and len(a) == 2 and isinstance(a[1], torch.dtype):
+    if name in _RESHAPES:
+        first = out if isinstance(out, torch.Tensor) else None
+        if first is None or (name == "view" and any(isinstance(v, torch.dtype) for v in a)):
             return None
-        a = (a[0], tuple(a[1]) if len(a) == 2 and isinstance(a[1], (tuple, list, torch.Size))
-             else tuple(a[1:])) if name == "view" else a
+        # the features' own shape; never materialise dims broadcast before and after
+        return Positions(_reshape_index(a[0], first.shape), grid)
     if name == "pad":
         mode = k.get("mode", a[2] if len(a) > 2 else "constant")
         if mode != "constant":
@@ -532,6 +641,51 @@ def _move(name: str, func: Any, args: tuple, kwargs: dict[str, Any],
     if isinstance(res, (tuple, list)):
         return [Positions(r, grid) if isinstance(r, torch.Tensor) else None for r in res]
     return None
+
+
+_RESHAPES = frozenset({"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten"})
+
+
+def _reshape_index(index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``index.reshape(shape)`` that keeps broadcast dims broadcast.
+
+    An index is mostly zero-stride (channels; for image indices everything but the
+    batch), and ``reshape`` copies the whole tensor as soon as one merge is not a view
+    (Swin's windows merge the batch with window rows and columns). Dims are matched in
+    groups whose sizes multiply to the same number; a group whose input dims are all
+    broadcast stays broadcast, and only the other groups are materialised. Also works
+    where ``view`` would not (an index kept as a view through ``contiguous``).
+    """
+    a, b = tuple(index.shape), tuple(shape)
+    if index.numel() == 0 or 0 in b or all(index.stride(d) for d in range(len(a))):
+        return index.reshape(b)
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        gi, gj, pa, pb = [i], [j], a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                gi.append(i)
+                pa, i = pa * a[i], i + 1
+            elif pb < pa and j < len(b):
+                gj.append(j)
+                pb, j = pb * b[j], j + 1
+            else:
+                return index.reshape(b)
+        groups.append((gi, gj))
+    if not groups or any(a[d] != 1 for d in range(i, len(a))) or \
+            any(b[d] != 1 for d in range(j, len(b))):
+        return index.reshape(b)
+    small = list(b)
+    compact = index
+    for gi, gj in groups:
+        if all(index.stride(d) == 0 or a[d] == 1 for d in gi):
+            for d in gi:
+                compact = compact.narrow(d, 0, 1)
+            for d in gj:
+                small[d] = 1
+    return compact.reshape(small).expand(b)
 
 
 def _einsum(args: tuple, out: torch.Tensor, get: Getter) -> Positions | None:
