@@ -2,7 +2,9 @@
 
     OMP_WAIT_POLICY=PASSIVE python scripts/tracking_cost.py swin_t maxvit_t vit_b_16 resnet50
 
-Without tracking, windowed attention layers are left out of the map (the maps differ);
+"Tracking" is everything fgcli.engine.positions follows: pixel positions and each
+element's image (the per-image split of bias terms). Without it, windowed attention layers
+are left out of the map and terms are split between images by shape (the results differ);
 this measures time only. Randomised weights (``--weights random``), batch 4 at 224.
 """
 

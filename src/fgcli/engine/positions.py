@@ -12,17 +12,25 @@ applied to the features is applied to the positions too:
 
 * moves (views, reshapes, permutes, transposes, rolls, slicing, chunking,
   concatenation, padding) run the same op on the position tensor; padding and
-  concatenated non-image tensors (a class token) get ``-1``, "not on the grid";
-* elementwise ops keep the positions (broadcast to the output's shape; two
-  position-carrying operands must agree element by element, else ``-1``);
+  concatenated tensors no rule placed (a class token) get ``-1``, "not on the grid";
+* elementwise ops (eval-mode batch norm among them: LeViT's norms on tokens flattened
+  to (N * L, C)) keep the positions (broadcast to the output's shape; two
+  position-carrying operands must agree element by element, else ``-1``; an operand
+  without positions may only be smaller or broadcast, like a per-channel scale);
 * ops that mix along some dims (linear layers, layer norms and softmax over the
   last dim, ``normalize``) need the positions to be constant along those dims, as
-  they are along channels; rows where they are not get ``-1``;
+  they are along channels; rows where they are not get ``-1``. A softmax or
+  ``normalize`` across pixels (CoaT's keys, XCiT's queries) rescales each element
+  in place: it keeps its pixel;
+* convolutions and pooling that keep the spatial size of (N, C, h, w) windows
+  merged into the batch (EfficientViT-M) keep each window pixel's position;
 * products that contract a dim (``matmul``, ``einsum``, attention): an output
   element takes the position of its row in the first operand, i.e. an attention
-  score or attention output belongs to its *query* pixel;
-* any other op (pooling, reductions, convolutions, ...) ends tracking; its
-  output is either a new grid tensor or not an image layout at all.
+  score or attention output belongs to its *query* pixel; where the first operand's
+  positions vary along the contracted dim, the column of the second operand
+  (``v @ attn.T`` with channels-first values);
+* any other op (strided pooling, reductions, strided convolutions, ...) ends
+  tracking; its output is either a new grid tensor or not an image layout at all.
 
 A tensor whose positions turn out to be entirely ``-1`` after a mixing op (e.g.
 Swin's patch merging, which concatenates four neighbouring pixels along channels)
@@ -31,6 +39,14 @@ is not tracked further; the next grid tensor starts afresh at its own resolution
 Position tensors are integer tensors on the features' device, mostly
 zero-stride views (channels are never materialised), built and moved without
 any host synchronisation except one check after a mixing op that is not free.
+
+**Image indices** follow, from the input on, which image every element belongs to
+(the same rules on a grid of one cell per image, plus per-sample ops such as
+convolutions and pooling, reductions, and class tokens or padding joined to an
+image's rows), so that the bias terms of any layout split exactly between the images
+of a batch. The common cases cost nothing: a batch in dim 0, or merged batch-major
+with windows (``k`` rows per image), is a shared view recognised by its strides, and
+ops that keep rows of dim 0 or reshape pass it on without any tensor work.
 """
 
 from __future__ import annotations
@@ -466,7 +482,7 @@ def _image_rule(name: str, func: Any, args: tuple, kwargs: dict[str, Any],
     if not isinstance(first, torch.Tensor):
         return None
     x = next((t for t in leaves if ops.is_activation(t)), None)
-    if name == "unfold" and func is torch.nn.functional.unfold or name in _PER_SAMPLE:
+    if (name == "unfold" and func is torch.nn.functional.unfold) or name in _PER_SAMPLE:
         p = images_of(x)
         if p is None or first.dim() == 0 or first.shape[0] != x.shape[0]:
             return None
@@ -474,8 +490,8 @@ def _image_rule(name: str, func: Any, args: tuple, kwargs: dict[str, Any],
         index = index.reshape(-1, *([1] * (first.dim() - 1)))
         res = Positions(index.expand(first.shape), IMAGE_GRID)
         return [res, None] if isinstance(out, tuple) else res
-    if name in _IMAGE_ELEMENTWISE or name in ("max", "min") and len(args) > 1 and \
-            isinstance(args[1], torch.Tensor):
+    if name in _IMAGE_ELEMENTWISE or (name in ("max", "min") and len(args) > 1
+                                      and isinstance(args[1], torch.Tensor)):
         return _elementwise(args, kwargs, first, images_of)
     if name in _REDUCTIONS and x is args[0] and not any(
             ops.is_activation(t) for t in leaves[1:]):
