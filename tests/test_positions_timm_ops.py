@@ -95,6 +95,6 @@ def test_excluded_reasons_and_check_field():
     model = HybridBlock().double()
     x = random_images(N, size=H, dtype=torch.float64)
     result = check_batch(model, "hybrid", x, ["a", "b"])
-    assert result.excluded == {"vector": ["head"]}
+    assert result.excluded == {"vector": ["head"]} and result.split_by_shape == []
     assert set(result.map_layers) | {"head"} == {
         layer for layer in result.map_layers + result.other_layers}

@@ -39,6 +39,9 @@ class ModelCheck:
     # why each layer outside the map is out (LayerInfo.excluded): reason -> layer names;
     # reasons "vector", "ambiguous", "off-grid", "untracked"
     excluded: dict[str, list[str]] = field(default_factory=dict)
+    # layers whose terms were split between images by reading the batch dim off the
+    # shape, not by followed image indices (LayerInfo.split == "shape"); empty normally
+    split_by_shape: list[str] = field(default_factory=list)
     seconds_per_image: float = 0.0
     size: tuple[int, int] = (0, 0)
     error: str | None = None
@@ -73,6 +76,8 @@ def check_batch(model: torch.nn.Module, name: str, x: torch.Tensor,
     for layer in dec.layers:
         if layer.excluded is not None:
             result.excluded.setdefault(layer.excluded, []).append(layer.name)
+    if n > 1:
+        result.split_by_shape = [layer.name for layer in dec.layers if layer.split == "shape"]
     return result
 
 
