@@ -568,3 +568,30 @@ def test_a_timm_name_without_the_prefix_gets_a_hint():
     result = invoke(["dump", PHOTO, "-m", "convnext_tiny.fb_in1k"])
     assert result.exit_code == 2
     assert "did you mean timm/convnext_tiny.fb_in1k?" in result.stderr
+
+
+def test_check_reports_why_layers_are_out_of_the_map():
+    result = invoke(["check", "-m", "timm/levit_128s", "--weights", "random"])
+    assert result.exit_code == 0, result.output
+    assert "not in the map, completeness only (4): vector 4" in result.stdout
+    assert "vector ((N, K) heads and pooled features: no grid): " in result.stdout
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("random(")]
+    assert len(rows) == 2 and all(row[-1] == "yes" for row in rows)
+    assert all(abs(float(row[-2])) < 1e-3 for row in rows)  # each image alone, exact too
+
+
+def test_check_fails_when_an_image_alone_is_not_exact(monkeypatch):
+    """A batch-dependent error (one image alone decomposes wrongly) fails the check."""
+    import dataclasses
+
+    from fgcli.engine import saliency
+
+    real = saliency.FullGrad.decompose
+
+    def off_when_alone(self, x, target=None):
+        dec = real(self, x, target)
+        return dataclasses.replace(dec, residual=dec.residual + 1.0) if len(x) == 1 else dec
+
+    monkeypatch.setattr(saliency.FullGrad, "decompose", off_when_alone)
+    result = invoke(["check", "-m", "resnet18", "--weights", "random", "--size", "32"])
+    assert result.exit_code == 1 and result.stdout.count(" NO") == 2

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from fgcli.config import DEFAULT_MAX_PIXELS
 from fgcli.engine.ops import CLOSED_FORM_KINDS, IMPLICIT_KINDS
 
 TOLERANCE = 1e-4  # |residual| <= TOLERANCE * max(1, |logit|), float32
@@ -23,10 +26,26 @@ class ImageCheck:
     logit: float
     total: float  # input term + every bias term
     residual: float
+    # the same image decomposed on its own (batch of one): its residual, and whether its
+    # logit and target equal the batch's (None: not run)
+    alone: float | None = None
+    alone_agrees: bool = True
+
+    def _within(self, residual: float) -> bool:
+        return abs(residual) <= TOLERANCE * max(1.0, abs(self.logit))
 
     @property
     def ok(self) -> bool:
-        return abs(self.residual) <= TOLERANCE * max(1.0, abs(self.logit))
+        alone = self.alone is None or (self._within(self.alone) and self.alone_agrees)
+        return self._within(self.residual) and alone
+
+    @property
+    def worst(self) -> float:
+        """The larger |residual| / max(1, |logit|) of the batch run and the run alone."""
+        worst = abs(self.residual)
+        if self.alone is not None:
+            worst = max(worst, abs(self.alone))
+        return worst / max(1.0, abs(self.logit))
 
 
 @dataclass
@@ -45,6 +64,7 @@ class ModelCheck:
     seconds_per_image: float = 0.0
     size: tuple[int, int] = (0, 0)
     error: str | None = None
+    weights: str = ""  # what was loaded (for the report)
 
     @property
     def ok(self) -> bool:
@@ -52,13 +72,14 @@ class ModelCheck:
 
     @property
     def worst(self) -> float:
-        return max((abs(i.residual) / max(1.0, abs(i.logit)) for i in self.images),
-                   default=float("nan"))
+        return max((i.worst for i in self.images), default=float("nan"))
 
 
 def check_batch(model: torch.nn.Module, name: str, x: torch.Tensor,
-                labels: list[str]) -> ModelCheck:
-    """Decompose every image of ``x`` and compare the terms' sum with its logit."""
+                labels: list[str], alone: bool = True) -> ModelCheck:
+    """Decompose every image of ``x`` and compare the terms' sum with its logit; with
+    ``alone`` (and more than one image), also each image on its own, which must give the
+    same logit and an exact decomposition too (batch-dependent bugs show there)."""
     from fgcli import FullGrad
 
     result = ModelCheck(name, size=(int(x.shape[2]), int(x.shape[3])))
@@ -68,8 +89,14 @@ def check_batch(model: torch.nn.Module, name: str, x: torch.Tensor,
     n = len(x)
     total = dec.logit.double() - dec.residual  # the residual is logit - input - bias terms
     for j in range(n):
-        result.images.append(ImageCheck(labels[j], int(dec.target[j]), float(dec.logit[j]),
-                                        float(total[j]), float(dec.residual[j])))
+        image = ImageCheck(labels[j], int(dec.target[j]), float(dec.logit[j]),
+                           float(total[j]), float(dec.residual[j]))
+        if alone and n > 1:
+            one = FullGrad(model).decompose(x[j:j + 1], target=dec.target[j:j + 1])
+            image.alone = float(one.residual[0])
+            image.alone_agrees = abs(float(one.logit[0]) - image.logit) <= \
+                TOLERANCE * max(1.0, abs(image.logit))
+        result.images.append(image)
     result.kinds = Counter(layer.kind for layer in dec.layers)
     result.map_layers = [layer.name for layer in dec.layers if layer.in_map]
     result.other_layers = [layer.name for layer in dec.layers if not layer.in_map]
@@ -90,14 +117,36 @@ def random_inputs(size: tuple[int, int], n: int = 2, seed: int = 1
     return calibration_batch(size, seed=seed, n=n), [f"random(seed={seed})#{i}" for i in range(n)]
 
 
-def check_model(name: str, weights: str = "random", device: torch.device | str = "cpu", *,
-                size: int | None = None, smallest: bool = False) -> ModelCheck:
-    """Load ``name`` and check its decomposition on :func:`random_inputs` (``check --all``)."""
+def check_model(spec: str, weights: str = "random", device: torch.device | str = "cpu", *,
+                size: int | None = None, smallest: bool = False,
+                model_args: dict[str, Any] | None = None, trust_pickle: bool = False,
+                images: Sequence[str] = (), alone: bool = True) -> ModelCheck:
+    """Load a model (any ``--model`` form) and check its decomposition on ``images``, or
+    on :func:`random_inputs` without them (``alone``: each image on its own too, see
+    :func:`check_batch`). Raises UsageError for an image that cannot be read, SetupError /
+    UsageError for the model."""
+    from fgcli.config import UsageError
+    from fgcli.data import DecodeError, decode, preprocess
     from fgcli.models import load_model
 
-    loaded = load_model(name, weights, size=size, smallest=smallest)
-    x, labels = random_inputs(loaded.preprocessing.size)
-    return check_batch(loaded.model.to(device), loaded.name, x.to(device), labels)
+    loaded = load_model(spec, weights, size=size, smallest=smallest, model_args=model_args,
+                        trust_pickle=trust_pickle)
+    proc = loaded.preprocessing
+    if images:
+        batch = []
+        for path in images:
+            try:
+                x, _ = preprocess(decode(path, DEFAULT_MAX_PIXELS), proc.size, proc.crop,
+                                  proc.resize, proc.mean, proc.std, proc.interpolation)
+            except DecodeError as exc:
+                raise UsageError(f"{path}: {exc}") from exc
+            batch.append(x)
+        x, labels = torch.stack(batch), list(images)
+    else:
+        x, labels = random_inputs(proc.size)
+    result = check_batch(loaded.model.to(device), loaded.name, x.to(device), labels, alone)
+    result.weights = loaded.weights
+    return result
 
 
 def kind_summary(kinds: Counter) -> str:

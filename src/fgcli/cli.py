@@ -317,11 +317,8 @@ def _counts(groups: dict[str, list[str]]) -> str:
 def _run_check(images: list[str], models: list[str], weights: str, model_args: dict[str, Any],
                trust_pickle: bool, device: str, size: int | None, smallest: bool,
                all_models: bool) -> bool:
-    import torch
-
-    from fgcli.check import TOLERANCE, check_batch, kind_summary, random_inputs
-    from fgcli.data import DecodeError, decode, preprocess
-    from fgcli.models import SetupError, classifier_names, load_model
+    from fgcli.check import TOLERANCE, check_model, kind_summary
+    from fgcli.models import SetupError, classifier_names
     from fgcli.pipeline import resolve_device
 
     dev = resolve_device(device)
@@ -331,48 +328,34 @@ def _run_check(images: list[str], models: list[str], weights: str, model_args: d
         raise UsageError("--size and --smallest exclude each other")
     if images and len(models) != 1:
         raise UsageError("images are checked on one model: give one --model")
-
-    def load(name: str):
-        return load_model(name, weights, size=size, smallest=smallest, model_args=model_args,
-                          trust_pickle=trust_pickle)
-
-    def inputs(loaded) -> tuple[torch.Tensor, list[str]]:
-        proc = loaded.preprocessing
-        if not images:
-            x, labels = random_inputs(proc.size)
-            return x.to(dev), labels
-        batch = []
-        for path in images:
-            try:
-                x, _ = preprocess(decode(path, 178_956_970), proc.size, proc.crop,
-                                  proc.resize, proc.mean, proc.std, proc.interpolation)
-            except DecodeError as exc:
-                raise UsageError(f"{path}: {exc}") from exc
-            batch.append(x)
-        return torch.stack(batch).to(dev), list(images)
+    options = {"size": size, "smallest": smallest, "model_args": model_args,
+               "trust_pickle": trust_pickle}
 
     if len(models) == 1:
-        loaded = load(models[0])
-        x, labels = inputs(loaded)
-        result = check_batch(loaded.model.to(dev), loaded.name, x, labels)
-        typer.echo(f"model {loaded.name}  weights {loaded.weights}  device {dev}  "
-                   f"input {x.shape[2]}x{x.shape[3]}, batch {len(x)}  "
+        result = check_model(models[0], weights, dev, images=images, **options)
+        n = len(result.images)
+        typer.echo(f"model {result.model}  weights {result.weights}  device {dev}  "
+                   f"input {result.size[0]}x{result.size[1]}, batch {n}  "
                    f"tolerance {TOLERANCE:g} * max(1, |logit|)")
         typer.echo(f"{'image':32s} {'target':>6s} {'logit':>14s} {'sum of terms':>14s} "
-                   f"{'residual':>11s}  ok")
+                   f"{'residual':>11s} {'alone':>11s}  ok")
         for im in result.images:
+            alone = "-" if im.alone is None else f"{im.alone:.2e}"
+            if not im.alone_agrees:
+                alone += " (logit differs)"
             typer.echo(f"{im.name[-32:]:32s} {im.target:6d} {im.logit:14.6f} {im.total:14.6f} "
-                       f"{im.residual:11.2e}  {'yes' if im.ok else 'NO'}")
+                       f"{im.residual:11.2e} {alone:>11s}  {'yes' if im.ok else 'NO'}")
         typer.echo(f"bias-carrying ops: {sum(result.kinds.values())} "
                    f"({kind_summary(result.kinds)})")
         typer.echo(f"layers in the map ({len(result.map_layers)}): "
                    f"{', '.join(result.map_layers) or 'none'}")
-        excluded = getattr(result, "excluded", None) or {"": result.other_layers}
-        typer.echo(f"completeness only ({len(result.other_layers)}): "
-                   f"{'none' if not result.other_layers else ''}")
-        for reason, names in excluded.items():
-            if names:
-                typer.echo(f"  {reason + ': ' if reason else ''}{', '.join(names)}")
+        typer.echo(f"not in the map, completeness only ({len(result.other_layers)}): "
+                   f"{_counts(result.excluded)}")
+        for reason, names in result.excluded.items():
+            typer.echo(f"  {reason} ({_REASONS.get(reason, reason)}): {', '.join(names)}")
+        if result.split_by_shape:
+            typer.echo(f"split between images by shape ({len(result.split_by_shape)}): "
+                       f"{', '.join(result.split_by_shape)}")
         return result.ok
 
     names = classifier_names() if all_models else models
@@ -381,23 +364,29 @@ def _run_check(images: list[str], models: list[str], weights: str, model_args: d
     all_ok = True
     for name in names:
         try:
-            loaded = load(name)
-            x, labels = inputs(loaded)
-            result = check_batch(loaded.model.to(dev), loaded.name, x, labels)
+            result = check_model(name, weights, dev, **options)
         except (SetupError, UsageError, RuntimeError, ValueError, TypeError) as exc:
             all_ok = False
-            typer.echo(f"{name:28s} error: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+            text = str(exc).strip().splitlines()
+            typer.echo(f"{name:28s} error: {text[0] if text else type(exc).__name__}")
             continue
         all_ok &= result.ok
-        excluded = getattr(result, "excluded", None) or (
-            {"": result.other_layers} if result.other_layers else {})
         typer.echo(f"{name:28s} {result.size[0]:>3d}x{result.size[1]:<3d} {result.worst:9.1e} "
                    f"{'yes' if result.ok else 'NO':>3s} "
                    f"{sum(result.kinds.values()):5d} {len(result.map_layers):5d} "
-                   f"{result.seconds_per_image:6.2f}  {_counts(excluded)}; "
+                   f"{result.seconds_per_image:6.2f}  {_counts(result.excluded)}; "
                    f"{kind_summary(result.kinds)}")
-        del result, loaded
+        del result
     return all_ok
+
+
+# what each reason for leaving a layer out of the map means (LayerInfo.excluded)
+_REASONS = {
+    "vector": "(N, K) heads and pooled features: no grid",
+    "ambiguous": "two readings of the shape fit the grid and nothing tracked it",
+    "off-grid": "tracked, but none of its elements is a pixel (class-token layers)",
+    "untracked": "nothing placed its elements on the image grid",
+}
 
 
 @app.command()

@@ -22,6 +22,8 @@ All model state touched for the call (training flags, parameters'
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -396,8 +398,22 @@ def _rebuild(leaves: list[Any], spec: Any, act_idx: Sequence[int], new: Sequence
     return pytree.tree_unflatten(leaves, spec)
 
 
+@functools.cache
+def _load_jvp_decompositions() -> None:
+    """Load torch's forward-AD decompositions once, without the FutureWarning their
+    loading emits (they are built with the deprecated ``torch.jit.script``): a warning
+    about torch's internals on every run's stderr would only alarm cron mail."""
+    load = getattr(fwAD, "_maybe_load_decompositions", None)
+    if load is None:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.script")
+        load()
+
+
 def _jvp_forward(func, leaves, spec, act_idx, primals, out_idx, inplace: bool,
                  attention: bool) -> list[torch.Tensor | None]:
+    _load_jvp_decompositions()
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
         if attention:
