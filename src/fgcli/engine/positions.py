@@ -51,6 +51,8 @@ ops that keep rows of dim 0 or reshape pass it on without any tensor work.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
@@ -118,6 +120,10 @@ _CONTRACT = frozenset({"matmul", "__matmul__", "bmm", "einsum"})
 _QUERY_FIRST = frozenset({"scaled_dot_product_attention", "multi_head_attention_forward"})
 _CONVERSIONS = frozenset({"to", "float", "double", "half", "bfloat16", "type_as"})
 TRACKED_OPS = _MOVES | _ELEMENTWISE | _MIX_LAST | _CONTRACT | _QUERY_FIRST | _SAME_GRID
+# reductions over a dim whose elements are pixels: a tracked tensor keeps its place when
+# the reduced elements share a pixel (a channel reduction) or fill one s x s cell of a
+# grid s times coarser (Hiera's max-pooling of unrolled tokens); never a place to start
+_POOLING = frozenset({"amax", "amin", "max", "min", "mean", "sum"})
 
 # a fresh position tensor is only worth starting where an op is about to lose the layout
 _GRID_TAGS = ("nchw", "nhwc")
@@ -260,12 +266,14 @@ class PositionTracker:
         """Give the op's activation outputs image indices and, if its inputs have (or can
         get) them, pixel positions."""
         self._follow_images(name, func, args, kwargs, leaves, out)
-        if name not in TRACKED_OPS:
+        if name not in TRACKED_OPS and name not in _POOLING:
             if ops.is_inplace(name, kwargs):  # changed in place by an op we cannot follow
                 forget(out)
             return
         tensors = [x for x in leaves if ops.is_activation(x)]
         tracked = any(positions_of(x) for x in tensors)
+        if name in _POOLING and not tracked:
+            return
         if not tracked and _keeps_grid_tag(out):
             return  # the output's own tag still locates it: nothing to start
         for x in tensors:  # grid tensors join in (e.g. cat of a tracked and a tagged one)
@@ -305,6 +313,8 @@ def _rule(name: str, func: Any, args: tuple, kwargs: dict[str, Any], out: Any, g
     first = out[0] if isinstance(out, tuple) else out
     if not isinstance(first, torch.Tensor):
         return None
+    if name in _POOLING and name not in _ELEMENTWISE:
+        return _pooled(args, kwargs, out, get)
     if name in _CONVERSIONS:  # x.to(y), x.type_as(y): x's elements, whatever y is
         x = args[0] if args else None
         return get(x)
@@ -358,6 +368,46 @@ def _rule(name: str, func: Any, args: tuple, kwargs: dict[str, Any], out: Any, g
     if res is None and pb is not None:
         res = _mixed(pb, [b.dim() - 2], first.shape)
     return res
+
+
+def _pooled(args: tuple, kwargs: dict[str, Any], out: Any, get: Getter
+            ) -> Positions | list[Positions | None] | None:
+    """A reduction of a tracked tensor along ``dim``: at the common pixel of the reduced
+    elements, or at their common cell of a grid ``s`` times coarser when they are the
+    ``s * s`` pixels of one cell (pooling); None when they are neither."""
+    x = args[0] if args else kwargs.get("input")
+    p = get(x) if isinstance(x, torch.Tensor) else None
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if p is None or dim is None or isinstance(dim, torch.Tensor) or (
+            len(args) > 1 and isinstance(args[1], torch.Tensor)):
+        return None
+    first = out[0] if isinstance(out, tuple) else out
+    dims = _dims(dim, x.dim())
+    index = p.index.expand(x.shape)
+    common, compared = _collapse(index, dims)
+    grid = p.grid
+    if compared and not bool((common >= 0).any()):
+        k = 1
+        for d in dims:
+            k *= x.shape[d]
+        s = math.isqrt(k)
+        h, w = grid
+        if s < 2 or s * s != k or h % s or w % s or (h // s) * (w // s) < 2:
+            return None
+        pixel = index % (h * w)
+        cell = (index // (h * w)) * (h // s) * (w // s) + (pixel // w // s) * (w // s) \
+            + (pixel % w) // s
+        common, _ = _collapse(torch.where(index >= 0, cell, OFF_GRID), dims)
+        if not bool((common >= 0).any()):
+            return None
+        grid = (h // s, w // s)
+    if first.dim() != x.dim():  # keepdim=False
+        common = common.squeeze(tuple(dims))
+    common = _broadcast(common, first.shape)
+    if common is None:
+        return None
+    res = Positions(common, grid)
+    return [res, None] if isinstance(out, tuple) else res
 
 
 def forget(t: Any) -> None:
