@@ -353,6 +353,19 @@ def head_classes(state: Mapping[str, torch.Tensor], model_state: Mapping[str, to
     return found.most_common(1)[0][0]
 
 
+def file_identity(path: Path) -> str:
+    """A file's resolved path, size and modification time: changes when the file does
+    (part of the resume fingerprint, so new weights are never skipped as done)."""
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def describe(found: Checkpoint, fitted: Fit) -> dict[str, str]:
+    """What run.json records of a checkpoint: the file, its kind, the entry and prefix."""
+    return {"file": str(found.path), "kind": found.kind, "entry": fitted.entry,
+            "prefix": fitted.prefix}
+
+
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str, path: Path,
               option: str = "--weights") -> None:
     """``load_state_dict(strict)`` with a one-line error naming the architecture."""

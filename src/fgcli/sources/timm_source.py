@@ -200,11 +200,9 @@ def load(name: str, weights: str, *, model_args: dict[str, Any] | None = None,
         if classes is not None and "num_classes" not in kwargs:
             model = _create(name, kwargs, pretrained=False, num_classes=classes)
         ckpt.load_into(model, fitted.state, arch, path)
-        stat = path.stat()
         label = str(path)
-        identity = f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        checkpoint = {"file": str(path), "kind": found.kind, "entry": fitted.entry,
-                      "prefix": fitted.prefix}
+        identity = f"file:{ckpt.file_identity(path)}"
+        checkpoint = ckpt.describe(found, fitted)
     if kwargs:
         identity += ":" + repr(sorted(kwargs.items()))
     config = timm.data.resolve_model_data_config(model)

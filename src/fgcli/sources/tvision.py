@@ -140,7 +140,4 @@ def _from_file(name: str, path: Path, kwargs: dict[str, Any], trust_pickle: bool
     if extra:
         model = _build(name, kwargs, weights=None, **extra)
     ckpt.load_into(model, fitted.state, name, path)
-    stat = path.stat()
-    identity = f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    return model, str(path), identity, {"file": str(path), "kind": found.kind,
-                                        "entry": fitted.entry, "prefix": fitted.prefix}
+    return model, str(path), f"file:{ckpt.file_identity(path)}", ckpt.describe(found, fitted)

@@ -103,15 +103,13 @@ def _factory(spec: str) -> tuple[Any, ModuleType, str]:
     if where.endswith(".py") or "/" in where or "\\" in where:
         path = Path(where).expanduser()
         module = _import_file(path, spec)
-        stat = path.stat()
-        identity = f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{attr}"
+        identity = f"file:{ckpt.file_identity(path)}:{attr}"
     else:
         module = _import_module(where, spec)
         file = getattr(module, "__file__", None)
         identity = f"module:{where}:{attr}"
         if file and Path(file).is_file():
-            stat = Path(file).stat()
-            identity += f":{stat.st_size}:{stat.st_mtime_ns}"
+            identity += f":{ckpt.file_identity(Path(file))}"
     factory = getattr(module, attr, None)
     if factory is None:
         raise SetupError(f"--model {spec}: {where} has no {attr!r}")
@@ -235,8 +233,7 @@ def load(spec: str, weights: str, *, model_args: dict[str, Any] | None = None,
                              f"architecture with --model NAME (or file.py:factory) and "
                              f"this file with --weights {spec}")
         model = found.module
-        stat = path.stat()
-        identity = f"pickle:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        identity = f"pickle:{ckpt.file_identity(path)}"
         source, where = "pickle", spec
     model = model.cpu().float()
     info = _module_preprocessing(module, where)
@@ -251,11 +248,9 @@ def load(spec: str, weights: str, *, model_args: dict[str, Any] | None = None,
         found = ckpt.read_checkpoint(path, trust_pickle=trust_pickle)
         fitted = ckpt.fit(found, model.state_dict(), spec)
         ckpt.load_into(model, fitted.state, spec, path)
-        stat = path.stat()
-        identity += f":weights:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        identity += f":weights:{ckpt.file_identity(path)}"
         label = str(path)
-        checkpoint = {"file": str(path), "kind": found.kind, "entry": fitted.entry,
-                      "prefix": fitted.prefix}
+        checkpoint = ckpt.describe(found, fitted)
     if size is not None:
         info["size"] = (size, size)
     if "size" not in info:
