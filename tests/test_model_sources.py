@@ -262,26 +262,61 @@ def test_whole_pickled_model_is_refused_then_allowed(resnet7, tmp_path):
 
 
 def test_foreign_objects_beside_the_weights_are_skipped_not_run(resnet7, tmp_path):
-    """timm's train checkpoints keep their argparse.Namespace; a custom class in the file
-    must not be instantiated (its code never runs) and the weights still load."""
+    """timm's train checkpoints keep their argparse.Namespace; an object whose unpickling
+    would call a function of the file's choice must not call it, and the weights still
+    load without --trust-pickle."""
     import argparse
 
     torch.save({"state_dict": resnet7.state_dict(), "epoch": 9,
                 "args": argparse.Namespace(model="resnet18", lr=0.1),
                 "trap": _Trap()}, tmp_path / "train.pth.tar")
-    _Trap.built = 0
+    _TRAPPED.clear()
+    torch.load(tmp_path / "train.pth.tar", weights_only=False)  # a plain load springs it
+    assert _TRAPPED == [1]
+    _TRAPPED.clear()
     loaded = load_model("resnet18", str(tmp_path / "train.pth.tar"))
-    assert same_weights(loaded.model, resnet7) and _Trap.built == 0
+    assert same_weights(loaded.model, resnet7) and _TRAPPED == []
     assert loaded.checkpoint["kind"] == "state_dict (other objects skipped)"
 
 
+_TRAPPED: list[int] = []
+
+
+def _spring(value: int) -> int:
+    _TRAPPED.append(value)
+    return value
+
+
 class _Trap:
-    """Counts how often unpickling builds it."""
+    """Unpickles by calling ``_spring``: a stand-in for code a file could make run."""
 
-    built = 0
+    def __reduce__(self):
+        return (_spring, (1,))
 
-    def __setstate__(self, state):
-        type(self).built += 1
+
+def test_a_refused_file_cannot_change_classes_in_this_process(tmp_path):
+    """BUILD on an allowed class (here collections.Counter) must not patch the class."""
+    import collections
+    import zipfile
+
+    body = (b"\x80\x02ccollections\nCounter\nN}X\x0b\x00\x00\x00most_common"
+            b"cposix\nsystem\ns\x86b.")
+    with zipfile.ZipFile(tmp_path / "evil.pt", "w") as z:
+        z.writestr("evil/data.pkl", body)
+        z.writestr("evil/byteorder", "little")
+        z.writestr("evil/version", "3\n")
+    before = collections.Counter.most_common
+    with pytest.raises(SetupError):
+        load_model("resnet18", str(tmp_path / "evil.pt"))
+    assert collections.Counter.most_common is before
+
+
+def test_an_ema_copy_beside_the_model_is_not_taken(resnet7, tmp_path):
+    other = fine_tuned("resnet18", 7)
+    state = {**_prefixed(other.state_dict(), "ema."), **_prefixed(resnet7.state_dict(), "model.")}
+    torch.save({"state_dict": state}, tmp_path / "flat_ema.ckpt")
+    loaded = load_model("resnet18", str(tmp_path / "flat_ema.ckpt"))
+    assert loaded.checkpoint["prefix"] == "model." and same_weights(loaded.model, resnet7)
 
 
 def test_state_dict_given_as_model_says_what_to_do(resnet7, tmp_path):

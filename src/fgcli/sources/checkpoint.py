@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import types
 import zipfile
 from collections import Counter
 from collections.abc import Mapping
@@ -163,60 +162,40 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False,
     return Checkpoint(p, entries, module, kind)
 
 
-class _Skipped(dict):
-    """Stands in for an object of a class the file names but that is not an allowed
-    tensor container (``argparse.Namespace``, a config class): built from nothing, its
-    state kept aside, none of its code run. A dict, so a pickled dict subclass fills it
-    harmlessly; its items are never taken for weights (see ``_state_dicts``)."""
+class _Skipped:
+    """Stands in for an object of a class (or function) the file names that torch's
+    weights-only unpickler does not allow (``argparse.Namespace``, a config class): built
+    from nothing, its state kept aside, none of its code run."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__()
+        pass
 
     def __setstate__(self, state: Any) -> None:
         self.__dict__["skipped_state"] = state
 
-    def append(self, value: Any) -> None:
-        pass
-
-    def extend(self, values: Any) -> None:
-        pass
-
-    def __call__(self, *args: Any, **kwargs: Any) -> _Skipped:
-        return _Skipped()
-
 
 def _tensors_only(path: Path) -> Any | None:
-    """The file unpickled with only torch's weights-only allowlist available: every
-    other class it names becomes a :class:`_Skipped` stand-in, so no code from the file
-    runs. None when the file holds a whole pickled module (refused on purpose: load
-    those with --trust-pickle) or when torch's allowlist cannot be reached."""
-    try:
-        from torch._weights_only_unpickler import _get_allowed_globals
-
-        allowed = _get_allowed_globals()
-    except Exception:  # noqa: BLE001 - a private helper: absent in other torch versions
+    """The file read by torch's own weights-only unpickler, with every global it would
+    refuse allowed as an inert :class:`_Skipped` stand-in of that name (torch's
+    ``safe_globals``), so no code from the file runs and nothing in this process can be
+    changed by it. None when the file holds a whole pickled module (refused on purpose:
+    load those with --trust-pickle) or torch cannot list the file's globals."""
+    serialization = torch.serialization
+    if not hasattr(serialization, "get_unsafe_globals_in_checkpoint"):
         return None
-    modules: list[str] = []
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            known = allowed.get(f"{module}.{name}")
-            if known is not None:
-                return known
-            if module.startswith("torch.nn.modules") or name.endswith(("Net", "Model")):
-                modules.append(f"{module}.{name}")
-            return type(name, (_Skipped,), {})
-
-    stand_in = types.ModuleType("fgcli_tensors_only")
-    stand_in.Unpickler = Unpickler  # type: ignore[attr-defined]
-    stand_in.load = lambda f, **kw: Unpickler(f, **kw).load()  # type: ignore[attr-defined]
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=stand_in)
+        names = serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint, or damaged
+        return None
+    if any(n.startswith("torch.nn.modules.") for n in names):
+        return None  # a whole model: refused with the --trust-pickle message
+    stand_ins = [(type(n.rpartition(".")[2] or "Skipped", (_Skipped,), {}), n) for n in names]
+    try:
+        with serialization.safe_globals(stand_ins):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - anything odd: refuse as before
         return None
-    if modules or _holds_module_state(obj):
-        return None
-    return obj
+    return None if _holds_module_state(obj) else obj
 
 
 def _holds_module_state(obj: Any, depth: int = 0) -> bool:
@@ -229,6 +208,8 @@ def _holds_module_state(obj: Any, depth: int = 0) -> bool:
             return True
     if isinstance(obj, Mapping):
         return any(_holds_module_state(v, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_module_state(v, depth + 1) for v in obj)
     return False
 
 
@@ -248,8 +229,6 @@ def _state_dicts(obj: Any, entry: str = "", depth: int = 0):
     """Every dict of tensors inside ``obj`` (its tensor entries), with its entry path."""
     if not isinstance(obj, Mapping) or depth > _MAX_DEPTH:
         return
-    if isinstance(obj, _Skipped):
-        return  # an object the file named: not a container of weights
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if tensors:
         yield entry, tensors
@@ -264,7 +243,7 @@ def _ignored(key: str) -> bool:
 
 def best_prefix(keys: list[str], wanted: set[str]) -> tuple[str, int]:
     """The key prefix (cut at ``.`` boundaries) after which the most keys are in ``wanted``,
-    and that count; the shortest such prefix on ties."""
+    and that count; on ties, one without "ema" in it, then the shortest."""
     score: Counter[str] = Counter()
     for key in keys:
         if _ignored(key):
@@ -279,7 +258,8 @@ def best_prefix(keys: list[str], wanted: set[str]) -> tuple[str, int]:
             cut = dot + 1
     if not score:
         return "", 0
-    prefix = min(score, key=lambda p: (-score[p], len(p)))
+    # ties: not an EMA copy (a Lightning module's "ema." beside "model."), then the shortest
+    prefix = min(score, key=lambda p: (-score[p], _ema_rank(p), len(p)))
     return prefix, score[prefix]
 
 
