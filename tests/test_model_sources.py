@@ -630,3 +630,91 @@ def test_check_fails_when_an_image_alone_is_not_exact(monkeypatch):
     monkeypatch.setattr(saliency.FullGrad, "decompose", off_when_alone)
     result = invoke(["check", "-m", "resnet18", "--weights", "random", "--size", "32"])
     assert result.exit_code == 1 and result.stdout.count(" NO") == 2
+
+
+def test_factory_imports_its_neighbours_lazily(tmp_path, monkeypatch):
+    (tmp_path / "lazy.py").write_text("INPUT_SIZE = 32\n\ndef build(n):\n"
+                                      "    from lazy_helpers import make\n    return make(n)\n")
+    (tmp_path / "lazy_helpers.py").write_text(
+        "from torch import nn\n\ndef make(n):\n    return nn.Sequential(nn.Conv2d(3, 4, 3), "
+        "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, n))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        missing = invoke(["check", "-m", "lazy.py:build", "--weights", "random"])
+        assert missing.exit_code == 2
+        assert "missing a required argument: 'n'" in missing.stderr
+        assert "--model-arg NAME=VALUE" in missing.stderr
+        loaded = load_model("lazy.py:build", "random", model_args={"n": 5})
+        assert loaded.num_classes == 5
+    finally:
+        sys.modules.pop("lazy_helpers", None)
+
+
+def test_module_classes_of_the_wrong_length_are_named(tmp_path, monkeypatch):
+    (tmp_path / "four.py").write_text(MYNET.replace('CLASSES = ["cat", "dog", "fox"]',
+                                                    'CLASSES = ["a", "b", "c", "d"]'))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=r"four.py CLASSES: 4 class names for a model with 3"):
+        load_model("./four.py:build", "random")
+
+
+def test_weights_a_factory_loads_itself_are_part_of_the_fingerprint(tmp_path, monkeypatch):
+    """Same factory file, other weights behind it: the next run recomputes, never skips."""
+    (tmp_path / "own.py").write_text(textwrap.dedent('''
+        import torch
+        from pathlib import Path
+        from torch import nn
+        INPUT_SIZE = 32
+
+        def build():
+            net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                nn.Linear(4, 2))
+            net.load_state_dict(torch.load(Path(__file__).with_name("w.pth")))
+            return net
+    '''))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+
+    def run(seed: int) -> set[str]:
+        torch.manual_seed(seed)
+        net = randomise(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3),
+                                            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                            torch.nn.Linear(4, 2)), seed)
+        torch.save(net.state_dict(), tmp_path / "w.pth")
+        result = invoke(["dump", PHOTO, "-m", "own.py:build", "-o", str(out), "--json", "-q"])
+        assert result.exit_code == 0, result.stderr
+        return {json.loads(line)["status"] for line in result.stdout.splitlines()}
+
+    assert run(0) == {"ok"}
+    assert run(0) == {"skipped"}  # the same weights: resumed
+    assert run(1) == {"ok"}  # other weights, same file: recomputed
+
+
+def test_source_of_each_model_form():
+    from fgcli.models import source_of
+
+    assert source_of("resnet50") == "torchvision"
+    assert source_of("timm/convnext_tiny.fb_in1k") == "timm"
+    assert source_of("nets/mine.py:build") == "code" and source_of("pkg.mod:make") == "code"
+    assert source_of(r"C:\models\net.py:build") == "code"
+    assert source_of(r"C:\models\whole.pt") == "pickle" and source_of("m.safetensors") == "pickle"
+    assert source_of("./mynet.py") == "code"  # and then asks for the factory
+
+
+def test_a_weights_name_is_not_taken_for_a_file_of_that_name(tmp_path, monkeypatch):
+    from fgcli.sources.tvision import looks_like_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "DEFAULT").write_text("not weights")
+    assert not looks_like_file("DEFAULT") and not looks_like_file("ResNet18_Weights.IMAGENET1K_V1")
+    assert looks_like_file("w.pth") and looks_like_file("runs/best")
+
+
+def test_timm_errors_before_any_image(tmp_path):
+    no_weights = invoke(["dump", PHOTO, "-m", "timm/cspresnet50d", "-o", str(tmp_path / "o")])
+    assert no_weights.exit_code == 2 and "timm has no pretrained weights" in no_weights.stderr
+    bad_size = invoke(["check", "-m", "timm/efficientformer_l1", "--weights", "random",
+                       "--size", "192"])
+    assert bad_size.exit_code == 2
+    assert "the model fails on a (2, 3, 192, 192) batch" in bad_size.stderr

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,8 @@ from fgcli.errors import SetupError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+# file names that are checkpoints or model files, not torchvision names
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pkl", ".tar")
 
 
 def classifier_names() -> list[str]:
@@ -107,8 +108,8 @@ class Built:
     labels_from: str | None = None  # where the class names come from
     size: tuple[int, int] = (224, 224)
     crop_fraction: float = 224 / 256
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
     smallest: int | None = None
     fixed_size: bool = False  # the model only takes ``size`` (ViTs)
@@ -355,9 +356,10 @@ def source_of(spec: str) -> str:
     spec = spec.strip()
     if spec.startswith("timm/"):
         return "timm"
-    if ":" in spec or spec.endswith(".py"):
+    rest = re.sub(r"^[A-Za-z]:[\\/]", "", spec)  # a Windows drive letter is no factory
+    if ":" in rest or rest.endswith(".py"):
         return "code"
-    if spec.lower().endswith((".pt", ".pth", ".pkl", ".bin", ".ckpt")) or os.sep in spec:
+    if rest.lower().endswith(WEIGHT_FILE_SUFFIXES) or "/" in rest or "\\" in rest:
         return "pickle"
     return "torchvision"
 
@@ -396,7 +398,8 @@ def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
         categories, labels_from = read_labels(labels), f"--labels {labels}"
     n_classes = built.num_classes or head_size(model)
     if categories is not None and n_classes is not None and len(categories) != n_classes:
-        raise UsageError(f"--labels: {labels}: {len(categories)} class names for a model "
+        where = f"--labels: {labels}" if labels else labels_from
+        raise UsageError(f"{where}: {len(categories)} class names for a model "
                          f"with {n_classes} classes")
     if smallest and built.smallest is not None:
         side: tuple[int, int] = (built.smallest, built.smallest)

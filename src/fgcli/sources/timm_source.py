@@ -179,6 +179,9 @@ def load(name: str, weights: str, *, model_args: dict[str, Any] | None = None,
         probe = _create(name, kwargs, pretrained=False)
     checkpoint = None
     if spec.upper() == "DEFAULT":
+        if not timm.list_models(name.partition(".")[0], pretrained=True):
+            raise SetupError(f"--weights DEFAULT: timm has no pretrained weights for {name}; "
+                             "use --weights PATH for a local checkpoint, none or random")
         model = _pretrained(name, kwargs)
         tag = getattr(model, "pretrained_cfg", {}).get("tag")
         label = f"timm pretrained {name if '.' in name or not tag else f'{name}.{tag}'}"
@@ -205,6 +208,10 @@ def load(name: str, weights: str, *, model_args: dict[str, Any] | None = None,
         checkpoint = ckpt.describe(found, fitted)
     if kwargs:
         identity += ":" + repr(sorted(kwargs.items()))
+    if size is not None:  # a model built for another size may still refuse it
+        from fgcli.sources.usercode import probe
+
+        probe(model, (size, size), f"timm/{name}")
     config = timm.data.resolve_model_data_config(model)
     _, height, width = config["input_size"]
     if isinstance(kwargs.get("img_size"), int):  # built for another size than its config's

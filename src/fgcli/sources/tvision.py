@@ -9,7 +9,7 @@ auxiliary heads (fine-tuned with ``aux_logits=False``) builds the model without 
 
 from __future__ import annotations
 
-import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch import nn
 from fgcli.config import UsageError
 from fgcli.errors import SetupError
 from fgcli.models import (
+    WEIGHT_FILE_SUFFIXES,
     Built,
     check_model_name,
     default_weights,
@@ -28,14 +29,17 @@ from fgcli.models import (
 )
 from fgcli.sources import checkpoint as ckpt
 
-WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pkl", ".tar")
 # auxiliary classifiers that a fine-tuned checkpoint may have dropped (aux_logits=False)
 _AUX_PREFIXES = {"inception_v3": ("AuxLogits.",), "googlenet": ("aux1.", "aux2.")}
 
 
 def looks_like_file(spec: str) -> bool:
-    """A ``--weights`` value that names a file rather than torchvision weights."""
-    return (os.sep in spec or spec.startswith(".") or spec.startswith("~")
+    """A ``--weights`` value that names a file rather than torchvision weights (a weights
+    name such as ``DEFAULT`` or ``IMAGENET1K_V1`` stays a name even if a file of that
+    name lies in the working directory)."""
+    if re.fullmatch(r"(\w+_Weights\.)?[A-Z0-9_]+", spec):
+        return False
+    return ("/" in spec or "\\" in spec or spec.startswith((".", "~"))
             or spec.lower().endswith(WEIGHT_FILE_SUFFIXES) or Path(spec).exists())
 
 
@@ -104,7 +108,7 @@ def load(name: str, weights: str, *, model_args: dict[str, Any] | None = None,
         member = _resolve_enum(name, spec)
         try:
             model = _build(name, kwargs, weights=member)
-        except UsageError:
+        except UsageError:  # a bad --model-arg: not a download problem
             raise
         except Exception as exc:  # noqa: BLE001 - URLError, HTTP errors, hash mismatch...
             raise SetupError(

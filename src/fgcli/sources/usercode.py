@@ -17,8 +17,11 @@ on the command line; then these optional attributes of the factory's module:
 
 There is no default input size: without ``--size`` or ``INPUT_SIZE`` the run stops
 with a message naming both. A file is imported as a module of its own with its
-directory first on ``sys.path`` (so it can import its neighbours); ``package.module``
-is imported with the working directory on ``sys.path``, as ``python -m`` would.
+directory first on ``sys.path`` for the rest of the run (so it can import its
+neighbours, also lazily; relative imports need a package: use ``package.module:factory``);
+``package.module`` is imported with the working directory on ``sys.path``, as ``python -m``
+would. The resume fingerprint holds the factory's file (size, modification time), the
+``--model-arg`` values and a hash of the built model's weights.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -36,7 +40,7 @@ from torch import nn
 
 from fgcli.config import UsageError
 from fgcli.errors import SetupError
-from fgcli.models import Built
+from fgcli.models import Built, source_of
 from fgcli.sources import checkpoint as ckpt
 
 _INTERPOLATIONS = ("bilinear", "bicubic")
@@ -44,6 +48,13 @@ _INTERPOLATIONS = ("bilinear", "bicubic")
 
 def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {ckpt._first_line(exc)}"
+
+
+def _on_path(folder: str) -> None:
+    """Put ``folder`` first on ``sys.path`` for the rest of the process: a factory may
+    import its neighbours lazily, when it is called or even during the forward pass."""
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 
 def _import_file(path: Path, spec: str) -> ModuleType:
@@ -57,8 +68,7 @@ def _import_file(path: Path, spec: str) -> ModuleType:
     if module_spec is None or module_spec.loader is None:
         raise SetupError(f"--model {spec}: {path}: cannot be imported as a Python module")
     module = importlib.util.module_from_spec(module_spec)
-    folder = str(path.resolve().parent)
-    sys.path.insert(0, folder)
+    _on_path(str(path.resolve().parent))
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
@@ -68,16 +78,11 @@ def _import_file(path: Path, spec: str) -> ModuleType:
             raise
         raise SetupError(f"--model {spec}: importing {path} failed ({_one_line(exc)})") \
             from exc
-    finally:
-        if folder in sys.path:
-            sys.path.remove(folder)
     return module
 
 
 def _import_module(dotted: str, spec: str) -> ModuleType:
-    cwd_added = "" not in sys.path and str(Path.cwd()) not in sys.path
-    if cwd_added:
-        sys.path.insert(0, str(Path.cwd()))
+    _on_path(str(Path.cwd()))
     try:
         return importlib.import_module(dotted)
     except ModuleNotFoundError as exc:
@@ -89,9 +94,6 @@ def _import_module(dotted: str, spec: str) -> ModuleType:
     except Exception as exc:  # noqa: BLE001 - the user's module may raise anything
         raise SetupError(f"--model {spec}: importing {dotted} failed ({_one_line(exc)})") \
             from exc
-    finally:
-        if cwd_added:
-            sys.path.remove(str(Path.cwd()))
 
 
 def _factory(spec: str) -> tuple[Any, ModuleType, str]:
@@ -112,7 +114,8 @@ def _factory(spec: str) -> tuple[Any, ModuleType, str]:
             identity += f":{ckpt.file_identity(Path(file))}"
     factory = getattr(module, attr, None)
     if factory is None:
-        raise SetupError(f"--model {spec}: {where} has no {attr!r}")
+        found = getattr(module, "__file__", None) or where
+        raise SetupError(f"--model {spec}: {where} ({found}) has no {attr!r}")
     if not callable(factory):
         raise SetupError(f"--model {spec}: {attr} is a {type(factory).__name__}, "
                          "not a function that returns a model")
@@ -121,17 +124,34 @@ def _factory(spec: str) -> tuple[Any, ModuleType, str]:
 
 def _call(factory: Any, kwargs: dict[str, Any], spec: str) -> nn.Module:
     try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:  # missing or unknown keyword arguments
+        raise UsageError(f"--model-arg: {spec}: {exc} (give each argument as "
+                         "--model-arg NAME=VALUE)") from exc
+    except ValueError:
+        pass  # no signature to read (a builtin): let the call decide
+    try:
         model = factory(**kwargs)
-    except TypeError as exc:
-        if kwargs and "argument" in str(exc):
-            raise UsageError(f"--model-arg: {spec} {ckpt._first_line(exc)}") from exc
-        raise SetupError(f"--model {spec}: the factory raised {_one_line(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - the user's factory may raise anything
         raise SetupError(f"--model {spec}: the factory raised {_one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise SetupError(f"--model {spec}: the factory returned a {type(model).__name__}, "
                          "not a torch.nn.Module")
     return model
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A hash of every parameter and buffer: the resume fingerprint of weights that no
+    file names (a factory's own initialisation or its own checkpoint loading, a pickled
+    model), so a changed model is never skipped as already done."""
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        if t.numel():
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                          .numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _size(value: Any, where: str) -> tuple[int, int]:
@@ -219,7 +239,7 @@ def load(spec: str, weights: str, *, model_args: dict[str, Any] | None = None,
     """
     kwargs = dict(model_args or {})
     module: ModuleType | None = None
-    if ":" in spec or spec.endswith(".py"):
+    if source_of(spec) == "code":
         factory, module, identity = _factory(spec)
         model = _call(factory, kwargs, spec)
         source, where = "code", spec.rpartition(":")[0]
@@ -258,6 +278,8 @@ def load(spec: str, weights: str, *, model_args: dict[str, Any] | None = None,
                          f"INPUT_SIZE in {where}")
     if kwargs:
         identity += ":" + repr(sorted(kwargs.items()))
+    if w.lower() != "random":  # seeded weights are named by the recipe; others by content
+        identity += f":state:{weights_digest(model)}"
     classes = probe(model, info["size"], spec)  # the real class count, whatever the head
     return Built(name=spec, model=model, weights=label, identity=identity, source=source,
                  checkpoint=checkpoint, randomise=w.lower() == "random", num_classes=classes,
