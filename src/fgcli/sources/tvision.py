@@ -93,7 +93,12 @@ def load(name: str, weights: str, *, model_args: dict[str, Any] | None = None,
                            "std": Built.std}
     meta = default_weights(name)  # metadata only: nothing is downloaded
     if spec.lower() in ("none", "random"):
-        model = _build(name, kwargs, weights=None)
+        extra: dict[str, Any] = {}
+        if name in _AUX_PREFIXES and "init_weights" not in kwargs:
+            # say which initialisation (torchvision warns otherwise): its own for none,
+            # none at all for random (every weight is drawn again)
+            extra["init_weights"] = spec.lower() == "none"
+        model = _build(name, kwargs, weights=None, **extra)
         if spec.lower() == "none":
             label, identity = "none (random initialisation)", "none"
         else:
