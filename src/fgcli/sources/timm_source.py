@@ -206,8 +206,6 @@ def load(name: str, weights: str, *, model_args: dict[str, Any] | None = None,
         label = str(path)
         identity = f"file:{ckpt.file_identity(path)}"
         checkpoint = ckpt.describe(found, fitted)
-    if kwargs:
-        identity += ":" + repr(sorted(kwargs.items()))
     if size is not None:  # a model built for another size may still refuse it
         from fgcli.sources.usercode import probe
 

@@ -276,8 +276,6 @@ def load(spec: str, weights: str, *, model_args: dict[str, Any] | None = None,
     if "size" not in info:
         raise UsageError(f"--model {spec}: no input size; give --size N, or define "
                          f"INPUT_SIZE in {where}")
-    if kwargs:
-        identity += ":" + repr(sorted(kwargs.items()))
     if w.lower() != "random":  # seeded weights are named by the recipe; others by content
         identity += f":state:{weights_digest(model)}"
     classes = probe(model, info["size"], spec)  # the real class count, whatever the head
