@@ -59,12 +59,26 @@ def _fail(message: str, code: int) -> None:
 
 
 class ConsoleReporter:
-    """tqdm progress on stderr (only on a terminal), --json lines on stdout, a summary."""
+    """tqdm progress on stderr (only on a terminal), --json lines on stdout, a summary.
 
-    def __init__(self, quiet: bool, as_json: bool) -> None:
-        self.quiet = quiet
+    ``quiet`` silences progress, warnings and the summary, never failed images or alerts
+    (cron mails what a job prints on stderr). ``prefix`` (``shard 1/8: ``) starts the
+    failure lines of one of many processes; ``lead`` is False on all but the process that
+    shows progress and the summary (torchrun's rank 0).
+    """
+
+    def __init__(self, quiet: bool, as_json: bool, prefix: str = "", lead: bool = True
+                 ) -> None:
+        self.quiet = quiet or not lead
         self.as_json = as_json
+        self.prefix = prefix
         self.bar: Any = None
+
+    def _stderr(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            err.print(message, markup=False)
 
     def started(self, info: dict[str, Any]) -> None:
         if not self.quiet and sys.stderr.isatty():
@@ -83,12 +97,11 @@ class ConsoleReporter:
                             desc=f"{info['model']} on {info['device']}")
 
     def warn(self, message: str) -> None:
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.write(f"fullgrad: warning: {message}", file=sys.stderr)
-        else:
-            err.print(f"fullgrad: warning: {message}", markup=False)
+        if not self.quiet:
+            self._stderr(f"fullgrad: {self.prefix}warning: {message}")
+
+    def alert(self, message: str) -> None:
+        self._stderr(f"fullgrad: {self.prefix}warning: {message}")
 
     def record(self, record: dict[str, Any], line: str, image_done: bool) -> None:
         if self.as_json:
@@ -101,12 +114,9 @@ class ConsoleReporter:
 
                 self.as_json = False
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        if record["status"] == "failed" and not self.quiet:
-            message = f"fullgrad: failed: {record['input']}: {record['error']}"
-            if self.bar is not None:
-                self.bar.write(message, file=sys.stderr)
-            else:
-                err.print(message, markup=False)
+        if record["status"] == "failed":
+            self._stderr(f"fullgrad: {self.prefix}failed: {record['input']}: "
+                         f"{record['error']}")
         if self.bar is not None and image_done:
             self.bar.update(1)
 
@@ -213,8 +223,24 @@ def dump(
                                            "settings.")] = None,
     fail_fast: Annotated[Optional[bool], typer.Option(
         "--fail-fast/--no-fail-fast", help="Stop at the first image that fails.")] = None,
+    shard: Annotated[Optional[str], typer.Option(
+        "--shard", help="I/N: only the images whose output key hashes to I mod N (0 <= I < "
+                        "N); shards share one --out and resume separately.",
+        show_default=False)] = None,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", help="Run on Ray Data: --ray alone starts or joins a local Ray; --ray "
+                      "ADDRESS joins a cluster (auto, ray://host:10001). Needs "
+                      "`pip install \"fgcli[ray]\"`.", is_flag=False, flag_value="local",
+        metavar="[ADDRESS]", show_default=False)] = None,
+    ray_actors: Annotated[Optional[int], typer.Option(
+        "--ray-actors", help="Engine actors on Ray.  [default: one per GPU; without GPUs "
+                             "one per CPU, minus one for decoding]")] = None,
+    dist_timeout: Annotated[Optional[float], typer.Option(
+        "--dist-timeout", help="torchrun: seconds a rank may stay silent before the others "
+                               "give up on it.  [default: 300]")] = None,
     quiet: Annotated[Optional[bool], typer.Option(
-        "--quiet/--no-quiet", "-q", help="No progress bar, no summary, no failure lines.")
+        "--quiet/--no-quiet", "-q", help="No progress bar, warnings or summary; failed "
+                                         "images still get their line on stderr.")
     ] = None,
     as_json: Annotated[Optional[bool], typer.Option(
         "--json/--no-json", help="Print each manifest line to stdout as it is written.")
@@ -240,15 +266,20 @@ def dump(
             "alpha": alpha, "samples": samples, "sigma": sigma, "seed": seed,
             "files_from": files_from, "null": null, "max_pixels": max_pixels,
             "amp": amp, "channels_last": channels_last,
-            "overwrite": overwrite, "fail_fast": fail_fast, "quiet": quiet, "json": as_json,
+            "overwrite": overwrite, "fail_fast": fail_fast, "shard": shard, "ray": ray,
+            "ray_actors": ray_actors, "dist_timeout": dist_timeout,
+            "quiet": quiet, "json": as_json,
             "debug": debug, "command": tuple(sys.argv),
         }, config)
         debug_flag = cfg.debug
+        from fgcli.distributed.launch import run_dump
         from fgcli.models import SetupError
-        from fgcli.pipeline import run
+
+        def reporter_for(prefix: str, lead: bool) -> ConsoleReporter:
+            return ConsoleReporter(cfg.quiet, cfg.json, prefix, lead)
 
         try:
-            report = run(cfg, ConsoleReporter(cfg.quiet, cfg.json))
+            report = run_dump(cfg, reporter_for)
         except SetupError as exc:
             _fail(str(exc), EXIT_USAGE)
     except UsageError as exc:
@@ -308,6 +339,31 @@ def check(
     except UsageError as exc:
         _fail(str(exc), EXIT_USAGE)
     raise typer.Exit(EXIT_OK if ok else EXIT_FAILED)
+
+
+@app.command()
+def merge(
+    out: Annotated[str, typer.Argument(help="The output tree of the shards.")],
+) -> None:
+    """Fold the shard manifests of OUT into OUT/manifest.jsonl: one line per image (and
+    target), the newest, sorted by key; OUT/run.json sums the shards. Refused while shards
+    run; merging twice changes nothing. Exit 0 once merged (failed images are counted,
+    not an error here: their shards reported them)."""
+    from fgcli.distributed.shards import merge as merge_tree
+    from fgcli.models import SetupError
+
+    try:
+        report = merge_tree(out, list(sys.argv))
+    except SetupError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    if not report.shards:
+        err.print(f"fullgrad: {out}: no shards to merge", markup=False)
+        raise typer.Exit(EXIT_OK)
+    counts = report.counts
+    err.print(f"merged {len(report.shards)} shard(s) into {out}/manifest.jsonl: "
+              f"{report.records} lines from {report.lines}; images ok {counts['ok']}, "
+              f"skipped {counts['skipped']}, failed {counts['failed']}", markup=False)
+    raise typer.Exit(EXIT_OK)
 
 
 def _counts(groups: dict[str, list[str]]) -> str:

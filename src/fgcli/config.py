@@ -71,6 +71,10 @@ class RunConfig:
     channels_last: bool = False
     overwrite: bool = False
     fail_fast: bool = False
+    shard: str | None = None  # "I/N": the images whose key hashes to I mod N
+    ray: str | None = None  # a Ray address ("auto", "ray://host:10001") or "local"
+    ray_actors: int | None = None  # None: one per GPU, else one per (cores - 1)
+    dist_timeout: float = 300.0  # seconds a silent rank is waited for
     quiet: bool = False
     json: bool = False
     debug: bool = False
@@ -92,6 +96,8 @@ class RunConfig:
             (self.sigma >= 0, "--sigma must be >= 0"),
             (0.0 <= self.alpha <= 1.0, "--alpha must be between 0 and 1"),
             (self.max_pixels >= 1, "--max-pixels must be >= 1"),
+            (self.ray_actors is None or self.ray_actors >= 1, "--ray-actors must be >= 1"),
+            (self.dist_timeout > 0, "--dist-timeout must be > 0"),
             (bool(self.model), "--model is required (see `fullgrad models`)"),
             (bool(self.inputs) or self.files_from is not None,
              "give at least one input: a directory, an image, - for a list on stdin, "
@@ -202,7 +208,8 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     if name == "target" and isinstance(value, int):
         return str(value)
     expected = {"samples": int, "seed": int, "batch_size": int, "workers": int, "size": int,
-                "topk": int, "max_pixels": int, "sigma": float, "alpha": float}
+                "topk": int, "max_pixels": int, "sigma": float, "alpha": float,
+                "ray_actors": int, "dist_timeout": float}
     kind = expected.get(name)
     if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
         raise UsageError(f"config: {name} must be an integer, got {value!r}")

@@ -24,7 +24,7 @@ import io
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,11 +152,14 @@ def _listed_item(path: str) -> Item:
 
 
 def discover(inputs: Iterable[str], files_from: str | None = None, null: bool = False,
-             stdin: Any = None, exclude: str | None = None) -> Iterator[Item]:
+             stdin: Any = None, exclude: str | None = None,
+             on_empty: Callable[[str], None] | None = None) -> Iterator[Item]:
     """Every input image in a deterministic order, lazily (a list may be endless).
 
     ``exclude``: a directory never walked into (the output tree, so that
     ``fullgrad dump . --out ./saliency`` does not read its own heatmaps back).
+    ``on_empty``: told, in one line, of each input that yielded nothing (a directory
+    without image files, an empty list).
     """
     inputs = list(inputs)
     several = len(inputs) + (files_from is not None) > 1
@@ -171,17 +174,29 @@ def discover(inputs: Iterable[str], files_from: str | None = None, null: bool = 
             used[item.key] = item.path
         return item
 
+    def empty(what: str) -> None:
+        if on_empty is not None:
+            on_empty(what)
+
     for arg in inputs:
+        count = 0
         if arg == "-":
             for path in _read_list(stdin if stdin is not None else sys.stdin, null):
+                count += 1
                 yield unique(_listed_item(path))
+            if not count:
+                empty("-: stdin listed no paths")
             continue
         p = Path(arg)
         if p.is_dir():
             prefix = p.resolve().name if several else ""
             skip = {os.path.realpath(exclude)} if exclude else set()
             for item in _walk(p, prefix, skip):
+                count += 1
                 yield unique(item)
+            if not count:
+                empty(f"{arg}: no image files in this directory (extensions: "
+                      ".jpg, .png, .webp, ... see the README)")
         else:
             item = _listed_item(arg)  # not a FIFO or device: reading one would hang
             yield unique(Item(item.path, p.name, item.error))
@@ -191,9 +206,13 @@ def discover(inputs: Iterable[str], files_from: str | None = None, null: bool = 
         except OSError as exc:
             yield Item(files_from, Path(files_from).name, f"--files-from: {_os_reason(exc)}")
             return
+        count = 0
         with fh:
             for path in _read_list(fh, null):
+                count += 1
                 yield unique(_listed_item(path))
+        if not count:
+            empty(f"--files-from {files_from}: the file lists no paths")
 
 
 # ---------------------------------------------------------------------------- decoding

@@ -27,14 +27,15 @@ import torch
 from fgcli import __version__
 from fgcli.config import Method, RunConfig, UsageError, parse_model_args
 from fgcli.data import Batch, ImageDataset, Item, collate, discover
+from fgcli.distributed.shards import Shard, merge_locked
 from fgcli.models import LoadedModel, SetupError, load_model
 from fgcli.writer import (
     MANIFEST_SCHEMA,
-    RUN_JSON,
     ImageJob,
     LockedError,
     OutputTree,
     outputs_present,
+    shard_manifests,
     write_outputs,
 )
 
@@ -65,9 +66,15 @@ class RunReport:
 
 
 class Reporter(Protocol):
+    """How a run talks to its caller. ``alert`` is for problems that must reach the user
+    even with ``--quiet`` (an input without images); failed images come through
+    ``record`` with status ``failed``."""
+
     def started(self, info: dict[str, Any]) -> None: ...
 
     def warn(self, message: str) -> None: ...
+
+    def alert(self, message: str) -> None: ...
 
     def record(self, record: dict[str, Any], line: str, image_done: bool) -> None: ...
 
@@ -79,6 +86,9 @@ class _Silent:
         pass
 
     def warn(self, message: str) -> None:
+        pass
+
+    def alert(self, message: str) -> None:
         pass
 
     def record(self, record: dict[str, Any], line: str, image_done: bool) -> None:
@@ -157,9 +167,16 @@ class _Run:
         self.stdin = stdin
         self.report = RunReport(out=cfg.out)
         self.pending: deque[tuple[list[dict[str, Any]], list[Future]]] = deque()
+        self.shard: Shard | None = Shard.parse(cfg.shard) if cfg.shard else None
+        self.collected: list[dict[str, Any]] | None = None  # records kept, not written
+
+    def setup(self) -> None:
+        self.prepare()
+        self.open_tree()
 
     # -- setup -----------------------------------------------------------------------
-    def setup(self) -> None:
+    def prepare(self) -> None:
+        """Model, engine, batch size and fingerprint: everything but the output tree."""
         cfg = self.cfg
         if cfg.files_from is not None and not os.path.isfile(cfg.files_from):
             raise UsageError(f"--files-from: {cfg.files_from}: no such file")
@@ -198,7 +215,14 @@ class _Run:
                                                     self.loaded.preprocessing.interpolation)
         self.ranks: list[int | None] = (list(range(1, cfg.topk + 1)) if cfg.topk
                                         else [None])
-        self.tree = OutputTree(cfg.out)
+        self.tree = OutputTree(cfg.out, self.shard.name if self.shard else None)
+
+    def open_tree(self) -> None:
+        """Lock the tree (or this shard of it) and index what earlier runs did.
+
+        A plain run first folds shards left unmerged into ``manifest.jsonl``.
+        """
+        cfg = self.cfg
         try:
             self.tree.acquire(list(cfg.command))
         except LockedError as exc:
@@ -206,7 +230,16 @@ class _Run:
         except OSError as exc:  # --out is a file, unwritable, on a full disk...
             raise SetupError(f"--out {cfg.out}: cannot write there "
                              f"({exc.strerror or exc})") from exc
-        self.previous = self.tree.index_manifest()  # (key, rank) -> offset, not records
+        if self.shard is None and shard_manifests(self.tree.root):
+            try:
+                merged = merge_locked(self.tree)
+            except BaseException:
+                self.tree.release()
+                raise
+            self.reporter.warn(f"merged {len(merged.shards)} shard manifest(s) into "
+                               f"{self.tree.root / 'manifest.jsonl'} first")
+        # (key, rank) -> (file, offset), not records
+        self.previous = self.tree.index_manifest(self.shard.owns if self.shard else None)
 
     def _probe_classes(self, model: torch.nn.Module) -> int:
         """Class count from one eval forward, for models whose head is not a plain layer."""
@@ -218,6 +251,14 @@ class _Run:
 
     # -- records -----------------------------------------------------------------------
     def _emit(self, record: dict[str, Any]) -> None:
+        if self.collected is not None:  # a Ray actor: the driver writes the manifest
+            self.collected.append(record)
+            return
+        self.write_record(record)
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        """Append one finished record to the manifest, count it and report it."""
+        record["time"] = _stamp()
         line = self.tree.append(record)
         status = record["status"]
         first_rank = record.get("rank") in (None, 1)
@@ -262,7 +303,12 @@ class _Run:
         cfg = self.cfg
         proc = self.loaded.preprocessing
         keep_original = "overlay" in cfg.save
-        items = discover(cfg.inputs, cfg.files_from, cfg.null, self.stdin, exclude=cfg.out)
+        alert = self.reporter.alert if self.shard is None or self.shard.index == 0 else None
+        items: Iterable[Item] = discover(cfg.inputs, cfg.files_from, cfg.null, self.stdin,
+                                         exclude=cfg.out, on_empty=alert)
+        if self.shard is not None:
+            owns = self.shard.owns
+            items = (item for item in items if owns(item.key))
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fgcli-writer") as pool:
             self.pool = pool
             for chunk in _chunks(items, self.batch_size * CHUNK_BATCHES):
@@ -277,6 +323,7 @@ class _Run:
                     if done is not None:
                         for old in done:
                             rec = dict(old, status="skipped", error=None, seconds=0.0)
+                            rec.pop("time", None)
                             self._emit(rec)
                         continue
                     todo.append(item)
@@ -401,8 +448,9 @@ class _Run:
         self.report.seconds = time.perf_counter() - started
         self.tree.compact_manifest()
         cfg = self.cfg
-        self.tree.write_json(self.tree.root / RUN_JSON, {
+        self.tree.write_json(self.tree.run_json_path, {
             "schema": MANIFEST_SCHEMA,
+            **({"shard": str(self.shard)} if self.shard else {}),
             "command": list(cfg.command),
             "model": self.loaded.name,
             "model_args": parse_model_args(cfg.model_args),
@@ -413,7 +461,7 @@ class _Run:
             "target": cfg.target, "topk": cfg.topk,
             "input_size": list(self.loaded.preprocessing.size),
             "crop": cfg.crop, "save": list(cfg.save),
-            "device": str(self.device), "batch_size": self.batch_size, "workers": self.workers,
+            "device": str(self.device), "host": platform.node(), "batch_size": self.batch_size, "workers": self.workers,
             "versions": versions(),
             "started": started_at, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(self.report.seconds, 3),
@@ -532,6 +580,14 @@ def _decomp_arrays(host: dict[str, Any], j: int, cls: int) -> dict[str, np.ndarr
     for name, value in host["compact_offgrid"].items():
         arrays[f"offgrid/{name}"] = np.float32(value[j])
     return arrays
+
+
+def _stamp() -> str:
+    """When a manifest line is written: UTC, milliseconds, sortable as text (merge keeps
+    the newest line of a key by it)."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -7,7 +7,9 @@ Layout under ``--out``::
     maps/<key>[.top<R>_<class>].npy       float32 map at model resolution (engine output)
     decomp/<key>[.top<R>_<class>].npz     compact decomposition (``--save decomp``)
     manifest.jsonl                        one JSON line per image (and per target)
-    run.json                              what the last run did
+    run.json                              what the last run (or merge) did
+    shards/<I>-of-<N>/manifest.jsonl      a shard's lines until `fullgrad merge` takes them
+    shards/<I>-of-<N>/run.json            what that shard did
     .fullgrad.lock                        held while a run is writing here
     .tmp/                                 scratch for atomic writes; emptied at every start
 
@@ -26,7 +28,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,69 +42,134 @@ MANIFEST = "manifest.jsonl"
 RUN_JSON = "run.json"
 LOCK = ".fullgrad.lock"
 TMP = ".tmp"
+SHARDS = "shards"
 SUFFIX = {"heatmap": ".png", "overlay": ".jpg", "map": ".npy", "decomp": ".npz"}
 FOLDER = {"heatmap": "heatmaps", "overlay": "overlays", "map": "maps", "decomp": "decomp"}
 MANIFEST_SCHEMA = 1
 
 
 class LockedError(Exception):
-    """Another run holds the output directory."""
+    """Another run holds the output directory (or the shard)."""
+
+
+def _busy(exc: OSError) -> bool:
+    return exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
+
+
+def _holder_text(raw: str) -> str | None:
+    try:
+        info = json.loads(raw)
+        return (f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')} "
+                f"({' '.join(info.get('command', []))})")
+    except (ValueError, AttributeError, TypeError):
+        return None
 
 
 class OutputTree:
-    """Paths, atomic writes, the lock and the manifest of one output directory."""
+    """Paths, atomic writes, the locks and the manifest of one output directory.
 
-    def __init__(self, root: str | Path) -> None:
+    ``shard`` (a name like ``0-of-4``) makes this the view of one shard: its manifest,
+    ``run.json`` and lock live in ``shards/<name>/``, its scratch in ``.tmp/<name>/``;
+    the output files go to the same folders as a plain run's.
+
+    Locking (POSIX record locks, released by the OS when a process dies): a plain run,
+    a merge and a Ray driver hold ``.fullgrad.lock`` exclusively; a shard holds it
+    shared, plus its own ``shards/<name>/.lock`` exclusively. So shards of one count run
+    side by side, and a plain run and shards exclude each other, each naming the holders.
+    """
+
+    def __init__(self, root: str | Path, shard: str | None = None) -> None:
         self.root = Path(root)
-        self._lock_fh: io.TextIOWrapper | None = None
+        self.shard = shard
+        self.home = self.root if shard is None else self.root / SHARDS / shard
+        self.scratch = self.root / TMP if shard is None else self.root / TMP / shard
+        self.manifest_path = self.home / MANIFEST
+        self.run_json_path = self.home / RUN_JSON
+        self._locks: list[io.TextIOWrapper] = []
         self._manifest_fh: io.TextIOWrapper | None = None
-        self._reader: io.BufferedReader | None = None
+        self._readers: dict[Path, io.BufferedReader] = {}
 
-    # -- lock ----------------------------------------------------------------------
+    # -- locks -----------------------------------------------------------------------
     def acquire(self, command: list[str]) -> None:
-        """Take the directory's lock (released by the OS if the process dies).
+        """Take the locks; :class:`LockedError` names whoever holds them.
 
         A POSIX record lock (``lockf``), not ``flock``: forked DataLoader workers
         do not inherit it, so a killed run's lingering workers cannot keep the
         directory locked.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / LOCK
-        fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "started": _now(), "command": command})
+        tree_fh = open(self.root / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - held
+        exclusive = self.shard is None
+        try:
+            fcntl.lockf(tree_fh.fileno(),
+                        (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except OSError as exc:
+            if not _busy(exc):
+                tree_fh.close()
+                raise
+            tree_fh.seek(0)
+            plain = _holder_text(tree_fh.read().strip())
+            tree_fh.close()
+            if plain is not None:
+                raise LockedError(f"{self.root} is in use by {plain}") from exc
+            shards = running_shards(self.root)
+            who = "; ".join(f"shard {name} by {text}" for name, text in shards.items())
+            raise LockedError(f"{self.root} is in use by running shards: "
+                              f"{who or 'another fullgrad run'}") from exc
+        # holding the tree lock (either way) means no plain run is writing: any holder
+        # text left in the file is a killed run's
+        tree_fh.seek(0)
+        tree_fh.truncate()
+        if exclusive:
+            tree_fh.write(info)
+            tree_fh.flush()
+        self._locks.append(tree_fh)
+        if not exclusive:
+            try:
+                self._acquire_shard(info)
+            except BaseException:
+                self.release()
+                raise
+        shutil.rmtree(self.scratch, ignore_errors=True)  # leftovers of a killed run
+        self.scratch.mkdir(parents=True, exist_ok=True)
+
+    def _acquire_shard(self, info: str) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        fh = open(self.home / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - held
         try:
             fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            if not _busy(exc):
                 fh.close()
                 raise
             fh.seek(0)
-            holder = fh.read().strip()
+            who = _holder_text(fh.read().strip()) or "another fullgrad run"
             fh.close()
-            try:
-                info = json.loads(holder)
-                who = (f"pid {info.get('pid')} on {info.get('host')} since "
-                       f"{info.get('started')} ({' '.join(info.get('command', []))})")
-            except (ValueError, AttributeError):
-                who = "another fullgrad run"
-            raise LockedError(f"{self.root} is in use by {who}") from exc
+            raise LockedError(f"shard {self.shard} of {self.root} is in use by {who}") from exc
         fh.seek(0)
         fh.truncate()
-        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "started": _now(), "command": command}))
+        fh.write(info)
         fh.flush()
-        self._lock_fh = fh
-        shutil.rmtree(self.root / TMP, ignore_errors=True)  # leftovers of a killed run
-        (self.root / TMP).mkdir(exist_ok=True)
+        self._locks.append(fh)
+        count = self.shard.rpartition("-of-")[2]
+        others = {name: text for name, text in running_shards(self.root, skip=self.shard).items()
+                  if name.rpartition("-of-")[2] != count}
+        if others:
+            name, text = next(iter(others.items()))
+            raise LockedError(f"{self.root} has shards of another count running (shard "
+                              f"{name} by {text}): shards running together must share N")
 
     def release(self) -> None:
         self._close_manifest()
-        shutil.rmtree(self.root / TMP, ignore_errors=True)
-        if self._lock_fh is not None:
-            self._lock_fh.seek(0)
-            self._lock_fh.truncate()
-            fcntl.lockf(self._lock_fh.fileno(), fcntl.LOCK_UN)
-            self._lock_fh.close()
-            self._lock_fh = None
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        for fh in reversed(self._locks):
+            fh.seek(0)
+            fh.truncate()
+            fcntl.lockf(fh.fileno(), fcntl.LOCK_UN)
+            fh.close()
+        self._locks = []
 
     # -- paths and atomic writes ----------------------------------------------------------
     def path(self, kind: str, key: str, rank: int | None, cls: int | None) -> Path:
@@ -111,7 +178,7 @@ class OutputTree:
 
     def _atomic(self, dest: Path, write: Any) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / TMP / f"{uuid.uuid4().hex}{dest.suffix}"
+        tmp = self.scratch / f"{uuid.uuid4().hex}{dest.suffix}"
         try:
             with open(tmp, "wb") as fh:
                 write(fh)
@@ -131,6 +198,9 @@ class OutputTree:
     def write_jpeg(self, dest: Path, rgb: np.ndarray) -> None:
         self._atomic(dest, lambda fh: Image.fromarray(rgb, "RGB").save(fh, "JPEG", quality=90))
 
+    def write_bytes(self, dest: Path, blob: bytes) -> None:
+        self._atomic(dest, lambda fh: fh.write(blob))
+
     def write_npy(self, dest: Path, array: np.ndarray) -> None:
         self._atomic(dest, lambda fh: np.save(fh, array, allow_pickle=False))
 
@@ -143,38 +213,42 @@ class OutputTree:
 
     # -- manifest -------------------------------------------------------------------
     # Memory stays small for huge runs: records are kept on disk and found again by
-    # byte offset; only (key, rank) -> offset is held in memory.
-    def index_manifest(self) -> dict[tuple[str, int | None], int]:
-        """(key, rank) -> byte offset of its latest line, in order of first appearance.
+    # (file, byte offset); only (key, rank) -> (file, offset) is held in memory.
+    def index_manifest(self, owns: Callable[[str], bool] | None = None
+                       ) -> dict[tuple[str, int | None], tuple[Path, int]]:
+        """(key, rank) -> (manifest file, byte offset) of the latest line for each key.
 
-        Torn lines (a killed run's last write) and foreign lines are skipped.
+        A plain run reads ``manifest.jsonl``. A shard reads it too, then the manifests
+        of shards of other counts, then its own (latest wins), keeping only the keys
+        ``owns`` accepts: a shard of the same count never holds this shard's keys.
         """
-        index: dict[tuple[str, int | None], int] = {}
-        path = self.root / MANIFEST
-        if not path.exists():
-            return index
-        offset = 0
-        with open(path, "rb") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                    index[(rec["key"], rec.get("rank"))] = offset
-                except (ValueError, KeyError, TypeError):
-                    pass
-                offset += len(line)
+        sources = [self.root / MANIFEST]
+        if self.shard is not None:
+            count = self.shard.rpartition("-of-")[2]
+            sources += [p for p in shard_manifests(self.root)
+                        if p.parent.name.rpartition("-of-")[2] != count]
+            sources.append(self.manifest_path)
+        index: dict[tuple[str, int | None], tuple[Path, int]] = {}
+        for path in sources:
+            for offset, rec in iter_manifest(path):
+                if owns is None or owns(rec["key"]):
+                    index[(rec["key"], rec.get("rank"))] = (path, offset)
         return index
 
-    def read_record(self, offset: int) -> dict[str, Any]:
-        """The manifest record that starts at ``offset``."""
-        if self._reader is None:
-            self._reader = open(self.root / MANIFEST, "rb")  # noqa: SIM115 - kept for the run
-        self._reader.seek(offset)
-        return json.loads(self._reader.readline())
+    def read_record(self, where: tuple[Path, int]) -> dict[str, Any]:
+        """The manifest record at (file, byte offset)."""
+        path, offset = where
+        reader = self._readers.get(path)
+        if reader is None:
+            reader = self._readers[path] = open(path, "rb")  # noqa: SIM115 - kept for the run
+        reader.seek(offset)
+        return json.loads(reader.readline())
 
     def append(self, record: dict[str, Any]) -> str:
         """Append one record (flushed, so a killed run keeps every finished line)."""
         if self._manifest_fh is None:
-            path = self.root / MANIFEST
+            path = self.manifest_path
+            path.parent.mkdir(parents=True, exist_ok=True)
             torn = False
             if path.exists() and path.stat().st_size:
                 with open(path, "rb") as fh:
@@ -189,27 +263,81 @@ class OutputTree:
         return line
 
     def compact_manifest(self) -> None:
-        """Rewrite the manifest with one line per (key, rank), the latest, atomically."""
+        """Rewrite this run's manifest with one line per (key, rank), the latest, atomically,
+        in order of first appearance."""
         self._close_manifest()
-        index = self.index_manifest()
-        src = self.root / MANIFEST
-        if not src.exists():
+        src = self.manifest_path
+        latest: dict[tuple[str, int | None], int] = {}
+        for offset, rec in iter_manifest(src):
+            latest[(rec["key"], rec.get("rank"))] = offset
+        if not latest and not src.exists():
             return
 
         def write(out: Any) -> None:
             with open(src, "rb") as fh:
-                for offset in index.values():
+                for offset in latest.values():
                     fh.seek(offset)
                     out.write(fh.readline())
 
         self._atomic(src, write)
 
     def _close_manifest(self) -> None:
-        for name in ("_manifest_fh", "_reader"):
-            fh = getattr(self, name)
-            if fh is not None:
-                fh.close()
-                setattr(self, name, None)
+        if self._manifest_fh is not None:
+            self._manifest_fh.close()
+            self._manifest_fh = None
+        for reader in self._readers.values():
+            reader.close()
+        self._readers = {}
+
+
+def iter_manifest(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(byte offset, record) of every readable line; torn and foreign lines are skipped."""
+    if not path.exists():
+        return
+    offset = 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+                if isinstance(rec, dict) and isinstance(rec.get("key"), str):
+                    yield offset, rec
+            except ValueError:
+                pass
+            offset += len(line)
+
+
+def shard_manifests(root: Path) -> list[Path]:
+    """The manifests under ``shards/``, by shard name."""
+    folder = Path(root) / SHARDS
+    if not folder.is_dir():
+        return []
+    return sorted(p / MANIFEST for p in folder.iterdir() if (p / MANIFEST).is_file())
+
+
+def running_shards(root: Path, skip: str | None = None) -> dict[str, str]:
+    """Shard name -> holder, for every shard whose lock is held right now.
+
+    ``skip``: this process's own shard. It must not be probed: closing any descriptor
+    of a file drops every POSIX lock the process holds on it.
+    """
+    folder = Path(root) / SHARDS
+    found: dict[str, str] = {}
+    if not folder.is_dir():
+        return found
+    for sub in sorted(folder.iterdir()):
+        lock = sub / LOCK
+        if sub.name == skip or not lock.is_file():
+            continue
+        with open(lock, "a+", encoding="utf-8") as fh:
+            try:
+                fcntl.lockf(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                if not _busy(exc):
+                    raise
+                fh.seek(0)
+                found[sub.name] = _holder_text(fh.read().strip()) or "a fullgrad run"
+            # closing drops the probe's lock (we hold no other lock on this file)
+    return found
 
 
 @dataclass

@@ -1,0 +1,38 @@
+"""Which engine runs a dump: one process, a ``--shard`` of one, torchrun ranks, or Ray.
+
+The CLI calls :func:`run_dump`; everything below it is a
+:class:`fgcli.pipeline.RunReport`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fgcli.config import RunConfig, UsageError
+from fgcli.pipeline import Reporter, RunReport, run
+
+# (failure-line prefix, leads: shows progress and the summary) -> a reporter
+ReporterFactory = Callable[[str, bool], Reporter]
+
+
+def run_dump(cfg: RunConfig, reporter_for: ReporterFactory, stdin: Any = None) -> RunReport:
+    from fgcli.distributed.torchrun import rank_env
+
+    env = rank_env()
+    if cfg.ray is not None:
+        if env is not None:
+            raise UsageError("--ray runs its own workers: do not start it under torchrun")
+        if cfg.shard:
+            raise UsageError("--ray and --shard exclude each other (Ray spreads the images)")
+        from fgcli.distributed.ray_data import run_ray
+
+        return run_ray(cfg, reporter_for("", True))
+    if env is not None:
+        if cfg.shard:
+            raise UsageError("--shard: under torchrun each rank takes shard RANK/WORLD_SIZE; "
+                             "drop --shard")
+        from fgcli.distributed.torchrun import run_rank
+
+        return run_rank(cfg, env, reporter_for)
+    return run(cfg, reporter_for(f"shard {cfg.shard}: " if cfg.shard else "", True), stdin)

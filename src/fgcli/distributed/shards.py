@@ -1,0 +1,188 @@
+"""Shards: ``--shard I/N`` takes the images whose output key hashes to I mod N.
+
+The hash is BLAKE2b of the key's UTF-8 bytes (the relative output path, with ``/``
+separators), so an image's shard depends on nothing but its key: not on the order
+of a listing, the machine, the Python process (``hash()`` is salted), or files
+added later. Shards of one count write into one tree side by side (see
+:class:`fgcli.writer.OutputTree`); :func:`merge` folds their manifests into
+``manifest.jsonl``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fgcli.config import UsageError
+from fgcli.errors import SetupError
+from fgcli.writer import (
+    LOCK,
+    MANIFEST,
+    MANIFEST_SCHEMA,
+    RUN_JSON,
+    SHARDS,
+    LockedError,
+    OutputTree,
+    iter_manifest,
+    shard_manifests,
+)
+
+
+def shard_of(key: str, count: int) -> int:
+    """The shard (0..count-1) that owns an output key."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        """``I/N`` with 0 <= I < N (SLURM's ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``
+        when the array starts at 0)."""
+        index, sep, count = text.strip().partition("/")
+        try:
+            shard = cls(int(index), int(count))
+        except ValueError:
+            shard = None
+        if not sep or shard is None or shard.count < 1 or not 0 <= shard.index < shard.count:
+            raise UsageError(f"--shard: expected I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+        return shard
+
+    @property
+    def name(self) -> str:
+        """The shard's folder under ``shards/``."""
+        return f"{self.index}-of-{self.count}"
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def owns(self, key: str) -> bool:
+        return shard_of(key, self.count) == self.index
+
+
+@dataclass
+class MergeReport:
+    shards: list[str] = field(default_factory=list)  # shard folders merged
+    lines: int = 0  # lines read from every manifest
+    records: int = 0  # lines written: one per (key, rank)
+    counts: dict[str, int] = field(default_factory=dict)  # per image (first rank)
+
+
+def merge(out: str | Path, command: list[str]) -> MergeReport:
+    """``fullgrad merge OUT``: take the tree's lock and fold the shards in."""
+    tree = OutputTree(out)
+    if not tree.root.is_dir():
+        raise SetupError(f"{out}: no such output directory")
+    try:
+        tree.acquire(command)
+    except LockedError as exc:
+        raise SetupError(str(exc)) from exc
+    except OSError as exc:
+        raise SetupError(f"{out}: cannot lock it ({exc.strerror or exc})") from exc
+    try:
+        return merge_locked(tree)
+    finally:
+        tree.release()
+
+
+def merge_locked(tree: OutputTree) -> MergeReport:
+    """Fold every shard manifest into ``manifest.jsonl``; the caller holds the tree's lock.
+
+    One line per (key, rank): the newest by the record's ``time``, ties going to the
+    later file (shards after the main manifest) and the later line. Lines are written
+    sorted by key (path components), then rank, so the result does not depend on how
+    the images were sharded. The new manifest replaces the old one atomically before
+    any shard file is removed, so a merge killed at any point loses nothing, and merging
+    again gives the same manifest.
+    """
+    report = MergeReport()
+    folder = tree.root / SHARDS
+    dirs = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if not dirs:
+        return report
+    main = tree.root / MANIFEST
+    best: dict[tuple[str, int | None], tuple[tuple[str, int], Path, int]] = {}
+    for order, path in enumerate([main, *shard_manifests(tree.root)]):
+        for offset, rec in iter_manifest(path):
+            report.lines += 1
+            key = (rec["key"], rec.get("rank"))
+            stamp = (str(rec.get("time") or ""), order)
+            old = best.get(key)
+            if old is None or stamp >= old[0]:
+                best[key] = (stamp, path, offset)
+    ordered = sorted(best, key=lambda k: (k[0].split("/"), k[1] or 0))
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
+
+    def write(out: Any) -> None:
+        readers: dict[Path, Any] = {}
+        try:
+            for key in ordered:
+                _, path, offset = best[key]
+                fh = readers.get(path) or readers.setdefault(path, open(path, "rb"))
+                fh.seek(offset)
+                line = fh.readline()
+                if key[1] in (None, 1):
+                    status = json.loads(line).get("status")
+                    counts[status if status in counts else "failed"] += 1
+                out.write(line if line.endswith(b"\n") else line + b"\n")
+        finally:
+            for fh in readers.values():
+                fh.close()
+
+    if best or main.exists():
+        tree._atomic(main, write)  # noqa: SLF001 - the tree's own atomic write
+    report.records = len(ordered)
+    report.counts = counts
+    runs = []
+    for sub in dirs:
+        try:
+            runs.append({"shard": sub.name, **json.loads((sub / RUN_JSON).read_text("utf-8"))})
+        except (OSError, ValueError):
+            runs.append({"shard": sub.name, "finished": None})  # a shard that never finished
+    _write_merged_run_json(tree, runs, counts)
+    for sub in dirs:
+        for name in (MANIFEST, RUN_JSON, LOCK):
+            (sub / name).unlink(missing_ok=True)
+        shutil.rmtree(sub, ignore_errors=True)
+        report.shards.append(sub.name)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    return report
+
+
+def _write_merged_run_json(tree: OutputTree, runs: list[dict[str, Any]],
+                           counts: dict[str, int]) -> None:
+    """``run.json`` after a merge: the newest shard's settings, the merged counts, and
+    what each shard reported (earlier merges' shards kept)."""
+    finished = [r for r in runs if r.get("finished")]
+    base: dict[str, Any] = {}
+    if finished:
+        base = dict(max(finished, key=lambda r: str(r.get("finished"))))
+        for name in ("shard", "counts", "seconds", "started", "finished", "stopped_early",
+                     "host", "device"):
+            base.pop(name, None)
+    previous: list[dict[str, Any]] = []
+    try:
+        old = json.loads((tree.root / RUN_JSON).read_text("utf-8"))
+        previous = list(old.get("shards", []))
+        if not base:
+            base = {k: v for k, v in old.items() if k not in ("shards", "counts", "merged")}
+    except (OSError, ValueError, AttributeError):
+        pass
+    keep = ("shard", "host", "device", "started", "finished", "seconds", "counts",
+            "stopped_early")
+    merged_runs = previous + [{k: r.get(k) for k in keep if k in r} for r in runs]
+    tree.write_json(tree.root / RUN_JSON, {
+        "schema": MANIFEST_SCHEMA, **base,
+        "merged": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "counts": counts, "shards": merged_runs,
+    })
