@@ -227,11 +227,12 @@ def dump(
         "--shard", help="I/N: only the images whose output key hashes to I mod N (0 <= I < "
                         "N); shards share one --out and resume separately.",
         show_default=False)] = None,
-    ray: Annotated[Optional[str], typer.Option(
-        "--ray", help="Run on Ray Data: --ray alone starts or joins a local Ray; --ray "
-                      "ADDRESS joins a cluster (auto, ray://host:10001). Needs "
-                      "`pip install \"fgcli[ray]\"`.", is_flag=False, flag_value="local",
-        metavar="[ADDRESS]", show_default=False)] = None,
+    ray: Annotated[Optional[bool], typer.Option(
+        "--ray/--no-ray", help="Run on Ray Data (`pip install \"fgcli[ray]\"`): decoding as "
+                               "Ray tasks, the engine in a pool of actors.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", help="With --ray: the cluster to join (auto, ray://host:10001).  "
+                              "[default: $RAY_ADDRESS, else a local Ray]")] = None,
     ray_actors: Annotated[Optional[int], typer.Option(
         "--ray-actors", help="Engine actors on Ray.  [default: one per GPU; without GPUs "
                              "one per CPU, minus one for decoding]")] = None,
@@ -267,7 +268,7 @@ def dump(
             "files_from": files_from, "null": null, "max_pixels": max_pixels,
             "amp": amp, "channels_last": channels_last,
             "overwrite": overwrite, "fail_fast": fail_fast, "shard": shard, "ray": ray,
-            "ray_actors": ray_actors, "dist_timeout": dist_timeout,
+            "ray_address": ray_address, "ray_actors": ray_actors, "dist_timeout": dist_timeout,
             "quiet": quiet, "json": as_json,
             "debug": debug, "command": tuple(sys.argv),
         }, config)

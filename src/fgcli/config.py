@@ -72,7 +72,8 @@ class RunConfig:
     overwrite: bool = False
     fail_fast: bool = False
     shard: str | None = None  # "I/N": the images whose key hashes to I mod N
-    ray: str | None = None  # a Ray address ("auto", "ray://host:10001") or "local"
+    ray: bool = False  # run on Ray Data
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray
     ray_actors: int | None = None  # None: one per GPU, else one per (cores - 1)
     dist_timeout: float = 300.0  # seconds a silent rank is waited for
     quiet: bool = False

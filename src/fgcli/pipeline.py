@@ -299,51 +299,75 @@ class _Run:
         return found
 
     # -- main loop ---------------------------------------------------------------------
-    def execute(self) -> None:
+    def todo_chunks(self) -> Iterator[list[Item]]:
+        """The images still to compute, in chunks; on the way, images that cannot be read
+        get their failed line and images already done with these settings a skipped line.
+        Stops after a failure under ``--fail-fast``."""
         cfg = self.cfg
-        proc = self.loaded.preprocessing
-        keep_original = "overlay" in cfg.save
         alert = self.reporter.alert if self.shard is None or self.shard.index == 0 else None
         items: Iterable[Item] = discover(cfg.inputs, cfg.files_from, cfg.null, self.stdin,
                                          exclude=cfg.out, on_empty=alert)
         if self.shard is not None:
             owns = self.shard.owns
             items = (item for item in items if owns(item.key))
+        for chunk in _chunks(items, self.batch_size * CHUNK_BATCHES):
+            todo: list[Item] = []
+            for item in chunk:
+                if self.report.stopped_early:
+                    break
+                if item.error is not None:
+                    self._fail(item, item.error)
+                    continue
+                done = self._done_before(item)
+                if done is not None:
+                    for old in done:
+                        rec = dict(old, status="skipped", error=None, seconds=0.0)
+                        rec.pop("time", None)
+                        self._emit(rec)
+                    continue
+                todo.append(item)
+            if todo and not self.report.stopped_early:
+                yield todo
+            if self.report.stopped_early:
+                return
+
+    def dataset(self, todo: list[Item]) -> ImageDataset:
+        """Decoding and preprocessing of ``todo`` (item i of the dataset is todo[i])."""
+        proc = self.loaded.preprocessing
+        return ImageDataset(todo, proc.size, proc.crop, proc.resize, proc.mean, proc.std,
+                            "overlay" in self.cfg.save, self.cfg.max_pixels,
+                            proc.interpolation)
+
+    def execute(self) -> None:
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fgcli-writer") as pool:
             self.pool = pool
-            for chunk in _chunks(items, self.batch_size * CHUNK_BATCHES):
-                todo: list[Item] = []
-                for item in chunk:
+            for todo in self.todo_chunks():
+                loader = torch.utils.data.DataLoader(
+                    self.dataset(todo), batch_size=self.batch_size, shuffle=False,
+                    num_workers=self.workers, collate_fn=collate,
+                    pin_memory=self.device.type == "cuda",
+                    prefetch_factor=2 if self.workers > 0 else None)
+                for batch in loader:
+                    self._batch(todo, batch)
                     if self.report.stopped_early:
                         break
-                    if item.error is not None:
-                        self._fail(item, item.error)
-                        continue
-                    done = self._done_before(item)
-                    if done is not None:
-                        for old in done:
-                            rec = dict(old, status="skipped", error=None, seconds=0.0)
-                            rec.pop("time", None)
-                            self._emit(rec)
-                        continue
-                    todo.append(item)
-                if todo and not self.report.stopped_early:
-                    dataset = ImageDataset(todo, proc.size, proc.crop, proc.resize, proc.mean,
-                                           proc.std, keep_original, cfg.max_pixels,
-                                           proc.interpolation)
-                    loader = torch.utils.data.DataLoader(
-                        dataset, batch_size=self.batch_size, shuffle=False,
-                        num_workers=self.workers, collate_fn=collate,
-                        pin_memory=self.device.type == "cuda",
-                        prefetch_factor=2 if self.workers > 0 else None)
-                    for batch in loader:
-                        self._batch(todo, batch)
-                        if self.report.stopped_early:
-                            break
                 self._drain(0)
                 if self.report.stopped_early:
                     break
             self._drain(0)
+
+    def compute(self, todo: list[Item], batch: Batch) -> list[dict[str, Any]]:
+        """One batch through the engine with its files written, returning its records
+        instead of writing manifest lines (a Ray actor's step; the driver writes them)."""
+        self.collected = []
+        if getattr(self, "pool", None) is None:
+            self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fgcli-writer")
+        try:
+            self._batch(todo, batch)
+            self._drain(0)
+            return self.collected
+        finally:
+            self.collected = None
 
     def _batch(self, todo: list[Item], batch: Batch) -> None:
         for failure in batch.failures:

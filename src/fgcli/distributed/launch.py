@@ -20,7 +20,9 @@ def run_dump(cfg: RunConfig, reporter_for: ReporterFactory, stdin: Any = None) -
     from fgcli.distributed.torchrun import rank_env
 
     env = rank_env()
-    if cfg.ray is not None:
+    if cfg.ray_address is not None and not cfg.ray:
+        raise UsageError("--ray-address needs --ray")
+    if cfg.ray:
         if env is not None:
             raise UsageError("--ray runs its own workers: do not start it under torchrun")
         if cfg.shard:
