@@ -127,7 +127,9 @@ def test_pipeline_stdin_json_and_exit_codes(tmp_path):
     assert result.returncode == 1
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert sorted(r["status"] for r in lines) == ["failed", "ok"]
-    assert result.stderr == ""
+    # --quiet: no progress or summary, but the failed image's one line (cron mails stderr)
+    assert result.stderr == (f"fullgrad: failed: {tmp_path / 'broken.jpg'}: "
+                             "not an image Pillow can read\n")
     usage = subprocess.run([*fullgrad(), "dump", str(PHOTOS), "--model", "vgg17"],
                            env=env(), capture_output=True, text=True)
     assert usage.returncode == 2 and "vgg16" in usage.stderr and "Traceback" not in usage.stderr
