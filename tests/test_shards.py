@@ -21,6 +21,7 @@ PHOTOS = ROOT / "examples" / "photos"
 SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
          "--workers", "0"]
 TIMING = ("seconds", "time")
+FLOATS = ("logit", "prob", "residual")
 
 
 def invoke(*args: str, **kwargs):
@@ -46,6 +47,18 @@ def comparable(out: Path) -> dict[tuple[str, object], dict]:
         assert key not in found, f"{key} twice in the manifest"
         found[key] = {k: v for k, v in rec.items() if k not in TIMING}
     return found
+
+
+def assert_same_records(a: dict, b: dict) -> None:
+    """Equal records, scores within float rounding (batches are composed differently)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = dict(a[key]), dict(b[key])
+        scale = max(1.0, abs(x.get("logit") or 0.0))
+        for name in FLOATS:
+            if name in x or name in y:
+                assert abs(x.pop(name) - y.pop(name)) <= 1e-4 * scale, (key, name)
+        assert x == y
 
 
 @pytest.fixture()
@@ -144,7 +157,7 @@ def test_concurrent_shard_processes_equal_a_single_run(tmp_path, images):
     assert merged.exit_code == 0, merged.stderr
     assert "merged 3 shard(s)" in merged.stderr and "failed 1" in merged.stderr
     assert not (sharded / "shards").exists()
-    assert comparable(sharded) == comparable(single)
+    assert_same_records(comparable(sharded), comparable(single))
     files = sorted(p.relative_to(single).as_posix() for p in single.rglob("*") if p.is_file()
                    and p.name not in ("run.json", "manifest.jsonl", ".fullgrad.lock"))
     assert files == sorted(p.relative_to(sharded).as_posix() for p in sharded.rglob("*")
