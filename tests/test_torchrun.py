@@ -105,10 +105,20 @@ def test_waiting_gives_up_on_a_silent_rank_only():
     store.set("fgcli/done/0", "{}")
     started = time.monotonic()
     with pytest.raises(SetupError, match="rank 1 stopped answering for 0 s.*rerun the same"):
-        _wait_for(store, ["fgcli/done/0", "fgcli/done/1"], [0, 1], 0.4, "the shards")
+        _wait_for(store, {0: "fgcli/done/0", 1: "fgcli/done/1"}, 0.4, "the shards")
     assert time.monotonic() - started < 5
     store.set("fgcli/done/1", "{}")
-    _wait_for(store, ["fgcli/done/0", "fgcli/done/1"], [0, 1], 0.4, "the shards")  # returns
+    _wait_for(store, {0: "fgcli/done/0", 1: "fgcli/done/1"}, 0.4, "the shards")  # returns
+    # a rank that beats is waited for, however long it takes
+    store.data.pop("fgcli/done/1")
+    beats = iter(range(1000))
+    real_get = store.get
+    store.get = lambda key: str(next(beats)).encode() if key == "fgcli/beat/1" else real_get(key)
+    store.set("fgcli/beat/1", "0")
+    import threading
+
+    threading.Timer(1.5, lambda: store.set("fgcli/done/1", "{}")).start()
+    _wait_for(store, {0: "fgcli/done/0", 1: "fgcli/done/1"}, 0.4, "the shards")
 
 
 def test_rank_environment():

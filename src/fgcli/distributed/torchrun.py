@@ -87,8 +87,8 @@ def _workers(cfg: RunConfig, env: RankEnv) -> int:
 class _Heartbeat:
     """A thread that stamps ``beat/<rank>`` in the store while this rank lives."""
 
-    def __init__(self, store: Any, rank: int) -> None:
-        self.store, self.rank = store, rank
+    def __init__(self, store: Any, rank: int, prefix: str) -> None:
+        self.store, self.rank, self.prefix = store, rank, prefix
         self.stop = threading.Event()
         self.count = 0
         self._beat()
@@ -97,7 +97,7 @@ class _Heartbeat:
 
     def _beat(self) -> None:
         self.count += 1
-        self.store.set(f"{PREFIX}beat/{self.rank}", str(self.count))
+        self.store.set(f"{self.prefix}beat/{self.rank}", str(self.count))
 
     def _loop(self) -> None:
         while not self.stop.wait(BEAT_SECONDS):
@@ -110,23 +110,23 @@ class _Heartbeat:
         self.stop.set()
 
 
-def _wait_for(store: Any, keys: list[str], ranks: list[int], timeout: float,
-              what: str) -> None:
-    """Wait until every key exists; SetupError when a rank it waits on stops beating."""
+def _wait_for(store: Any, posts: dict[int, str], timeout: float, what: str,
+              prefix: str = PREFIX) -> None:
+    """Wait until each rank has posted its key; SetupError once a rank that has not
+    posted yet stops beating for ``timeout`` seconds."""
     last: dict[int, tuple[bytes, float]] = {}
     while True:
-        if store.check(keys):
+        pending = [rank for rank, key in posts.items() if not store.check([key])]
+        if not pending:
             return
         now = time.monotonic()
-        for rank in ranks:
-            beat = store.get(f"{PREFIX}beat/{rank}") if store.check(
-                [f"{PREFIX}beat/{rank}"]) else b""
+        for rank in pending:
+            beat_key = f"{prefix}beat/{rank}"
+            beat = store.get(beat_key) if store.check([beat_key]) else b""
             seen = last.get(rank)
             if seen is None or seen[0] != beat:
                 last[rank] = (beat, now)
             elif now - seen[1] > timeout:
-                if store.check([keys[ranks.index(rank)]] if len(keys) == len(ranks) else []):
-                    continue
                 raise SetupError(f"rank {rank} stopped answering for {timeout:.0f} s while "
                                  f"waiting for {what}; the images it finished are kept: "
                                  "rerun the same command to finish its shard")
@@ -147,7 +147,10 @@ def run_rank(cfg: RunConfig, env: RankEnv, reporter_for: Any) -> RunReport:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                             timeout=timedelta(seconds=cfg.dist_timeout))
     shard = Shard(env.rank, env.world)
-    beat = _Heartbeat(store, env.rank)
+    # keys per attempt: after a torchrun restart (--max-restarts) the store still holds
+    # the failed attempt's keys
+    prefix = f"{PREFIX}{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    beat = _Heartbeat(store, env.rank, prefix)
     lead = env.rank == 0
     reporter = reporter_for(f"shard {shard}: ", lead)
     summary = _Deferred(reporter) if lead else reporter
@@ -163,15 +166,15 @@ def run_rank(cfg: RunConfig, env: RankEnv, reporter_for: Any) -> RunReport:
             error = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]
             raise
         finally:
-            store.set(f"{PREFIX}done/{env.rank}", json.dumps({
+            store.set(f"{prefix}done/{env.rank}", json.dumps({
                 "ok": report.ok, "failed": report.failed, "skipped": report.skipped,
                 "seconds": report.seconds, "stopped_early": report.stopped_early,
                 "error": error}))
         ranks = list(range(env.world))
-        _wait_for(store, [f"{PREFIX}done/{r}" for r in ranks], ranks, cfg.dist_timeout,
-                  "every rank to finish its shard")
+        _wait_for(store, {r: f"{prefix}done/{r}" for r in ranks}, cfg.dist_timeout,
+                  "every rank to finish its shard", prefix)
         dist.barrier()
-        posted = [json.loads(store.get(f"{PREFIX}done/{r}")) for r in ranks]
+        posted = [json.loads(store.get(f"{prefix}done/{r}")) for r in ranks]
         total = RunReport(out=cfg.out, device=device, seconds=max(p["seconds"] for p in posted))
         for p in posted:
             total.ok += p["ok"]
@@ -181,12 +184,15 @@ def run_rank(cfg: RunConfig, env: RankEnv, reporter_for: Any) -> RunReport:
         errors = [f"rank {r}: {p['error']}" for r, p in zip(ranks, posted) if p["error"]]
         total.extra = {"ranks": env.world, "errors": errors}
         if lead:
-            merged = merge(cfg.out, list(cfg.command)) if not errors else None
-            store.set(f"{PREFIX}merged", "1" if merged is not None else "0")
+            try:
+                if not errors:
+                    merge(cfg.out, list(cfg.command))
+            finally:  # the others wait for this key, whatever happened
+                store.set(f"{prefix}merged", "1")
             summary.release(total)
         else:
-            _wait_for(store, [f"{PREFIX}merged"], [0], cfg.dist_timeout,
-                      "rank 0 to merge the shards")
+            _wait_for(store, {0: f"{prefix}merged"}, cfg.dist_timeout,
+                      "rank 0 to merge the shards", prefix)
         if error is not None:
             raise SetupError(error)
         if errors:
