@@ -216,3 +216,14 @@ def test_ray_errors_become_one_line():
 
     line = ray_data._ray_error_line(Wrapped(ValueError("bad shape\nmore")))
     assert line == "ValueError: bad shape"
+
+
+def test_unreachable_address_is_one_setup_line():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(SetupError, match=rf"cannot reach the Ray cluster at 127.0.0.1:{port}"):
+        ray_data._probe(f"127.0.0.1:{port}")
+    ray_data._probe("auto")  # nothing to probe: Ray finds the cluster itself

@@ -186,6 +186,25 @@ def _ray_notices_to(reporter: Reporter, debug: bool) -> Iterator[None]:
         ray_worker.print_to_stdstream = original
 
 
+def _probe(address: str | None, timeout: float = 5.0) -> None:
+    """A host:port (or ray://host:port) that does not accept connections fails in one
+    line within seconds (``ray.init`` keeps retrying for minutes)."""
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return
+    where = address.split("://", 1)[-1]
+    host, sep, port = where.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)),
+                                 timeout=timeout).close()
+    except OSError as exc:
+        raise SetupError(f"--ray: cannot reach the Ray cluster at {address}: "
+                         f"{exc.strerror or exc}") from exc
+
+
 def _explicit_address(cfg: RunConfig) -> str | None:
     return cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
 
@@ -196,6 +215,7 @@ def connect(cfg: RunConfig) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.ray_address or None  # None: Ray honours $RAY_ADDRESS, else starts one
+    _probe(_explicit_address(cfg))
     try:
         with _muted_stderr(not cfg.debug):
             ray.init(address=address, include_dashboard=False, log_to_driver=cfg.debug,
