@@ -103,3 +103,14 @@ def tiny_cnn() -> nn.Module:
         nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
     )
     return randomise(model.double())
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> Path:
+    """Six photos in two folders and a broken file: for runs split into shards."""
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    for i, photo in enumerate(sorted((ROOT / "examples" / "photos").iterdir())):
+        (root / ("sub" if i % 2 else "") / photo.name).write_bytes(photo.read_bytes())
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    return root

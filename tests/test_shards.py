@@ -61,17 +61,6 @@ def assert_same_records(a: dict, b: dict) -> None:
         assert x == y
 
 
-@pytest.fixture()
-def images(tmp_path: Path) -> Path:
-    """Six photos in two folders and a broken file: shards get a mix."""
-    root = tmp_path / "imgs"
-    (root / "sub").mkdir(parents=True)
-    for i, photo in enumerate(sorted(PHOTOS.iterdir())):
-        (root / ("sub" if i % 2 else "") / photo.name).write_bytes(photo.read_bytes())
-    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    return root
-
-
 def hold(out: Path, shard: str | None) -> subprocess.Popen:
     """Another process holding the tree (shard None) or one shard of it."""
     holder = subprocess.Popen(

@@ -15,7 +15,7 @@ import pytest
 from fgcli.distributed.shards import shard_of
 from fgcli.distributed.torchrun import RankEnv, _wait_for, rank_device, rank_env
 from fgcli.errors import SetupError
-from test_shards import SMALL, assert_same_records, comparable, dump, hold, images  # noqa: F401
+from test_shards import SMALL, assert_same_records, comparable, dump, hold
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
