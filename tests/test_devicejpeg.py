@@ -241,3 +241,35 @@ def test_cuda_preprocess_and_overlays(photo):
         got = np.asarray(back.convert("RGB")).astype(np.int16)
     exact = render.overlay(hwc(img), hwc(heat), 0.5).astype(np.int16)
     assert np.abs(got - exact).mean() < 2.0
+
+
+# ---------------------------------------------------------------- wired into `fullgrad dump`
+
+def test_dump_with_device_jpeg_equals_the_pillow_path(tmp_path, images):
+    """--device-jpeg forced on the CPU (torchvision's decoder and encoder take CPU tensors):
+    the same tree as the default Pillow path, JPEG overlays encoded by the device path."""
+    import json
+
+    from PIL import Image
+
+    from test_shards import comparable, dump
+
+    device, pillow = tmp_path / "device", tmp_path / "pillow"
+    first = dump(images, device, "--device-jpeg")
+    assert dump(images, pillow).exit_code == first.exit_code == 1  # broken.jpg
+    assert "broken.jpg: corrupt image:" in first.stderr
+    assert json.loads((device / "run.json").read_text())["jpeg"] == "device"
+    assert json.loads((pillow / "run.json").read_text())["jpeg"] == "pillow"
+    a, b = comparable(device), comparable(pillow)
+    assert a.pop(("broken.jpg", None))["status"] == b.pop(("broken.jpg", None))["status"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert abs(a[key]["logit"] - b[key]["logit"]) <= 1e-3 * max(1, abs(b[key]["logit"]))
+        assert a[key]["target"] == b[key]["target"] and a[key]["outputs"] == b[key]["outputs"]
+    for jpg in (p for p in images.rglob("*.jpg") if p.name != "broken.jpg"):
+        rel = jpg.relative_to(images).as_posix()
+        with Image.open(device / "overlays" / f"{rel}.jpg") as ov, Image.open(jpg) as src:
+            assert ov.format == "JPEG" and ov.size == src.size
+        with Image.open(pillow / "overlays" / f"{rel}.jpg") as other:
+            mine = np.asarray(Image.open(device / "overlays" / f"{rel}.jpg"), dtype=np.int16)
+            assert np.abs(mine - np.asarray(other, dtype=np.int16)).mean() < 2.0

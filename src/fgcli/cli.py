@@ -215,6 +215,11 @@ def dump(
     channels_last: Annotated[Optional[bool], typer.Option(
         "--channels-last/--no-channels-last", help="Run the model in channels-last memory "
                                                    "format (often faster on GPUs).")] = None,
+    device_jpeg: Annotated[Optional[bool], typer.Option(
+        "--device-jpeg/--no-device-jpeg", help="Decode JPEGs and encode overlays on the "
+                                               "model's device (nvjpeg).  [default: on with "
+                                               "a CUDA device where nvjpeg works, else off]")
+    ] = None,
     max_pixels: Annotated[Optional[int], typer.Option(
         "--max-pixels", help="Refuse images with more pixels (decompression bombs).  "
                              "[default: 178956970]")] = None,
@@ -266,7 +271,7 @@ def dump(
             "std": _floats(std, "--std"), "labels": labels, "colormap": colormap,
             "alpha": alpha, "samples": samples, "sigma": sigma, "seed": seed,
             "files_from": files_from, "null": null, "max_pixels": max_pixels,
-            "amp": amp, "channels_last": channels_last,
+            "amp": amp, "channels_last": channels_last, "device_jpeg": device_jpeg,
             "overwrite": overwrite, "fail_fast": fail_fast, "shard": shard, "ray": ray,
             "ray_address": ray_address, "ray_actors": ray_actors, "dist_timeout": dist_timeout,
             "quiet": quiet, "json": as_json,

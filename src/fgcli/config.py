@@ -69,6 +69,7 @@ class RunConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     amp: bool = False
     channels_last: bool = False
+    device_jpeg: bool | None = None  # None: on where devicejpeg.available(device)
     overwrite: bool = False
     fail_fast: bool = False
     shard: str | None = None  # "I/N": the images whose key hashes to I mod N

@@ -25,7 +25,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +333,16 @@ class Sample:
     x: torch.Tensor
     original: torch.Tensor | None  # (H, W, 3) uint8 of the box, for overlays
     box: Box
+    on_device: bool = False  # original is (3, H, W) on the model's device (--device-jpeg)
+
+
+@dataclass
+class Encoded:
+    """A JPEG file's bytes (1-D uint8), to be decoded on the model's device in the main
+    process (``--device-jpeg``; see :mod:`fgcli.devicejpeg`)."""
+
+    index: int
+    data: torch.Tensor
 
 
 @dataclass
@@ -346,16 +356,27 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, items: list[Item], size: tuple[int, int], crop: bool, resize: int,
                  mean: tuple[float, ...], std: tuple[float, ...], keep_original: bool,
-                 max_pixels: int, interpolation: str = "bilinear") -> None:
+                 max_pixels: int, interpolation: str = "bilinear",
+                 encoded_jpeg: bool = False) -> None:
         self.items = items
         self.args = (size, crop, resize, mean, std, interpolation)
         self.keep_original = keep_original
         self.max_pixels = max_pixels
+        self.encoded_jpeg = encoded_jpeg  # JPEGs leave as bytes; other formats decode here
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> Sample | Failure:
+    def __getitem__(self, index: int) -> Sample | Failure | Encoded:
+        if self.encoded_jpeg:
+            from fgcli.devicejpeg import file_bytes, is_jpeg
+
+            try:
+                data = file_bytes(self.items[index].path)
+                if is_jpeg(data):
+                    return Encoded(index, data)
+            except OSError:
+                pass  # the Pillow path below words the error
         try:
             rgb = decode(self.items[index].path, self.max_pixels)
             x, box = preprocess(rgb, *self.args)
@@ -376,6 +397,7 @@ class Batch:
     x: torch.Tensor | None  # (n, 3, h, w) of the samples that decoded
     samples: list[Sample]
     failures: list[Failure]
+    encoded: list[Encoded] = field(default_factory=list)  # JPEGs still to decode
 
     def pin_memory(self) -> "Batch":
         if self.x is not None:
@@ -383,10 +405,11 @@ class Batch:
         return self
 
 
-def collate(results: list[Sample | Failure]) -> Batch:
+def collate(results: list[Sample | Failure | Encoded]) -> Batch:
     samples = [r for r in results if isinstance(r, Sample)]
     failures = [r for r in results if isinstance(r, Failure)]
+    encoded = [r for r in results if isinstance(r, Encoded)]
     x = torch.stack([s.x for s in samples]) if samples else None
     for s in samples:
         s.x = torch.empty(0)  # the batch tensor holds the data now
-    return Batch(x, samples, failures)
+    return Batch(x, samples, failures, encoded)

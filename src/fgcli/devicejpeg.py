@@ -1,6 +1,9 @@
 """JPEG decode, preprocessing and overlay encoding on the model's device.
 
-Not wired into the pipeline yet. On a GPU box the CPU stages of a dump
+Used by ``fullgrad dump`` when ``--device-jpeg`` is on (by default: on a CUDA device where
+:func:`available` says nvjpeg works): :class:`fgcli.data.ImageDataset` hands JPEGs over as
+bytes, :func:`decode_into` turns a batch's bytes into model input on the device, and the
+writer encodes overlays with :func:`encode_overlays`. On a GPU box the CPU stages of a dump
 (Pillow decode, float conversion and resize at full resolution, overlay blend
 and JPEG encode) cost more core-time per image than the engine costs GPU-time
 (``docs/scaling-analysis.md``). This module moves the JPEG part of that work to
@@ -46,12 +49,12 @@ import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from fgcli.data import Box, DecodeError
+from fgcli.data import Batch, Box, DecodeError
 
 __all__ = [
     "JpegHeader",
@@ -328,6 +331,39 @@ def preprocess_on_device(img: torch.Tensor, size: tuple[int, int], crop: bool, r
     m = torch.tensor(mean, dtype=torch.float32, device=t.device)[:, None, None]
     s = torch.tensor(std, dtype=torch.float32, device=t.device)[:, None, None]
     return (t - m) / s, box
+
+
+def decode_into(batch: Batch, device: torch.device, args: tuple[Any, ...],
+                keep_original: bool, max_pixels: int) -> Batch:
+    """A batch whose JPEGs are still bytes, as one whose input is all on ``device``.
+
+    ``args`` are :class:`fgcli.data.ImageDataset`'s preprocessing arguments (size, crop,
+    resize, mean, std, interpolation). Samples decoded by Pillow (other formats) join
+    the device-decoded ones; a JPEG that does not decode becomes a Failure with its
+    one-line reason; originals of device-decoded images stay on the device, (3, H, W),
+    for :func:`encode_overlays`.
+    """
+    from fgcli.data import Failure, Sample
+
+    images = decode_batch([e.data for e in batch.encoded], device, max_pixels=max_pixels,
+                          errors="return")
+    samples, rows, failures = [], [], list(batch.failures)
+    if batch.x is not None:
+        samples.extend(batch.samples)
+        rows.append(batch.x.to(device, non_blocking=True))
+    decoded = []
+    for encoded, image in zip(batch.encoded, images):
+        if isinstance(image, Exception):
+            failures.append(Failure(encoded.index, str(image)))
+            continue
+        x, box = preprocess_on_device(image, *args)
+        original = image[:, box.top:box.bottom, box.left:box.right] if keep_original else None
+        decoded.append(x)
+        samples.append(Sample(encoded.index, torch.empty(0), original, box, on_device=True))
+    if decoded:
+        rows.append(torch.stack(decoded))
+    x = torch.cat(rows) if rows else None
+    return Batch(x, samples, failures)
 
 
 # ------------------------------------------------------------------------------ overlays

@@ -216,6 +216,10 @@ class _Run:
         self.ranks: list[int | None] = (list(range(1, cfg.topk + 1)) if cfg.topk
                                         else [None])
         self.tree = OutputTree(cfg.out, self.shard.name if self.shard else None)
+        from fgcli import devicejpeg
+
+        self.device_jpeg = (cfg.device_jpeg if cfg.device_jpeg is not None
+                            else devicejpeg.available(self.device))
 
     def open_tree(self) -> None:
         """Lock the tree (or this shard of it) and index what earlier runs did.
@@ -336,7 +340,7 @@ class _Run:
         proc = self.loaded.preprocessing
         return ImageDataset(todo, proc.size, proc.crop, proc.resize, proc.mean, proc.std,
                             "overlay" in self.cfg.save, self.cfg.max_pixels,
-                            proc.interpolation)
+                            proc.interpolation, encoded_jpeg=self.device_jpeg)
 
     def execute(self) -> None:
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fgcli-writer") as pool:
@@ -370,6 +374,13 @@ class _Run:
             self.collected = None
 
     def _batch(self, todo: list[Item], batch: Batch) -> None:
+        if batch.encoded:  # --device-jpeg: JPEG bytes become model input on the device
+            from fgcli.devicejpeg import decode_into
+
+            proc = self.loaded.preprocessing
+            batch = decode_into(batch, self.device, (proc.size, proc.crop, proc.resize,
+                                                     proc.mean, proc.std, proc.interpolation),
+                                "overlay" in self.cfg.save, self.cfg.max_pixels)
         for failure in batch.failures:
             self._fail(todo[failure.index], failure.error)
         if batch.x is None or self.report.stopped_early:
@@ -411,8 +422,10 @@ class _Run:
                 )
                 decomp = _decomp_arrays(host, j, cls) if "decomp" in cfg.save else None
                 box = sample.box
-                job = ImageJob(item.key, rank, cls, _MapOf(host["maps"], j),
-                               None if sample.original is None else sample.original.numpy(),
+                original = sample.original
+                if original is not None and not sample.on_device:
+                    original = original.numpy()
+                job = ImageJob(item.key, rank, cls, _MapOf(host["maps"], j), original,
                                (box.right - box.left, box.bottom - box.top), decomp)
                 records.append(rec)
                 futures.append(self.pool.submit(write_outputs, self.tree, job, cfg.save,
@@ -486,6 +499,7 @@ class _Run:
             "input_size": list(self.loaded.preprocessing.size),
             "crop": cfg.crop, "save": list(cfg.save),
             "device": str(self.device), "host": platform.node(),
+            "jpeg": "device" if self.device_jpeg else "pillow",
             "batch_size": self.batch_size, "workers": self.workers,
             "versions": versions(),
             "started": started_at, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -348,7 +348,8 @@ class ImageJob:
     rank: int | None
     cls: int
     saliency: Callable[[], np.ndarray]  # (h, w) float32 at model resolution, when ready
-    original: np.ndarray | None  # (H, W, 3) uint8 region the model saw
+    original: np.ndarray | Any  # (H, W, 3) uint8 region the model saw, or a (3, H, W)
+    # tensor on the model's device (--device-jpeg), or None
     size: tuple[int, int]  # (width, height) of that region
     decomp: dict[str, np.ndarray] | None
 
@@ -375,6 +376,12 @@ def write_outputs(tree: OutputTree, job: ImageJob, save: tuple[str, ...], colorm
                 tree.write_palette_png(dest, indices, lut)
             else:
                 heat = lut[indices]
+                if job.original is not None and not isinstance(job.original, np.ndarray):
+                    from fgcli.devicejpeg import encode_overlays  # blend + encode on device
+
+                    tree.write_bytes(dest, encode_overlays([job.original], [heat], alpha)[0])
+                    written[kind] = dest.relative_to(tree.root).as_posix()
+                    continue
                 base = job.original if job.original is not None else np.zeros_like(heat)
                 tree.write_jpeg(dest, render.overlay(base, heat, alpha))
         written[kind] = dest.relative_to(tree.root).as_posix()
