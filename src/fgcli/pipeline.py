@@ -209,8 +209,11 @@ class _Run:
             self.engine = METHODS[cfg.method.value](model)
         self.batch_size = cfg.batch_size or (32 if self.device.type == "cuda" else 8)
         self.max_batch = self.batch_size  # lowered when the device runs out of memory
-        cores = os.cpu_count() or 1
+        cores = cores_per_process()
         self.workers = cfg.workers if cfg.workers is not None else max(1, min(4, cores - 1))
+        # writer threads encode heatmaps and overlays (Pillow and NumPy release the GIL):
+        # the cores left after decoding and the main thread, at least 2
+        self.writers = max(2, min(16, cores - self.workers - 1))
         self.fingerprint = cfg.settings_fingerprint(self.loaded.identity,
                                                     self.loaded.preprocessing.interpolation)
         self.ranks: list[int | None] = (list(range(1, cfg.topk + 1)) if cfg.topk
@@ -343,7 +346,8 @@ class _Run:
                             proc.interpolation, encoded_jpeg=self.device_jpeg)
 
     def execute(self) -> None:
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fgcli-writer") as pool:
+        with ThreadPoolExecutor(max_workers=self.writers,
+                                   thread_name_prefix="fgcli-writer") as pool:
             self.pool = pool
             for todo in self.todo_chunks():
                 loader = torch.utils.data.DataLoader(
@@ -365,7 +369,8 @@ class _Run:
         instead of writing manifest lines (a Ray actor's step; the driver writes them)."""
         self.collected = []
         if getattr(self, "pool", None) is None:
-            self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fgcli-writer")
+            self.pool = ThreadPoolExecutor(max_workers=self.writers,
+                                           thread_name_prefix="fgcli-writer")
         try:
             self._batch(todo, batch)
             self._drain(0)
@@ -501,6 +506,7 @@ class _Run:
             "device": str(self.device), "host": platform.node(),
             "jpeg": "device" if self.device_jpeg else "pillow",
             "batch_size": self.batch_size, "workers": self.workers,
+            "writers": self.writers,
             "versions": versions(),
             "started": started_at, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(self.report.seconds, 3),
@@ -619,6 +625,20 @@ def _decomp_arrays(host: dict[str, Any], j: int, cls: int) -> dict[str, np.ndarr
     for name, value in host["compact_offgrid"].items():
         arrays[f"offgrid/{name}"] = np.float32(value[j])
     return arrays
+
+
+def cores_per_process() -> int:
+    """This process's share of the cores: the CPUs it may run on, divided among the
+    processes torchrun started on this node (``LOCAL_WORLD_SIZE``)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, cores // local)
 
 
 def _stamp() -> str:

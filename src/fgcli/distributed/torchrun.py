@@ -76,14 +76,6 @@ def rank_device(spec: str, env: RankEnv) -> str:
     return "cpu" if spec == "auto" else spec
 
 
-def _workers(cfg: RunConfig, env: RankEnv) -> int:
-    """Decoding workers per rank: the cores shared among the node's ranks."""
-    if cfg.workers is not None:
-        return cfg.workers
-    cores = os.cpu_count() or 1
-    return max(1, min(4, cores // env.local_world - 1))
-
-
 class _Heartbeat:
     """A thread that stamps ``beat/<rank>`` in the store while this rank lives."""
 
@@ -154,7 +146,9 @@ def run_rank(cfg: RunConfig, env: RankEnv, reporter_for: Any) -> RunReport:
     lead = env.rank == 0
     reporter = reporter_for(f"shard {shard}: ", lead)
     summary = _Deferred(reporter) if lead else reporter
-    rank_cfg = replace(cfg, shard=str(shard), device=device, workers=_workers(cfg, env))
+    # decoding workers and writer threads follow the rank's share of the node's cores
+    # (pipeline.cores_per_process reads LOCAL_WORLD_SIZE)
+    rank_cfg = replace(cfg, shard=str(shard), device=device)
     report = RunReport(out=cfg.out, device=device)
     error: str | None = None
     try:
