@@ -64,6 +64,9 @@ import torch
 import torchvision
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import floor_fn  # noqa: E402 - the floor pass bench.py measures
+
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "examples" / "photos"
 SIZES = [(500, 375), (1024, 768), (1920, 1080), (4000, 3000)]
@@ -190,20 +193,6 @@ def build(name: str) -> torch.nn.Module:
     return torchvision.models.get_model(name, weights=None).eval()
 
 
-def floor_pass(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Forward + backward of the top-1 logits to the input only; parameters frozen."""
-    params = [p.requires_grad_(False) for p in model.parameters()]
-    try:
-        xg = x.detach().requires_grad_(True)
-        logits = model(xg)
-        target = logits.detach().argmax(1)
-        (g,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), xg)
-        return g
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 def count_flops(model: torch.nn.Module, size: int) -> dict[str, float]:
     """GFLOPs per image: forward, backward to the input, and FullGrad.explain in total."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -239,7 +228,7 @@ def engine_row(name: str, batch: int, repeats: int, threads: int) -> dict:
     model = build(name)
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     engine = FullGrad(model)
-    runs = {"floor": lambda: floor_pass(model, x), "fullgrad": lambda: engine.explain(x)}
+    runs = {"floor": floor_fn(model, x), "fullgrad": lambda: engine.explain(x)}
     for fn in runs.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in runs}  # process CPU time, all threads

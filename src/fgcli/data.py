@@ -304,10 +304,18 @@ def preprocess(rgb: np.ndarray, size: tuple[int, int], crop: bool, resize: int,
     ``interpolation``: ``bilinear`` or ``bicubic`` (the model's own preprocessing says
     which), antialiased when shrinking, as PIL and torchvision's transforms do.
     """
+    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+    return resize_normalise(t, size, crop, resize, mean, std, interpolation)
+
+
+def resize_normalise(t: torch.Tensor, size: tuple[int, int], crop: bool, resize: int,
+                     mean: tuple[float, ...], std: tuple[float, ...],
+                     interpolation: str = "bilinear") -> tuple[torch.Tensor, Box]:
+    """:func:`preprocess` from a (1, 3, H, W) float tensor in [0, 1] on any device (the
+    Pillow path and ``--device-jpeg`` share it, so both give the same input and Box)."""
     import torch.nn.functional as F
 
-    h, w = rgb.shape[:2]
-    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+    h, w = int(t.shape[2]), int(t.shape[3])
     if crop:
         scale = resize / min(h, w)
         rh, rw = max(size[0], round(h * scale)), max(size[1], round(w * scale))
@@ -322,8 +330,8 @@ def preprocess(rgb: np.ndarray, size: tuple[int, int], crop: bool, resize: int,
                           antialias=True)
         box = Box(0, 0, w, h)
     t = t[0].clamp_(0.0, 1.0)
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    m = torch.tensor(mean, dtype=torch.float32, device=t.device)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32, device=t.device)[:, None, None]
     return (t - m) / s, box
 
 

@@ -54,7 +54,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from fgcli.data import Batch, Box, DecodeError
+from fgcli.data import Batch, Box, DecodeError, resize_normalise
 
 __all__ = [
     "JpegHeader",
@@ -308,29 +308,10 @@ def preprocess_on_device(img: torch.Tensor, size: tuple[int, int], crop: bool, r
     crop), clamp to [0, 1], normalise. On the CPU it matches data.preprocess on the
     same pixels to float rounding; the Box is identical.
     """
-    import torch.nn.functional as F
-
     if img.dim() != 3 or img.shape[0] != 3:
         raise ValueError(f"expected a (3, H, W) image, got shape {tuple(img.shape)}")
-    h, w = int(img.shape[1]), int(img.shape[2])
     t = (img.to(torch.float32) / 255.0)[None]
-    if crop:
-        scale = resize / min(h, w)
-        rh, rw = max(size[0], round(h * scale)), max(size[1], round(w * scale))
-        t = F.interpolate(t, size=(rh, rw), mode=interpolation, align_corners=False,
-                          antialias=True)
-        top, left = (rh - size[0]) // 2, (rw - size[1]) // 2
-        t = t[:, :, top:top + size[0], left:left + size[1]]
-        box = Box(round(left / rw * w), round(top / rh * h),
-                  round((left + size[1]) / rw * w), round((top + size[0]) / rh * h))
-    else:
-        t = F.interpolate(t, size=size, mode=interpolation, align_corners=False,
-                          antialias=True)
-        box = Box(0, 0, w, h)
-    t = t[0].clamp_(0.0, 1.0)
-    m = torch.tensor(mean, dtype=torch.float32, device=t.device)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32, device=t.device)[:, None, None]
-    return (t - m) / s, box
+    return resize_normalise(t, size, crop, resize, mean, std, interpolation)
 
 
 def decode_into(batch: Batch, device: torch.device, args: tuple[Any, ...],
