@@ -7,6 +7,7 @@ tests exercise non-trivial bias terms.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +115,16 @@ def images(tmp_path: Path) -> Path:
         (root / ("sub" if i % 2 else "") / photo.name).write_bytes(photo.read_bytes())
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     return root
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch with one compute thread, as torchrun ranks, shard processes and Ray actors
+    do here: another thread count reorders float sums inside convolutions, which can flip
+    near-tied ReLU / max-pool decisions (maps then differ by up to ~5e-3 of their max)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ROOT, SQUEEZENET_WEIGHTS
+from conftest import ROOT, SQUEEZENET_WEIGHTS, one_thread
 from fgcli.cli import app
 from fgcli.config import RunConfig
 from fgcli.errors import SetupError
@@ -78,7 +78,8 @@ def ray_run(local_ray, images, tmp_path_factory):
     """The same dump twice: one process, then Ray with two CPU actors."""
     base = tmp_path_factory.mktemp("runs")
     plain, on_ray = base / "plain", base / "ray"
-    first = dump([str(images), "--out", str(plain)])
+    with one_thread():  # as each CPU actor computes
+        first = dump([str(images), "--out", str(plain)])
     second = dump([str(images), "--out", str(on_ray), "--ray", "--ray-actors", "2"])
     return plain, on_ray, first, second
 

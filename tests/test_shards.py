@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ROOT, SQUEEZENET_WEIGHTS
+from conftest import ROOT, SQUEEZENET_WEIGHTS, one_thread
 from fgcli.cli import app
 from fgcli.distributed.shards import Shard, shard_of
 
@@ -131,7 +131,8 @@ def test_concurrent_shard_processes_equal_a_single_run(tmp_path, images):
     procs = [subprocess.Popen([*command, "dump", str(images), *SMALL, "--out", str(sharded),
                                "--shard", f"{i}/3", "--quiet"], env=env,
                               stderr=subprocess.PIPE, text=True) for i in range(3)]
-    alone = dump(images, single, "--quiet")  # meanwhile, the single run (in this process)
+    with one_thread():  # meanwhile, the single run (in this process, one thread as theirs)
+        alone = dump(images, single, "--quiet")
     errors = [p.communicate(timeout=600)[1] for p in procs] + [alone.stderr]
     codes = [p.returncode for p in procs] + [alone.exit_code]
     owner = shard_of("broken.jpg", 3)
