@@ -108,6 +108,8 @@ def test_bad_shard_is_a_usage_error(tmp_path, text):
 
 
 def test_shard_membership_does_not_depend_on_the_listing(tmp_path, images):
+    for i in range(10):  # enough files that both shards get some, whatever tmp_path is
+        (images / f"copy{i}.png").write_bytes((PHOTOS / "coffee.png").read_bytes())
     files = sorted(str(p) for p in images.rglob("*.png"))
     forward, backward = tmp_path / "fwd.txt", tmp_path / "bwd.txt"
     forward.write_text("\n".join(files) + "\n")
@@ -237,7 +239,7 @@ def test_plain_run_refused_while_a_shard_runs_and_the_reverse(tmp_path):
     try:
         plain = dump(PHOTOS / "coffee.png", out)
         assert plain.exit_code == 2
-        assert "running shards" in plain.stderr and f"shard 1-of-2 by pid {holder.pid}" in \
+        assert "1 running shard(s)" in plain.stderr and f"shard 1-of-2 by pid {holder.pid}" in \
             plain.stderr
         merge = invoke("merge", str(out))
         assert merge.exit_code == 2 and f"pid {holder.pid}" in merge.stderr
@@ -291,3 +293,45 @@ def test_shard_warns_of_empty_inputs_once(tmp_path):
     second = invoke("dump", str(empty), *SMALL, "--out", str(tmp_path / "o"), "--shard", "1/2")
     assert "shard 0/2: warning:" in first.stderr and "no image files" in first.stderr
     assert "no image files" not in second.stderr
+
+
+def _line(key: str, status: str, when: str, note: str) -> str:
+    return json.dumps({"schema": 1, "key": key, "input": key, "status": status,
+                       "rank": None, "time": when, "note": note}) + "\n"
+
+
+def test_merge_rule_later_line_in_a_file_later_time_across_files(tmp_path):
+    from fgcli.distributed.shards import merge
+
+    out = tmp_path / "out"
+    shard = out / "shards" / "0-of-2"
+    shard.mkdir(parents=True)
+    (out / "manifest.jsonl").write_text(
+        _line("a.jpg", "ok", "2026-01-02T00:00:00.000+00:00", "main, newer than the shard")
+        + _line("b.jpg", "failed", "2026-01-01T00:00:00.000+00:00", "main, older"))
+    (shard / "manifest.jsonl").write_text(
+        _line("a.jpg", "failed", "2026-01-01T00:00:00.000+00:00", "shard, older")
+        + _line("b.jpg", "ok", "2026-01-03T00:00:00.000+00:00", "shard, first")
+        # a clock stepped back: the later line of one file still wins
+        + _line("b.jpg", "skipped", "2026-01-02T00:00:00.000+00:00", "shard, last"))
+    report = merge(out, ["test"])
+    assert report.shards == ["0-of-2"] and report.lines == 5 and report.records == 2
+    got = {r["key"]: r["note"] for r in records(out / "manifest.jsonl")}
+    assert got == {"a.jpg": "main, newer than the shard", "b.jpg": "shard, last"}
+    assert not (out / "shards").exists()
+
+
+def test_refused_shards_leave_no_folder_and_merge_skips_empty_ones(tmp_path):
+    out = tmp_path / "out"
+    holder = hold(out, "0-of-2")
+    try:
+        refused = dump(PHOTOS / "coffee.png", out, "--shard", "2/3")
+        assert refused.exit_code == 2 and "another count" in refused.stderr
+        assert not (out / "shards" / "2-of-3").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the killed holder left an empty folder with a lock: merge drops it, reports nothing
+    result = invoke("merge", str(out))
+    assert result.exit_code == 0 and "no shards to merge" in result.stderr
+    assert not (out / "shards").exists() and not (out / "run.json").exists()

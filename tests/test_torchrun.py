@@ -106,7 +106,7 @@ def test_waiting_gives_up_on_a_silent_rank_only():
     store = FakeStore()
     store.set("fgcli/done/0", "{}")
     started = time.monotonic()
-    with pytest.raises(SetupError, match="rank 1 stopped answering for 0 s.*rerun the same"):
+    with pytest.raises(SetupError, match="rank 1 made no progress for 0 s.*rerun the same"):
         _wait_for(store, {0: "fgcli/done/0", 1: "fgcli/done/1"}, 0.4, "the shards")
     assert time.monotonic() - started < 5
     store.set("fgcli/done/1", "{}")
@@ -123,11 +123,51 @@ def test_waiting_gives_up_on_a_silent_rank_only():
     _wait_for(store, {0: "fgcli/done/0", 1: "fgcli/done/1"}, 0.4, "the shards")
 
 
+def test_heartbeat_stops_when_the_main_thread_makes_no_progress(monkeypatch):
+    import fgcli.distributed.torchrun as tr
+
+    monkeypatch.setattr(tr, "BEAT_SECONDS", 0.05)
+    store = FakeStore()
+    beat = tr._Heartbeat(store, 1, "fgcli/", timeout=0.5)
+    try:
+        time.sleep(0.3)
+        loading = int(store.get("fgcli/beat/1"))
+        assert loading > 2  # before the run starts (model loading) it beats freely
+        beat.gate()
+        for _ in range(10):  # progress every 0.1 s keeps it beating
+            time.sleep(0.1)
+            beat.touch()
+        busy = int(store.get("fgcli/beat/1"))
+        assert busy > loading + 10
+        time.sleep(1.0)  # a stuck main thread: beats stop after the timeout
+        stuck = int(store.get("fgcli/beat/1"))
+        time.sleep(0.5)
+        assert int(store.get("fgcli/beat/1")) == stuck
+        with pytest.raises(SetupError, match="rank 1 made no progress"):
+            _wait_for(store, {1: "fgcli/done/1"}, 0.3, "the shards")
+    finally:
+        beat.close()
+
+
+def test_under_torchrun_stdin_and_a_missing_master_are_clear_errors(tmp_path, monkeypatch):
+    from test_shards import invoke
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    listed = invoke("dump", "-", *SMALL, "--out", str(tmp_path / "o"), input="x.jpg\n")
+    assert listed.exit_code == 2 and "--files-from FILE" in listed.stderr
+    bare = invoke("dump", str(Path(__file__)), *SMALL, "--out", str(tmp_path / "o"))
+    assert bare.exit_code == 2
+    assert "RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT not" in bare.stderr
+
+
 def test_rank_environment():
     assert rank_env({}) is None
     assert rank_env({"RANK": "0", "WORLD_SIZE": "1"}) is None  # one process: a plain run
     assert rank_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
-                     "LOCAL_WORLD_SIZE": "4"}) == RankEnv(3, 8, 1, 4)
+                     "LOCAL_WORLD_SIZE": "4"}) == RankEnv(3, 8, 1)
     from fgcli.config import UsageError
 
     with pytest.raises(UsageError, match="outside WORLD_SIZE"):
@@ -135,8 +175,8 @@ def test_rank_environment():
     import torch
 
     if not torch.cuda.is_available():
-        assert rank_device("auto", RankEnv(1, 2, 1, 2)) == "cpu"
-        assert rank_device("cpu", RankEnv(1, 2, 1, 2)) == "cpu"
+        assert rank_device("auto", RankEnv(1, 2, 1)) == "cpu"
+        assert rank_device("cpu", RankEnv(1, 2, 1)) == "cpu"
 
 
 def test_shard_option_is_refused_under_torchrun(tmp_path, monkeypatch):

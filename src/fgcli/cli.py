@@ -63,13 +63,14 @@ class ConsoleReporter:
 
     ``quiet`` silences progress, warnings and the summary, never failed images or alerts
     (cron mails what a job prints on stderr). ``prefix`` (``shard 1/8: ``) starts the
-    failure lines of one of many processes; ``lead`` is False on all but the process that
-    shows progress and the summary (torchrun's rank 0).
+    lines of one of many processes; ``lead`` is False on all but the process that shows
+    progress (its own shard's) and the summary (every rank's totals): torchrun's rank 0.
     """
 
     def __init__(self, quiet: bool, as_json: bool, prefix: str = "", lead: bool = True
                  ) -> None:
-        self.quiet = quiet or not lead
+        self.quiet = quiet
+        self.lead = lead
         self.as_json = as_json
         self.prefix = prefix
         self.bar: Any = None
@@ -81,7 +82,7 @@ class ConsoleReporter:
             err.print(message, markup=False)
 
     def started(self, info: dict[str, Any]) -> None:
-        if not self.quiet and sys.stderr.isatty():
+        if not self.quiet and self.lead and sys.stderr.isatty():
             import os
 
             from tqdm import tqdm
@@ -103,6 +104,9 @@ class ConsoleReporter:
     def alert(self, message: str) -> None:
         self._stderr(f"fullgrad: {self.prefix}warning: {message}")
 
+    def progress(self) -> None:
+        pass
+
     def record(self, record: dict[str, Any], line: str, image_done: bool) -> None:
         if self.as_json:
             try:
@@ -123,7 +127,7 @@ class ConsoleReporter:
     def finished(self, report: Any) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.quiet:
+        if self.quiet or not self.lead:
             return
         from rich.table import Table
 
@@ -242,8 +246,9 @@ def dump(
         "--ray-actors", help="Engine actors on Ray.  [default: one per GPU; without GPUs "
                              "one per CPU, minus one for decoding]")] = None,
     dist_timeout: Annotated[Optional[float], typer.Option(
-        "--dist-timeout", help="torchrun: seconds a rank may stay silent before the others "
-                               "give up on it.  [default: 300]")] = None,
+        "--dist-timeout", help="torchrun: seconds a rank may go without progress (a finished "
+                               "batch) before the others give up on it.  [default: 600]")
+    ] = None,
     quiet: Annotated[Optional[bool], typer.Option(
         "--quiet/--no-quiet", "-q", help="No progress bar, warnings or summary; failed "
                                          "images still get their line on stderr.")

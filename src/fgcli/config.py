@@ -76,7 +76,7 @@ class RunConfig:
     ray: bool = False  # run on Ray Data
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray
     ray_actors: int | None = None  # None: one per GPU, else one per (cores - 1)
-    dist_timeout: float = 300.0  # seconds a silent rank is waited for
+    dist_timeout: float = 600.0  # seconds a rank without progress is waited for
     quiet: bool = False
     json: bool = False
     debug: bool = False

@@ -18,11 +18,12 @@ the GPU with torchvision's nvjpeg bindings:
   returns the same tensor and :class:`~fgcli.data.Box` as
   :func:`fgcli.data.preprocess` (same maths: antialiased interpolation of
   ``uint8 / 255`` floats);
-* the uint8 originals stay on the device for the overlays;
-  :func:`encode_overlays` blends them with the colormapped heatmaps exactly as
-  :func:`fgcli.render.overlay` does (integer 1/256 steps of alpha) and encodes
-  them as one batch; only compressed bytes come back to the host, where the
-  writer threads merely write them.
+* the uint8 originals stay on the device for the overlays; each writer thread
+  sends its image's colormapped heatmap (built on the CPU, as for the heatmap PNG)
+  to the device, where :func:`encode_overlays` blends it exactly as
+  :func:`fgcli.render.overlay` does (integer 1/256 steps of alpha) and encodes it;
+  only the JPEG's bytes come back. (The function takes lists, so a batched encode is
+  one call away; the writer encodes image by image, as it writes them.)
 
 Everything here runs on the CPU too, because torchvision's ``decode_jpeg`` and
 ``encode_jpeg`` take CPU tensors: that is how it is tested without a GPU. But
@@ -338,7 +339,11 @@ def decode_into(batch: Batch, device: torch.device, args: tuple[Any, ...],
             failures.append(Failure(encoded.index, str(image)))
             continue
         x, box = preprocess_on_device(image, *args)
-        original = image[:, box.top:box.bottom, box.left:box.right] if keep_original else None
+        original = None
+        if keep_original:  # a crop's copy, so the whole frame is not kept for the writer
+            original = image[:, box.top:box.bottom, box.left:box.right]
+            if original.shape != image.shape:
+                original = original.clone()
         decoded.append(x)
         samples.append(Sample(encoded.index, torch.empty(0), original, box, on_device=True))
     if decoded:

@@ -34,7 +34,7 @@ import torchvision
 from torch import nn
 
 from fgcli.config import UsageError
-from fgcli.errors import SetupError
+from fgcli.errors import SetupError  # noqa: F401 - re-exported (fgcli.models.SetupError)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -68,7 +68,8 @@ class RunReport:
 class Reporter(Protocol):
     """How a run talks to its caller. ``alert`` is for problems that must reach the user
     even with ``--quiet`` (an input without images); failed images come through
-    ``record`` with status ``failed``."""
+    ``record`` with status ``failed``; ``progress`` is called after every batch the
+    engine finishes (torchrun's heartbeat counts it as a sign of life)."""
 
     def started(self, info: dict[str, Any]) -> None: ...
 
@@ -76,12 +77,14 @@ class Reporter(Protocol):
 
     def alert(self, message: str) -> None: ...
 
+    def progress(self) -> None: ...
+
     def record(self, record: dict[str, Any], line: str, image_done: bool) -> None: ...
 
     def finished(self, report: RunReport) -> None: ...
 
 
-class _Silent:
+class SilentReporter:
     def started(self, info: dict[str, Any]) -> None:
         pass
 
@@ -89,6 +92,9 @@ class _Silent:
         pass
 
     def alert(self, message: str) -> None:
+        pass
+
+    def progress(self) -> None:
         pass
 
     def record(self, record: dict[str, Any], line: str, image_done: bool) -> None:
@@ -158,8 +164,8 @@ def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield chunk
 
 
-class _Run:
-    """State of one dump run (see :func:`run`)."""
+class DumpRun:
+    """State of one dump run (see :func:`run`; ``fgcli.distributed.ray_data`` drives its steps too)."""
 
     def __init__(self, cfg: RunConfig, reporter: Reporter, stdin: Any) -> None:
         self.cfg = cfg
@@ -187,6 +193,8 @@ class _Run:
         except ValueError as exc:
             raise UsageError(f"--colormap: {exc}") from exc
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # streams and events of cuda:N, not cuda:0
         self.report.device = str(self.device)
         self.loaded: LoadedModel = load_model(
             cfg.model, cfg.weights, size=cfg.size, crop=cfg.crop, mean=cfg.mean, std=cfg.std,
@@ -410,6 +418,8 @@ class _Run:
             for sample in batch.samples:
                 self._fail(todo[sample.index], str(exc))
             return
+        finally:
+            self.reporter.progress()
         seconds = (time.perf_counter() - start) / len(batch.samples)
 
         records: list[dict[str, Any]] = []
@@ -580,9 +590,10 @@ class DeviceMaps:
         self.event = None
         if maps.device.type == "cuda":
             self.host = torch.empty(maps.shape, dtype=maps.dtype, pin_memory=True)
-            self.host.copy_(maps, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
+            with torch.cuda.device(maps.device):  # copy and event on the maps' device
+                self.host.copy_(maps, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record(torch.cuda.current_stream(maps.device))
         else:
             self.host = maps.cpu()
 
@@ -665,10 +676,10 @@ def versions() -> dict[str, str]:
 
 def run(cfg: RunConfig, reporter: Reporter | None = None, stdin: Any = None) -> RunReport:
     """Run a dump. Raises UsageError / SetupError before anything is written."""
-    reporter = reporter or _Silent()
+    reporter = reporter or SilentReporter()
     started = time.perf_counter()
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    state = _Run(cfg, reporter, stdin if stdin is not None else sys.stdin)
+    state = DumpRun(cfg, reporter, stdin if stdin is not None else sys.stdin)
     state.setup()
     try:
         reporter.started({"model": cfg.model, "weights": state.loaded.weights,

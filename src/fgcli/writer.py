@@ -115,9 +115,12 @@ class OutputTree:
             if plain is not None:
                 raise LockedError(f"{self.root} is in use by {plain}") from exc
             shards = running_shards(self.root)
-            who = "; ".join(f"shard {name} by {text}" for name, text in shards.items())
-            raise LockedError(f"{self.root} is in use by running shards: "
-                              f"{who or 'another fullgrad run'}") from exc
+            if not shards:
+                raise LockedError(f"{self.root} is in use by another fullgrad run") from exc
+            name, text = next(iter(shards.items()))
+            more = f" and {len(shards) - 1} more" if len(shards) > 1 else ""
+            raise LockedError(f"{self.root} is in use by {len(shards)} running shard(s): "
+                              f"shard {name} by {text}{more}") from exc
         # holding the tree lock (either way) means no plain run is writing: any holder
         # text left in the file is a killed run's
         tree_fh.seek(0)
@@ -138,16 +141,22 @@ class OutputTree:
     def _acquire_shard(self, info: str) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         fh = open(self.home / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - held
-        try:
-            fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if not _busy(exc):
+        for attempt in range(20):
+            try:
+                fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if not _busy(exc):
+                    fh.close()
+                    raise
+                if attempt < 19:  # another shard's running_shards() probe holds it briefly
+                    time.sleep(0.05)
+                    continue
+                fh.seek(0)
+                who = _holder_text(fh.read().strip()) or "another fullgrad run"
                 fh.close()
-                raise
-            fh.seek(0)
-            who = _holder_text(fh.read().strip()) or "another fullgrad run"
-            fh.close()
-            raise LockedError(f"shard {self.shard} of {self.root} is in use by {who}") from exc
+                raise LockedError(f"shard {self.shard} of {self.root} is in use by "
+                                  f"{who}") from exc
         fh.seek(0)
         fh.truncate()
         fh.write(info)
@@ -157,6 +166,9 @@ class OutputTree:
         others = {name: text for name, text in running_shards(self.root, skip=self.shard).items()
                   if name.rpartition("-of-")[2] != count}
         if others:
+            if not self.manifest_path.exists():  # leave no empty shard folder behind
+                (self.home / LOCK).unlink(missing_ok=True)
+                shutil.rmtree(self.home, ignore_errors=True)
             name, text = next(iter(others.items()))
             raise LockedError(f"{self.root} has shards of another count running (shard "
                               f"{name} by {text}): shards running together must share N")
@@ -228,12 +240,12 @@ class OutputTree:
             sources += [p for p in shard_manifests(self.root)
                         if p.parent.name.rpartition("-of-")[2] != count]
             sources.append(self.manifest_path)
-        index: dict[tuple[str, int | None], tuple[Path, int]] = {}
+        latest = Latest()
         for path in sources:
             for offset, rec in iter_manifest(path):
                 if owns is None or owns(rec["key"]):
-                    index[(rec["key"], rec.get("rank"))] = (path, offset)
-        return index
+                    latest.offer(rec, path, offset)
+        return {key: (path, offset) for key, (_, path, offset) in latest.items()}
 
     def read_record(self, where: tuple[Path, int]) -> dict[str, Any]:
         """The manifest record at (file, byte offset)."""
@@ -288,6 +300,20 @@ class OutputTree:
         for reader in self._readers.values():
             reader.close()
         self._readers = {}
+
+
+class Latest(dict):
+    """(key, rank) -> (time, file, offset) of the latest record, by one rule everywhere
+    (resume and merge): within one file the later line wins; across files the later
+    ``time`` wins, ties to the file read later. Lines without ``time`` (older versions)
+    count as oldest."""
+
+    def offer(self, rec: dict[str, Any], path: Path, offset: int) -> None:
+        key = (rec["key"], rec.get("rank"))
+        stamp = str(rec.get("time") or "")
+        old = self.get(key)
+        if old is None or old[1] == path or stamp >= old[0]:
+            self[key] = (stamp, path, offset)
 
 
 def iter_manifest(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -27,6 +27,9 @@ def run_dump(cfg: RunConfig, reporter_for: ReporterFactory, stdin: Any = None) -
             raise UsageError("--ray runs its own workers: do not start it under torchrun")
         if cfg.shard:
             raise UsageError("--ray and --shard exclude each other (Ray spreads the images)")
+        if cfg.device_jpeg:
+            raise UsageError("--device-jpeg is not used with --ray: Ray tasks decode with "
+                             "Pillow")
         from fgcli.distributed.ray_data import run_ray
 
         return run_ray(cfg, reporter_for("", True))

@@ -63,14 +63,15 @@ import numpy as np
 from fgcli.config import RunConfig, replace
 from fgcli.data import Box, Failure, ImageDataset, Item, Sample, collate
 from fgcli.errors import SetupError
-from fgcli.pipeline import Reporter, RunReport, _Run, _Silent
+from fgcli.pipeline import Reporter, RunReport, DumpRun, SilentReporter
 
 MAX_BLOCKS = 10_000  # input blocks (one decoding task each) for very long lists
 
 
-class RayRunError(Exception):
-    """Ray stopped the run (a batch failed in the engine, the cluster went away); one line.
-    Lines written before it are kept: rerunning the same command resumes."""
+class RayRunError(SetupError):
+    """Ray stopped the run (a batch failed in the engine, the cluster went away); one line,
+    exit code 2 like other set-up failures. Lines written before it are kept: rerunning
+    the same command resumes."""
 
 
 @dataclass(frozen=True)
@@ -277,7 +278,7 @@ def decode_row(row: dict[str, Any], *, params: dict[str, Any]) -> list[dict[str,
 
 def batch_of(rows: dict[str, Any], keep_original: bool) -> tuple[list[Item], Any]:
     """A Ray Data batch (dict of columns) -> the todo items and :class:`fgcli.data.Batch`
-    that :meth:`fgcli.pipeline._Run.compute` takes (item j of the batch is todo[j])."""
+    that :meth:`fgcli.pipeline.DumpRun.compute` takes (item j of the batch is todo[j])."""
     import torch
 
     todo: list[Item] = []
@@ -311,7 +312,7 @@ class EngineActor:
         # the driver writes the manifest and handles --fail-fast; the input list is its too
         actor_cfg = replace(cfg, device=device, fail_fast=False, files_from=None,
                             inputs=cfg.inputs or ("-",), workers=0)
-        self.state = _Run(actor_cfg, _Silent(), None)
+        self.state = DumpRun(actor_cfg, SilentReporter(), None)
         self.state.prepare()  # not open_tree(): the driver holds the lock
         if self.state.fingerprint != fingerprint:
             import platform
@@ -340,14 +341,14 @@ def fresh(record: dict[str, Any], seen: set[tuple[str, int | None]]) -> bool:
     return True
 
 
-def _todo(state: _Run) -> list[Item]:
+def _todo(state: DumpRun) -> list[Item]:
     items: list[Item] = []
     for chunk in state.todo_chunks():
         items.extend(chunk)
     return items
 
 
-def build_dataset(state: _Run, items: list[Item], how: Plan, cwd: str) -> Any:
+def build_dataset(state: DumpRun, items: list[Item], how: Plan, cwd: str) -> Any:
     """The Ray Data pipeline: items -> decoding tasks -> engine actors -> record rows."""
     import ray.data
 
@@ -391,7 +392,7 @@ def _records(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield json.loads(row["record"])
 
 
-def write_records(state: _Run, records: Iterable[dict[str, Any]]) -> int:
+def write_records(state: DumpRun, records: Iterable[dict[str, Any]]) -> int:
     """Append each record once (see :func:`fresh`); stop at a failure under --fail-fast.
     Returns the number of repeats dropped."""
     seen: set[tuple[str, int | None]] = set()
@@ -427,7 +428,7 @@ def run_ray(cfg: RunConfig, reporter: Reporter) -> RunReport:
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     cwd = os.getcwd()
     driver_cfg = replace(cfg, device="cpu")  # the driver only checks the model and writes
-    state = _Run(driver_cfg, reporter, sys.stdin)
+    state = DumpRun(driver_cfg, reporter, sys.stdin)
     state.prepare()
     owned = False
     how: Plan | None = None
@@ -458,7 +459,7 @@ def run_ray(cfg: RunConfig, reporter: Reporter) -> RunReport:
     return state.report
 
 
-def _compute(state: _Run, items: list[Item], cfg: RunConfig, cwd: str,
+def _compute(state: DumpRun, items: list[Item], cfg: RunConfig, cwd: str,
              reporter: Reporter) -> Plan:
     """The images left to do, through Ray; their records appended on the way."""
     import ray
@@ -479,7 +480,7 @@ def _compute(state: _Run, items: list[Item], cfg: RunConfig, cwd: str,
     return how
 
 
-def _note_engine(state: _Run, how: Plan | None) -> None:
+def _note_engine(state: DumpRun, how: Plan | None) -> None:
     """Add the Ray side of the run to run.json (finish() wrote the rest)."""
     path = state.tree.run_json_path
     try:

@@ -28,6 +28,7 @@ from fgcli.writer import (
     SHARDS,
     LockedError,
     OutputTree,
+    Latest,
     iter_manifest,
     shard_manifests,
 )
@@ -97,8 +98,8 @@ def merge(out: str | Path, command: list[str]) -> MergeReport:
 def merge_locked(tree: OutputTree) -> MergeReport:
     """Fold every shard manifest into ``manifest.jsonl``; the caller holds the tree's lock.
 
-    One line per (key, rank): the newest by the record's ``time``, ties going to the
-    later file (shards after the main manifest) and the later line. Lines are written
+    One line per (key, rank): the latest by :class:`fgcli.writer.Latest` (within a file
+    the later line; across files the later ``time``, ties to the shards). Lines are written
     sorted by key (path components), then rank, so the result does not depend on how
     the images were sharded. The new manifest replaces the old one atomically before
     any shard file is removed, so a merge killed at any point loses nothing, and merging
@@ -107,18 +108,15 @@ def merge_locked(tree: OutputTree) -> MergeReport:
     report = MergeReport()
     folder = tree.root / SHARDS
     dirs = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-    if not dirs:
+    if not any((d / MANIFEST).exists() or (d / RUN_JSON).exists() for d in dirs):
+        _remove(folder, dirs)  # folders of shards that were refused: nothing to merge
         return report
     main = tree.root / MANIFEST
-    best: dict[tuple[str, int | None], tuple[tuple[str, int], Path, int]] = {}
-    for order, path in enumerate([main, *shard_manifests(tree.root)]):
+    best = Latest()
+    for path in [main, *shard_manifests(tree.root)]:
         for offset, rec in iter_manifest(path):
             report.lines += 1
-            key = (rec["key"], rec.get("rank"))
-            stamp = (str(rec.get("time") or ""), order)
-            old = best.get(key)
-            if old is None or stamp >= old[0]:
-                best[key] = (stamp, path, offset)
+            best.offer(rec, path, offset)
     ordered = sorted(best, key=lambda k: (k[0].split("/"), k[1] or 0))
     counts = {"ok": 0, "skipped": 0, "failed": 0}
 
@@ -144,19 +142,28 @@ def merge_locked(tree: OutputTree) -> MergeReport:
     report.counts = counts
     runs = []
     for sub in dirs:
+        if not (sub / MANIFEST).exists() and not (sub / RUN_JSON).exists():
+            continue  # a shard that was refused or never wrote a line: nothing to report
+        index, _, count = sub.name.partition("-of-")
         try:
-            runs.append({"shard": sub.name, **json.loads((sub / RUN_JSON).read_text("utf-8"))})
+            runs.append({"shard": f"{index}/{count}",
+                         **json.loads((sub / RUN_JSON).read_text("utf-8"))})
         except (OSError, ValueError):
-            runs.append({"shard": sub.name, "finished": None})  # a shard that never finished
+            runs.append({"shard": f"{index}/{count}", "finished": None})  # it crashed
     _write_merged_run_json(tree, runs, counts)
+    report.shards = [d.name for d in dirs if (d / MANIFEST).exists() or (d / RUN_JSON).exists()]
+    _remove(folder, dirs)
+    return report
+
+
+def _remove(folder: Path, dirs: list[Path]) -> None:
+    """Delete merged shard folders (the caller holds the tree exclusively: none runs)."""
     for sub in dirs:
         for name in (MANIFEST, RUN_JSON, LOCK):
             (sub / name).unlink(missing_ok=True)
         shutil.rmtree(sub, ignore_errors=True)
-        report.shards.append(sub.name)
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
-    return report
 
 
 def _write_merged_run_json(tree: OutputTree, runs: list[dict[str, Any]],

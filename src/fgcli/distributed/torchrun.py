@@ -7,14 +7,18 @@ into the shared output tree as ``--shard`` does. The process group is nccl on GP
 gloo on the CPU, set up from torchrun's store (``env://``); multi-node works the same,
 given an output directory that every node sees (NFS, Lustre, ...).
 
-Finishing: every rank posts its counts in the store and waits at a barrier; rank 0 then
-merges the shard manifests and posts that it is done, and every rank exits with the
-run-wide exit code (so torchrun's own status agrees). Waiting is bounded by liveness,
-not by the run's length: each rank beats a heartbeat key every few seconds, and a rank
-whose heartbeat stops for ``--dist-timeout`` seconds is given up on with one clear line;
-what it finished is kept, and rerunning the same command resumes its shard. (torchrun
-itself stops all ranks when one process dies; the heartbeat covers hung ranks and
-nodes that vanish.)
+Finishing: every rank posts its counts (or its error) in the store. Rank 0 waits for all
+of them, merges the shard manifests (unless a rank failed: its shard then stays for a
+rerun) and posts the outcome; the other ranks wait for that one key, so the store's load
+does not grow with the square of the ranks. Then a barrier, and every rank exits with the
+run-wide exit code (so torchrun's own status agrees). Waiting is bounded by progress,
+not by the run's length: each rank beats a heartbeat key every few seconds while its
+main thread finishes batches (or waits), and a rank whose heartbeat stops for
+``--dist-timeout`` seconds is given up on with one clear line; what it finished is kept,
+and rerunning the same command resumes its shard. (torchrun itself stops all ranks when
+one process dies; the heartbeat covers hung ranks and nodes that vanish.) A rank that
+cannot start (its shard locked, a bad option) posts its error at once, but the others
+finish their shards before the job ends with that error.
 """
 
 from __future__ import annotations
@@ -41,18 +45,18 @@ class RankEnv:
     rank: int
     world: int
     local_rank: int
-    local_world: int
 
 
 def rank_env(environ: Any = None) -> RankEnv | None:
-    """The torchrun rank of this process; None outside torchrun or with one process."""
+    """The torchrun rank of this process; None outside torchrun or with one process.
+    (``LOCAL_WORLD_SIZE``, the ranks on this node, is read where cores are shared out:
+    :func:`fgcli.pipeline.cores_per_process`.)"""
     environ = os.environ if environ is None else environ
     if "RANK" not in environ or "WORLD_SIZE" not in environ:
         return None
     try:
         rank, world = int(environ["RANK"]), int(environ["WORLD_SIZE"])
         local_rank = int(environ.get("LOCAL_RANK", rank))
-        local_world = int(environ.get("LOCAL_WORLD_SIZE", world))
     except ValueError as exc:
         raise UsageError(f"torchrun: RANK / WORLD_SIZE / LOCAL_RANK are not integers "
                          f"({exc})") from exc
@@ -60,7 +64,7 @@ def rank_env(environ: Any = None) -> RankEnv | None:
         return None
     if not 0 <= rank < world:
         raise UsageError(f"torchrun: RANK {rank} is outside WORLD_SIZE {world}")
-    return RankEnv(rank, world, local_rank, max(1, local_world))
+    return RankEnv(rank, world, local_rank)
 
 
 def rank_device(spec: str, env: RankEnv) -> str:
@@ -77,15 +81,32 @@ def rank_device(spec: str, env: RankEnv) -> str:
 
 
 class _Heartbeat:
-    """A thread that stamps ``beat/<rank>`` in the store while this rank lives."""
+    """A thread that bumps ``beat/<rank>`` in the store while this rank makes progress.
 
-    def __init__(self, store: Any, rank: int, prefix: str) -> None:
-        self.store, self.rank, self.prefix = store, rank, prefix
+    Liveness alone is not enough (a rank whose main thread hangs in a stalled file
+    system write or a deadlocked loader would keep a free-running thread beating), so
+    once the run has started (:meth:`gate`), the thread beats only while the main
+    thread reports progress (:meth:`touch`: each finished record, each poll while
+    waiting) at least every ``timeout`` seconds. Before that (model loading, a weights
+    download) it beats freely.
+    """
+
+    def __init__(self, store: Any, rank: int, prefix: str, timeout: float) -> None:
+        self.store, self.rank, self.prefix, self.timeout = store, rank, prefix, timeout
         self.stop = threading.Event()
         self.count = 0
+        self.gated = False
+        self.last_progress = time.monotonic()
         self._beat()
         self.thread = threading.Thread(target=self._loop, name="fgcli-heartbeat", daemon=True)
         self.thread.start()
+
+    def touch(self) -> None:
+        self.last_progress = time.monotonic()
+
+    def gate(self) -> None:
+        self.touch()
+        self.gated = True
 
     def _beat(self) -> None:
         self.count += 1
@@ -93,6 +114,8 @@ class _Heartbeat:
 
     def _loop(self) -> None:
         while not self.stop.wait(BEAT_SECONDS):
+            if self.gated and time.monotonic() - self.last_progress > self.timeout:
+                continue  # the main thread is stuck: let the others see it
             try:
                 self._beat()
             except Exception:  # noqa: BLE001 - the store went away: the job is ending
@@ -103,26 +126,48 @@ class _Heartbeat:
 
 
 def _wait_for(store: Any, posts: dict[int, str], timeout: float, what: str,
-              prefix: str = PREFIX) -> None:
+              prefix: str = PREFIX, beat: _Heartbeat | None = None) -> None:
     """Wait until each rank has posted its key; SetupError once a rank that has not
-    posted yet stops beating for ``timeout`` seconds."""
+    posted yet stops beating for ``timeout`` seconds. Waiting counts as progress."""
     last: dict[int, tuple[bytes, float]] = {}
     while True:
+        if beat is not None:
+            beat.touch()
         pending = [rank for rank, key in posts.items() if not store.check([key])]
         if not pending:
             return
         now = time.monotonic()
         for rank in pending:
             beat_key = f"{prefix}beat/{rank}"
-            beat = store.get(beat_key) if store.check([beat_key]) else b""
+            value = store.get(beat_key) if store.check([beat_key]) else b""
             seen = last.get(rank)
-            if seen is None or seen[0] != beat:
-                last[rank] = (beat, now)
+            if seen is None or seen[0] != value:
+                last[rank] = (value, now)
             elif now - seen[1] > timeout:
-                raise SetupError(f"rank {rank} stopped answering for {timeout:.0f} s while "
+                raise SetupError(f"rank {rank} made no progress for {timeout:.0f} s while "
                                  f"waiting for {what}; the images it finished are kept: "
                                  "rerun the same command to finish its shard")
-        time.sleep(0.2)
+        time.sleep(0.5)
+
+
+def _connect(env: RankEnv, backend: str, timeout: float) -> Any:
+    """torchrun's store and the process group; one SetupError line when they fail."""
+    import torch.distributed as dist
+
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise SetupError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: run "
+                         "under torchrun (or unset RANK and WORLD_SIZE)")
+    try:
+        store, rank, world = next(dist.rendezvous("env://", env.rank, env.world,
+                                                  timeout=timedelta(seconds=timeout)))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout))
+    except (RuntimeError, ValueError, OSError) as exc:
+        text = str(exc).strip().splitlines()
+        raise SetupError(f"torchrun: cannot join the job at {os.environ['MASTER_ADDR']}:"
+                         f"{os.environ['MASTER_PORT']} ({text[0] if text else exc})") from exc
+    return store
 
 
 def run_rank(cfg: RunConfig, env: RankEnv, reporter_for: Any) -> RunReport:
@@ -130,68 +175,70 @@ def run_rank(cfg: RunConfig, env: RankEnv, reporter_for: Any) -> RunReport:
     import torch
     import torch.distributed as dist
 
+    if "-" in cfg.inputs:
+        raise UsageError("under torchrun every rank would read the same stdin: give the "
+                         "list as --files-from FILE on a file system all ranks see")
     device = rank_device(cfg.device, env)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    store, rank, world = next(dist.rendezvous("env://", env.rank, env.world,
-                                              timeout=timedelta(seconds=cfg.dist_timeout)))
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=cfg.dist_timeout))
+    store = _connect(env, "nccl" if device.startswith("cuda") else "gloo", cfg.dist_timeout)
     shard = Shard(env.rank, env.world)
     # keys per attempt: after a torchrun restart (--max-restarts) the store still holds
     # the failed attempt's keys
     prefix = f"{PREFIX}{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-    beat = _Heartbeat(store, env.rank, prefix)
+    beat = _Heartbeat(store, env.rank, prefix, cfg.dist_timeout)
     lead = env.rank == 0
-    reporter = reporter_for(f"shard {shard}: ", lead)
-    summary = _Deferred(reporter) if lead else reporter
+    reporter = _RankReporter(reporter_for(f"shard {shard}: ", lead), beat, lead)
     # decoding workers and writer threads follow the rank's share of the node's cores
     # (pipeline.cores_per_process reads LOCAL_WORLD_SIZE)
     rank_cfg = replace(cfg, shard=str(shard), device=device)
     report = RunReport(out=cfg.out, device=device)
     error: str | None = None
+    raised: BaseException | None = None
+    ranks = list(range(env.world))
     try:
         try:
-            report = run(rank_cfg, summary)
+            report = run(rank_cfg, reporter)
         except (SetupError, UsageError) as exc:
             error = str(exc)
-        except Exception as exc:  # noqa: BLE001 - posted to the other ranks, then raised
-            error = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]
-            raise
-        finally:
-            store.set(f"{prefix}done/{env.rank}", json.dumps({
-                "ok": report.ok, "failed": report.failed, "skipped": report.skipped,
-                "seconds": report.seconds, "stopped_early": report.stopped_early,
-                "error": error}))
-        ranks = list(range(env.world))
-        _wait_for(store, {r: f"{prefix}done/{r}" for r in ranks}, cfg.dist_timeout,
-                  "every rank to finish its shard", prefix)
-        dist.barrier()
-        posted = [json.loads(store.get(f"{prefix}done/{r}")) for r in ranks]
-        total = RunReport(out=cfg.out, device=device, seconds=max(p["seconds"] for p in posted))
-        for p in posted:
-            total.ok += p["ok"]
-            total.failed += p["failed"]
-            total.skipped += p["skipped"]
-            total.stopped_early |= p["stopped_early"]
-        errors = [f"rank {r}: {p['error']}" for r, p in zip(ranks, posted) if p["error"]]
-        total.extra = {"ranks": env.world, "errors": errors}
-        if lead:
+        except BaseException as exc:  # noqa: BLE001 - posted, the protocol finished, raised
+            error = ("interrupted" if isinstance(exc, KeyboardInterrupt) else
+                     f"internal error: {type(exc).__name__}: {exc}".splitlines()[0])
+            raised = exc
+        store.set(f"{prefix}done/{env.rank}", json.dumps({
+            "ok": report.ok, "failed": report.failed, "skipped": report.skipped,
+            "seconds": report.seconds, "stopped_early": report.stopped_early,
+            "error": error}))
+        if lead:  # only rank 0 watches every rank (the others watch rank 0 alone)
+            _wait_for(store, {r: f"{prefix}done/{r}" for r in ranks}, cfg.dist_timeout,
+                      "every rank to finish its shard", prefix, beat)
+            errors = _errors(store, prefix, ranks)
+            outcome = "ok"
             try:
                 if not errors:
                     merge(cfg.out, list(cfg.command))
+            except SetupError as exc:
+                outcome = f"merge failed: {exc}"
             finally:  # the others wait for this key, whatever happened
-                store.set(f"{prefix}merged", "1")
-            summary.release(total)
+                store.set(f"{prefix}merged", outcome)
         else:
             _wait_for(store, {0: f"{prefix}merged"}, cfg.dist_timeout,
-                      "rank 0 to merge the shards", prefix)
+                      "rank 0 to merge the shards", prefix, beat)
+        dist.barrier()  # everyone is here: rank 0 has merged
+        total = _total(store, prefix, ranks, cfg.out, device)
+        if lead:
+            reporter.release(total)
+        if raised is not None:
+            raise raised
         if error is not None:
             raise SetupError(error)
+        errors = _errors(store, prefix, ranks)
         if errors:
-            raise SetupError(f"{len(errors)} rank(s) could not run: {errors[0]}; finished "
-                             "images are kept, unmerged: rerun the same command")
+            raise SetupError(f"{len(errors)} rank(s) could not run ({errors[0]}); finished "
+                             "images are kept in their shards: rerun the same command")
+        outcome = store.get(f"{prefix}merged").decode()
+        if outcome != "ok":
+            raise SetupError(outcome)
         return total
     finally:
         beat.close()
@@ -201,17 +248,55 @@ def run_rank(cfg: RunConfig, env: RankEnv, reporter_for: Any) -> RunReport:
             pass
 
 
-class _Deferred:
-    """Rank 0's reporter, with the summary held back until every rank's counts are in."""
+def _posted(store: Any, prefix: str, ranks: list[int]) -> list[dict[str, Any]]:
+    return [json.loads(store.get(f"{prefix}done/{r}")) for r in ranks]
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+def _errors(store: Any, prefix: str, ranks: list[int]) -> list[str]:
+    return [f"rank {r}: {p['error']}" for r, p in zip(ranks, _posted(store, prefix, ranks))
+            if p["error"]]
+
+
+def _total(store: Any, prefix: str, ranks: list[int], out: str, device: str) -> RunReport:
+    """Every rank's counts added up (what the summary and the exit code report)."""
+    posted = _posted(store, prefix, ranks)
+    total = RunReport(out=out, device=device, seconds=max(p["seconds"] for p in posted))
+    for p in posted:
+        total.ok += p["ok"]
+        total.failed += p["failed"]
+        total.skipped += p["skipped"]
+        total.stopped_early |= p["stopped_early"]
+    return total
+
+
+class _RankReporter:
+    """A rank's reporter: every record and the run's start count as progress for the
+    heartbeat; rank 0's summary is held back until every rank's counts are in."""
+
+    def __init__(self, inner: Any, beat: _Heartbeat, lead: bool) -> None:
+        self.inner, self.beat, self.lead = inner, beat, lead
+
+    def started(self, info: dict[str, Any]) -> None:
+        self.beat.gate()
+        self.inner.started(info)
+
+    def warn(self, message: str) -> None:
+        self.inner.warn(message)
+
+    def alert(self, message: str) -> None:
+        self.inner.alert(message)
+
+    def progress(self) -> None:
+        self.beat.touch()
+        self.inner.progress()
+
+    def record(self, record: dict[str, Any], line: str, image_done: bool) -> None:
+        self.beat.touch()
+        self.inner.record(record, line, image_done)
 
     def finished(self, report: RunReport) -> None:
-        pass
+        if not self.lead:
+            self.inner.finished(report)  # quiet on other ranks: closes nothing but a bar
 
     def release(self, total: RunReport) -> None:
         self.inner.finished(total)
