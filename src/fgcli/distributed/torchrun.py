@@ -213,10 +213,11 @@ def run_rank(cfg: RunConfig, env: RankEnv, reporter_for: Any) -> RunReport:
             _wait_for(store, {r: f"{prefix}done/{r}" for r in ranks}, cfg.dist_timeout,
                       "every rank to finish its shard", prefix, beat)
             errors = _errors(store, prefix, ranks)
-            outcome = "ok"
+            outcome = "merge failed: rank 0 stopped while merging"
             try:
                 if not errors:
                     merge(cfg.out, list(cfg.command))
+                outcome = "ok"
             except SetupError as exc:
                 outcome = f"merge failed: {exc}"
             finally:  # the others wait for this key, whatever happened
