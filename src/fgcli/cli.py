@@ -352,6 +352,127 @@ def check(
     raise typer.Exit(EXIT_OK if ok else EXIT_FAILED)
 
 
+@app.command("eval")
+def eval_(
+    images: Annotated[list[str], typer.Argument(
+        help="Image files or directories (two or more images).", show_default=False)],
+    model: Annotated[str, typer.Option(
+        "--model", "-m", help="Model, as for dump.", show_default=False)],
+    weights: Annotated[str, typer.Option(help="As for dump.")] = "DEFAULT",
+    model_arg: Annotated[Optional[list[str]], typer.Option(
+        "--model-arg", help="key=value keyword argument for the model's builder or factory; "
+                            "repeatable.", show_default=False)] = None,
+    trust_pickle: Annotated[bool, typer.Option(
+        "--trust-pickle", help="Allow checkpoints and model files with pickled objects.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    size: Annotated[Optional[int], typer.Option(help="Input size.  [default: the model's]")
+    ] = None,
+    crop: Annotated[bool, typer.Option("--crop/--no-crop", help="As for dump.")] = False,
+    mean: Annotated[Optional[str], typer.Option(help="Normalisation mean R,G,B.")] = None,
+    std: Annotated[Optional[str], typer.Option(help="Normalisation std R,G,B.")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="Class names file.")] = None,
+    target: Annotated[str, typer.Option(help="pred (top-1), a class index or name.")
+    ] = "pred",
+    out: Annotated[str, typer.Option("--out", "-o", help="Where eval.json, eval.csv and "
+                                                         "eval.png go.")] = "fullgrad-eval",
+    methods: Annotated[Optional[str], typer.Option(
+        help="Comma-separated methods, or all: fullgrad, fullgrad-signed, fullgrad-abs, "
+             "fullgrad-positive, simple, smooth, gradient, input-x-gradient, smoothgrad, "
+             "integrated-gradients, gradcam, random.  [default: all]")] = None,
+    metrics: Annotated[str, typer.Option(
+        help="Comma-separated: perturbation, deletion, insertion.")
+    ] = "perturbation,deletion,insertion",
+    ks: Annotated[str, typer.Option(
+        help="Pixel perturbation: percentages of pixels removed, each in (0, 100).")
+    ] = "10,30,50,70,90",
+    steps: Annotated[int, typer.Option(help="Deletion / insertion: steps of the curve.")
+    ] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")
+    ] = 4,
+    samples: Annotated[int, typer.Option(help="smooth and smoothgrad: noisy samples.")] = 25,
+    seed: Annotated[int, typer.Option(help="Seed of the noisy and random methods.")] = 0,
+    layers: Annotated[Optional[str], typer.Option(
+        help="fgcli's methods: only these layers in the map (comma-separated name "
+             "patterns, e.g. 'features.*', or K: the last K spatial layers).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")
+    ] = False,
+) -> None:
+    """Measure how faithful the maps are: pixel perturbation (the paper's 5.1),
+    deletion and insertion AUC, for fgcli's methods against baselines; prints a table and
+    writes eval.json, eval.csv and eval.png."""
+    from fgcli.evaluate.methods import parse_methods
+    from fgcli.evaluate.run import EvalConfig
+    from fgcli.models import SetupError
+
+    try:
+        try:
+            cfg = EvalConfig(
+                inputs=tuple(images), model=model, weights=weights,
+                model_args=tuple(model_arg or ()), trust_pickle=trust_pickle, device=device,
+                size=size, crop=crop, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+                labels=labels, target=target, out=out, methods=tuple(parse_methods(methods)),
+                metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
+                ks=_floats(ks, "--ks") or (), steps=steps, batch_size=batch_size,
+                samples=samples, seed=seed, layers=layers, command=tuple(sys.argv))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        _run_eval(cfg, quiet)
+    except UsageError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except SetupError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+
+def _run_eval(cfg: Any, quiet: bool) -> None:
+    from fgcli.evaluate import report
+    from fgcli.evaluate.run import run_eval
+
+    bar: Any = None
+    if not quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(unit="img", file=sys.stderr, desc=f"eval {cfg.model}")
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    def failure(path: str, reason: str) -> None:
+        err.print(f"fullgrad: failed: {path}: {reason}", markup=False)
+
+    try:
+        result = run_eval(cfg, progress, failure)
+    finally:
+        if bar is not None:
+            bar.close()
+    paths = report.write(cfg, result)
+    if quiet:
+        return
+    # plain columns, not a rich table: the width must not depend on the terminal
+    header = ["method"]
+    for metric in cfg.metrics:
+        if metric == "perturbation":
+            header += [f"pert {k:g}%" for k in result.ks]
+        else:
+            header.append(f"{metric} AUC")
+    lines = []
+    for method, per in result.results.items():
+        cells = [method]
+        for metric in cfg.metrics:
+            s = per[metric]
+            cells += [f"{m:.3f}±{e:.3f}" for m, e in zip(s.mean, s.se)]
+        lines.append(cells)
+    width = max(len(c[0]) for c in [header, *lines])
+    typer.echo(f"{result.model}, {len(result.images)} images: mean ± standard error")
+    for cells in [header, *lines]:
+        typer.echo(f"{cells[0]:{width}s}  " + "  ".join(f"{c:>13s}" for c in cells[1:]))
+    typer.echo("pixel perturbation: lower is better; deletion: lower; insertion: higher")
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
 @app.command()
 def merge(
     out: Annotated[str, typer.Argument(help="The output tree of the shards.")],

@@ -1,0 +1,128 @@
+"""``eval.json``, ``eval.csv``, ``eval.png`` and the terminal table of an :class:`EvalResult`.
+
+``eval.json``: the settings, the images evaluated (and those that failed, with their
+reasons), and per method and metric the mean and standard error over images
+(``perturbation``: one value per k; ``deletion`` / ``insertion``: the AUC) plus the mean
+deletion and insertion curves. ``eval.csv``: one row per (method, metric, k) with mean,
+se and n. ``eval.png``: one panel per metric, mean curves with ±1 standard-error bands
+(pixel perturbation against k; deletion and insertion mean curves against the fraction
+of pixels changed).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from fgcli.evaluate.run import EvalConfig, EvalResult
+
+WHAT = {
+    "perturbation": "pixel perturbation |Δf|/|f| after removing the k% least salient pixels "
+                    "(lower is better)",
+    "deletion": "deletion AUC: class probability as the most salient pixels are removed "
+                "(lower is better)",
+    "insertion": "insertion AUC: class probability as the most salient pixels are put "
+                 "into a blurred copy (higher is better)",
+}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def as_json(cfg: EvalConfig, result: EvalResult) -> dict[str, Any]:
+    from fgcli.pipeline import versions
+
+    return {
+        "schema": 1,
+        "command": list(cfg.command),
+        "model": result.model, "weights": result.weights,
+        "target": cfg.target, "ks": result.ks, "steps": result.steps, "seed": cfg.seed,
+        "samples": cfg.samples, "layers": cfg.layers,
+        "images": result.images,
+        "failed": [{"input": p, "error": e} for p, e in result.failed],
+        "metrics": {m: WHAT[m] for m in cfg.metrics},
+        "results": {method: {metric: asdict(s) for metric, s in per.items()}
+                    for method, per in result.results.items()},
+        "curves": result.curves,
+        "seconds": round(result.seconds, 3),
+        "versions": versions(),
+    }
+
+
+def rows(result: EvalResult) -> list[list[Any]]:
+    out: list[list[Any]] = []
+    for method, per in result.results.items():
+        for metric, s in per.items():
+            ks: list[Any] = result.ks if metric == "perturbation" else [""]
+            for k, mean, se in zip(ks, s.mean, s.se):
+                out.append([method, metric, k, f"{mean:.6g}", f"{se:.3g}", s.n])
+    return out
+
+
+def write(cfg: EvalConfig, result: EvalResult) -> list[Path]:
+    """eval.json, eval.csv and eval.png in ``cfg.out``; returns their paths."""
+    out = Path(cfg.out)
+    data = json.dumps(as_json(cfg, result), indent=2, ensure_ascii=False) + "\n"
+    _atomic_write(out / "eval.json", data.encode("utf-8"))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method", "metric", "k", "mean", "se", "n"])
+    writer.writerows(rows(result))
+    _atomic_write(out / "eval.csv", buf.getvalue().encode("utf-8"))
+    _atomic_write(out / "eval.png", plot(result))
+    return [out / "eval.json", out / "eval.csv", out / "eval.png"]
+
+
+def plot(result: EvalResult) -> bytes:
+    """PNG bytes: one panel per metric, curves with ±1 SE bands (AUC ± SE in the legend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(next(iter(result.results.values())).keys())
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for method, per in result.results.items():
+            s = per[metric]
+            if metric == "perturbation":
+                (line,) = ax.plot(result.ks, s.mean, marker="o", ms=3, label=method)
+                lo = [m - e for m, e in zip(s.mean, s.se)]
+                hi = [m + e for m, e in zip(s.mean, s.se)]
+                ax.fill_between(result.ks, lo, hi, color=line.get_color(), alpha=0.15)
+            else:
+                curve = result.curves[method][metric]
+                xs = [i / (len(curve) - 1) for i in range(len(curve))]
+                ax.plot(xs, curve, label=f"{method} ({s.mean[0]:.3f} ± {s.se[0]:.3f})")
+        if metric == "perturbation":
+            ax.set_xlabel("% of pixels removed (least salient first)")
+            ax.set_ylabel("|Δf| / |f|")
+            ax.set_title("pixel perturbation (lower is better)")
+        else:
+            ax.set_xlabel("fraction of pixels " + ("removed" if metric == "deletion"
+                                                    else "inserted"))
+            ax.set_ylabel("probability of the class")
+            better = "lower" if metric == "deletion" else "higher"
+            ax.set_title(f"{metric} (AUC, {better} is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result.model}: {len(result.images)} images, mean ± standard error")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,231 @@
+"""``run_eval(config) -> EvalResult``: images -> batches -> every method's maps -> metrics.
+
+Memory stays bounded whatever the number of images: images stream through in batches;
+per image only the metric values are kept (a few floats per method). Deterministic: the
+same images, model and seed give the same numbers (random and noisy methods are seeded;
+the metrics have no randomness).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fgcli.config import UsageError, parse_model_args
+from fgcli.errors import SetupError
+
+METRICS = ("perturbation", "deletion", "insertion")
+DEFAULT_KS = (10.0, 30.0, 50.0, 70.0, 90.0)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything ``fullgrad eval`` needs; model and input options are ``dump``'s."""
+
+    inputs: tuple[str, ...]
+    model: str
+    weights: str = "DEFAULT"
+    model_args: tuple[str, ...] = ()
+    trust_pickle: bool = False
+    device: str = "auto"
+    size: int | None = None
+    crop: bool = False
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    labels: str | None = None
+    target: str = "pred"
+    out: str = "fullgrad-eval"
+    methods: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = METRICS
+    ks: tuple[float, ...] = DEFAULT_KS
+    steps: int = 20
+    batch_size: int = 4
+    samples: int = 25
+    seed: int = 0
+    layers: str | None = None
+    max_pixels: int = 178_956_970
+    command: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.metrics if m not in METRICS]
+        if bad or not self.metrics:
+            raise UsageError(f"--metrics: unknown metric {bad[0] if bad else ''!r}; choose "
+                             f"from {', '.join(METRICS)}")
+        outside = [k for k in self.ks if not 0.0 < k < 100.0]
+        if outside or not self.ks:
+            raise UsageError(f"--ks: each k is a percentage strictly between 0 and 100, got "
+                             f"{outside[0] if outside else 'none'}")
+        checks = [(self.steps >= 1, "--steps must be >= 1"),
+                  (self.batch_size >= 1, "--batch-size must be >= 1"),
+                  (self.samples >= 1, "--samples must be >= 1"),
+                  (bool(self.inputs), "give the images to evaluate on (two or more)"),
+                  (bool(self.model), "--model is required")]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+
+@dataclass
+class Summary:
+    """Mean and standard error (sample std / sqrt(n)) over images."""
+
+    mean: list[float]
+    se: list[float]
+    n: int
+
+
+@dataclass
+class EvalResult:
+    model: str
+    weights: str
+    images: list[str]
+    failed: list[tuple[str, str]]  # (input, one-line reason): not evaluated
+    methods: list[str]
+    ks: list[float]
+    steps: int
+    # method -> metric -> Summary (perturbation: one value per k; deletion/insertion: AUC)
+    results: dict[str, dict[str, Summary]]
+    # method -> "deletion" / "insertion" -> mean curve over images (steps + 1 points)
+    curves: dict[str, dict[str, list[float]]]
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def summarise(values: np.ndarray) -> Summary:
+    """(n,) or (n, K) per-image values -> mean and standard error per column."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 1:
+        values = values[:, None]
+    n = values.shape[0]
+    mean = values.mean(0)
+    se = values.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros_like(mean)
+    return Summary([float(v) for v in mean], [float(v) for v in se], n)
+
+
+def run_eval(cfg: EvalConfig, progress: Callable[[int, int], None] | None = None,
+             on_failure: Callable[[str, str], None] | None = None) -> EvalResult:
+    """Evaluate every method of ``cfg.methods`` on every image with every metric.
+
+    ``progress(done, total)`` after each batch; ``on_failure(input, reason)`` for each
+    image that cannot be read (it is left out; fewer than two readable images is an
+    error).
+    """
+    import torch
+
+    from fgcli.data import ImageDataset, collate, discover
+    from fgcli.evaluate import metrics as M
+    from fgcli.evaluate.methods import build
+    from fgcli.models import load_model
+    from fgcli.pipeline import resolve_device, resolve_target
+
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    loaded = load_model(cfg.model, cfg.weights, size=cfg.size, crop=cfg.crop, mean=cfg.mean,
+                        std=cfg.std, labels=cfg.labels,
+                        model_args=parse_model_args(cfg.model_args),
+                        trust_pickle=cfg.trust_pickle)
+    model = loaded.model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    proc = loaded.preprocessing
+    norm = M.Normalisation(tuple(proc.mean), tuple(proc.std))
+    failed: list[tuple[str, str]] = []
+    items = []
+    for item in discover(cfg.inputs, exclude=cfg.out):
+        if item.error is not None:
+            failed.append((item.path, item.error))
+            if on_failure:
+                on_failure(item.path, item.error)
+        else:
+            items.append(item)
+    dataset = ImageDataset(items, proc.size, proc.crop, proc.resize, proc.mean, proc.std,
+                           False, cfg.max_pixels, proc.interpolation)
+    if len(items) < 2:
+        raise UsageError(f"eval needs at least two images for a standard error; got "
+                         f"{len(items)} readable input(s)")
+
+    def batches():  # decoded lazily: memory does not grow with the number of images
+        for start in range(0, len(items), cfg.batch_size):
+            batch = collate([dataset[i] for i in range(start, min(len(items),
+                                                                  start + cfg.batch_size))])
+            for f in batch.failures:
+                failed.append((items[f.index].path, f.error))
+                if on_failure:
+                    on_failure(items[f.index].path, f.error)
+            yield batch
+
+    n_classes = loaded.num_classes
+    fixed = resolve_target(cfg.target, loaded.categories, n_classes or 1 << 30)
+    methods = {name: build(name, model, samples=cfg.samples, seed=cfg.seed,
+                           mean=tuple(proc.mean), std=tuple(proc.std),
+                           psi_layers=_layers(cfg.layers))
+               for name in cfg.methods}
+    values: dict[str, dict[str, list[np.ndarray]]] = {
+        m: {k: [] for k in cfg.metrics} for m in cfg.methods}
+    curves: dict[str, dict[str, list[np.ndarray]]] = {
+        m: {k: [] for k in ("deletion", "insertion") if k in cfg.metrics} for m in cfg.methods}
+    evaluated: list[str] = []
+    done = 0
+    for batch in batches():
+        if batch.x is None:
+            continue
+        x = batch.x.to(device)
+        with torch.no_grad():
+            logits = model(x)
+        logits = logits if isinstance(logits, torch.Tensor) else _logits(logits)
+        target = (logits.argmax(1) if fixed is None
+                  else torch.full((len(x),), fixed, dtype=torch.long, device=device))
+        for name, method in methods.items():
+            try:
+                maps = method(model, x, target)
+            except SetupError:
+                raise
+            except RuntimeError as exc:
+                text = str(exc).strip().splitlines()
+                raise SetupError(f"--methods {name}: {text[0] if text else exc}") from exc
+            if "perturbation" in cfg.metrics:
+                values[name]["perturbation"].append(
+                    M.pixel_perturbation(model, x, maps, ks=cfg.ks, norm=norm,
+                                         target=target).cpu().numpy())
+            for metric, fn in (("deletion", M.deletion_auc), ("insertion", M.insertion_auc)):
+                if metric in cfg.metrics:
+                    auc, curve = fn(model, x, maps, norm=norm, target=target, steps=cfg.steps,
+                                    return_curves=True)
+                    values[name][metric].append(auc.cpu().numpy())
+                    curves[name][metric].append(curve.cpu().numpy())
+        evaluated.extend(items[s.index].path for s in batch.samples)
+        done += len(batch.samples)
+        if progress:
+            progress(done, len(items))
+    if len(evaluated) < 2:
+        raise UsageError(f"eval needs at least two readable images for a standard error; "
+                         f"got {len(evaluated)}")
+    results = {m: {k: summarise(np.concatenate(v)) for k, v in per.items()}
+               for m, per in values.items()}
+    mean_curves = {m: {k: [float(v) for v in np.concatenate(c).mean(0)]
+                       for k, c in per.items()} for m, per in curves.items()}
+    return EvalResult(cfg.model, loaded.weights, evaluated, failed, list(cfg.methods),
+                      list(cfg.ks), cfg.steps, results, mean_curves,
+                      seconds=time.perf_counter() - started)
+
+
+def _layers(text: str | None) -> Any:
+    """``--layers``: a comma-separated list of name patterns, or a number K (the last K
+    spatial layers)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _logits(out: Any) -> Any:
+    from fgcli.engine.decompose import extract_logits
+
+    return extract_logits(out)

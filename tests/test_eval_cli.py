@@ -1,0 +1,89 @@
+"""`fullgrad eval` end to end: files, determinism, the table, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ROOT, SQUEEZENET_WEIGHTS
+from fgcli.cli import app
+
+PHOTOS = ROOT / "examples" / "photos"
+SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64"]
+
+
+def run(*args: str):
+    result = CliRunner().invoke(app, ["eval", *args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    photos = [str(PHOTOS / n) for n in ("coffee.png", "chelsea.png", "rocket.jpg")]
+    args = [*photos, *SMALL, "--methods", "fullgrad,gradient,gradcam,random", "--steps", "8",
+            "--samples", "2"]
+    first = run(*args, "--out", str(out / "a"))
+    second = run(*args, "--out", str(out / "b"), "-q")
+    return out, first, second
+
+
+def test_eval_writes_json_csv_png_and_prints_the_table(evaluated):
+    out, first, _ = evaluated
+    assert first.exit_code == 0, first.stderr
+    for name in ("eval.json", "eval.csv", "eval.png"):
+        assert (out / "a" / name).stat().st_size > 0
+    assert (out / "a" / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out / "a" / "eval.json").read_text())
+    assert len(data["images"]) == 3 and data["ks"] == [10, 30, 50, 70, 90]
+    assert set(data["results"]) == {"fullgrad", "gradient", "gradcam", "random"}
+    pert = data["results"]["fullgrad"]["perturbation"]
+    assert len(pert["mean"]) == 5 and pert["n"] == 3
+    assert all(0 <= v for v in pert["mean"]) and all(e >= 0 for e in pert["se"])
+    for metric in ("deletion", "insertion"):
+        auc = data["results"]["fullgrad"][metric]["mean"][0]
+        assert 0.0 <= auc <= 1.0
+        assert len(data["curves"]["fullgrad"][metric]) == 9
+    rows = list(csv.DictReader((out / "a" / "eval.csv").open()))
+    assert len(rows) == 4 * (5 + 2) and {r["method"] for r in rows} == set(data["results"])
+    table = first.stdout.splitlines()
+    assert table[1].split()[:2] == ["method", "pert"] and "deletion AUC" in table[1]
+    row = next(line for line in table if line.startswith("fullgrad "))
+    mean = data["results"]["fullgrad"]["perturbation"]["mean"][0]
+    assert row.split()[1].startswith(f"{mean:.3f}±")
+
+
+def test_eval_is_deterministic(evaluated):
+    out, _, second = evaluated
+    assert second.exit_code == 0 and second.stdout == ""
+    a = json.loads((out / "a" / "eval.json").read_text())["results"]
+    b = json.loads((out / "b" / "eval.json").read_text())["results"]
+    assert a == b
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "fullgrad,nope"], "unknown method 'nope'"),
+    (["--metrics", "accuracy"], "unknown metric 'accuracy'"),
+    (["--ks", "0,50"], "strictly between 0 and 100"),
+    (["--ks", "10,100"], "strictly between 0 and 100"),
+    (["--steps", "0"], "--steps must be >= 1"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, args, message):
+    result = run(str(PHOTOS), *SMALL, "--out", str(tmp_path), *args)
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_too_few_images(tmp_path):
+    (tmp_path / "bad.jpg").write_text("no")
+    result = run(str(PHOTOS / "coffee.png"), str(tmp_path / "bad.jpg"), *SMALL,
+                 "--out", str(tmp_path / "o"), "--methods", "fullgrad")
+    assert result.exit_code == 2
+    assert "at least two readable images" in result.stderr
+    assert f"failed: {tmp_path / 'bad.jpg'}" in result.stderr
