@@ -103,6 +103,9 @@ class Sink(Protocol):
               positions: Positions | None, images: torch.Tensor | None = None) -> None:
         ...
 
+    # optional: ``begin(layers)`` is called with every LayerInfo once the forward pass is
+    # over, before the backward pass (a ValueError raised there stops the pass)
+
 
 @dataclass
 class _Record:
@@ -630,6 +633,9 @@ def run_pass(model: nn.Module, x: torch.Tensor, target: Any, sink: Sink) -> Pass
             raise ValueError("the model's output does not depend differentiably on its input")
         t = resolve_target(target, logits)
         layers = tracer.finalise(n, height, width)
+        begin = getattr(sink, "begin", None)
+        if begin is not None:  # the layers are known: the sink may check or select them
+            begin(layers)
         tracer.attach(sink)
         selected = logits.gather(1, t[:, None]).sum()
         (gx,) = torch.autograd.grad(selected, xg)

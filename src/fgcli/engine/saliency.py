@@ -7,8 +7,11 @@ subclass holds just that piece of maths; tracing, hooks and model state live in
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,6 +29,7 @@ from fgcli.engine.decompose import (
 from fgcli.engine.positions import Positions
 from fgcli.engine.postprocess import (
     MapAccumulator,
+    check_psi,
     grid_sum,
     per_image_sum,
     psi_channel_sum,
@@ -41,6 +45,84 @@ def _accum_dtype(device: torch.device) -> torch.dtype:
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in _LOW_PRECISION else t
+
+
+LayerSelection = int | str | Sequence[str] | None
+"""Which spatial layers enter a FullGrad-family map: None (all), a shell pattern
+(:func:`fnmatch.fnmatchcase` on :attr:`LayerInfo.name`, e.g. ``'features.*'``) or a sequence
+of patterns (a layer enters if any matches), or an int K (the last K spatial layers in
+forward order; all of them when the model has fewer)."""
+
+
+def check_layers(layers: LayerSelection) -> None | int | tuple[str, ...]:
+    """A layer selection in normal form (None, an int >= 1 or a tuple of patterns), or a
+    ValueError / TypeError saying what is wrong with it."""
+    if layers is None:
+        return None
+    if isinstance(layers, bool):
+        raise TypeError("layers must be None, an int K (the last K spatial layers) or "
+                        f"layer-name patterns, got {layers!r}")
+    if isinstance(layers, int):
+        if layers < 1:
+            raise ValueError(f"layers={layers}: the number of last spatial layers to map "
+                             "must be at least 1")
+        return layers
+    if isinstance(layers, str):
+        patterns: tuple[Any, ...] = (layers,)
+    elif isinstance(layers, Sequence) or hasattr(layers, "__iter__"):
+        patterns = tuple(layers)
+    else:
+        raise TypeError("layers must be None, an int K (the last K spatial layers) or "
+                        f"layer-name patterns, got {type(layers).__name__}")
+    if not patterns:
+        raise ValueError("layers: an empty list of patterns selects no layer; "
+                         "pass None for every spatial layer")
+    for p in patterns:
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"layers: each pattern must be a non-empty string, got {p!r}")
+    return patterns
+
+
+def parse_layers(text: str | None) -> None | int | tuple[str, ...]:
+    """A layer selection from text (a command-line option): empty or ``all`` -> None,
+    an integer -> the last K spatial layers, else comma-separated name patterns."""
+    if text is None or not text.strip() or text.strip().lower() == "all":
+        return None
+    text = text.strip()
+    if re.fullmatch(r"[+-]?\d+", text):
+        return check_layers(int(text))
+    return check_layers([p.strip() for p in text.split(",") if p.strip()])
+
+
+def _names(infos: Sequence[LayerInfo], limit: int = 6) -> str:
+    shown = ", ".join(info.name for info in infos[:limit])
+    return shown + (f", ... ({len(infos)} in all)" if len(infos) > limit else "")
+
+
+def select_map_layers(layers: Sequence[LayerInfo],
+                      selection: LayerSelection) -> frozenset[int] | None:
+    """Indices (into ``layers``, forward order) of the spatial layers ``selection`` puts in
+    the map; None for every spatial layer. A pattern that matches no spatial layer is a
+    ValueError naming some layers it could have matched."""
+    selection = check_layers(selection)
+    if selection is None:
+        return None
+    spatial = [i for i, info in enumerate(layers) if info.in_map]
+    if isinstance(selection, int):
+        return frozenset(spatial[-selection:])
+    chosen: set[int] = set()
+    for pattern in selection:
+        hits = [i for i in spatial if fnmatch.fnmatchcase(layers[i].name, pattern)]
+        if not hits:
+            others = [info for info in layers if fnmatch.fnmatchcase(info.name, pattern)]
+            why = ("it matches only layers that are not in the map ("
+                   + ", ".join(f"{o.name}: {o.excluded}" for o in others[:4])
+                   + (", ..." if len(others) > 4 else "") + ")") if others else                 "it matches no layer name"
+            raise ValueError(
+                f"layer pattern {pattern!r} selects no spatial layer: {why}; the spatial "
+                f"layers are {_names([layers[i] for i in spatial]) or 'none'}")
+        chosen.update(hits)
+    return frozenset(chosen)
 
 
 @dataclass(frozen=True)
@@ -104,11 +186,23 @@ class Decomposition:
 class _Sink:
     """Base sink: the per-image sum of every bias term, for the completeness check."""
 
-    def __init__(self, x: torch.Tensor) -> None:
+    def __init__(self, x: torch.Tensor, method: _FullGradFamily | None = None) -> None:
         self.n = x.shape[0]
         self.size = (x.shape[2], x.shape[3])
         self.acc = _accum_dtype(x.device)
         self.bias_sum = torch.zeros(self.n, dtype=self.acc, device=x.device)
+        self.method = method
+        self.selected: frozenset[int] | None = None  # None: every spatial layer
+
+    def begin(self, layers: list[LayerInfo]) -> None:
+        """Called once the forward pass has named the layers: resolve the method's layer
+        selection (an unmatched pattern raises here, before the backward pass)."""
+        if self.method is not None:
+            self.selected = select_map_layers(layers, self.method.layers)
+
+    def mapped(self, index: int, info: LayerInfo) -> bool:
+        """Whether the layer enters the map (every layer enters completeness)."""
+        return info.in_map and (self.selected is None or index in self.selected)
 
     def term(self, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor,
              images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,9 +224,8 @@ class _MapSink(_Sink):
     """Builds a FullGrad-family map during the backward pass (see ``layer_map_input``)."""
 
     def __init__(self, x: torch.Tensor, method: "_FullGradFamily", compact: bool) -> None:
-        super().__init__(x)
-        self.method = method
-        self.maps = MapAccumulator(self.n, self.size, x.device)
+        super().__init__(x, method)
+        self.maps = MapAccumulator(self.n, self.size, x.device, method.psi)
         self.compact: dict[int, torch.Tensor] | None = {} if compact else None
         self.offgrid: dict[int, torch.Tensor] = {}
 
@@ -146,7 +239,7 @@ class _MapSink(_Sink):
                 self.offgrid[index] = (total - grid.reshape(self.n, -1).sum(1, dtype=total.dtype)
                                        ).float()
             self.compact[index] = grid
-        if info.in_map:
+        if self.mapped(index, info):  # psi only for the layers in the map
             source = self.method.layer_map_input(grad, term)
             # the bias term is ours to overwrite; an autograd gradient is not
             self.maps.add_layer(source, info.layout, inplace=source is term, positions=positions)
@@ -169,16 +262,20 @@ class _MapSink(_Sink):
 
 
 class _KeepSink(_Sink):
-    """Keeps (or, over several passes, sums) every layer's full bias term."""
+    """Keeps (or, over several passes, sums) every layer's full bias term; with a
+    ``method``, only the terms of the layers in its map (the others are summed for
+    completeness only)."""
 
-    def __init__(self, x: torch.Tensor) -> None:
-        super().__init__(x)
+    def __init__(self, x: torch.Tensor, method: _FullGradFamily | None = None) -> None:
+        super().__init__(x, method)
         self.terms: dict[int, torch.Tensor] = {}
         self.positions: dict[int, Positions] = {}
 
     def layer(self, index: int, info: LayerInfo, grad: torch.Tensor, bias: torch.Tensor,
               positions: Positions | None = None, images: torch.Tensor | None = None) -> None:
         term, _ = self.term(info, grad, bias, images)
+        if self.method is not None and not self.mapped(index, info):
+            return
         if positions is not None:  # the same in every pass: the model's structure
             self.positions[index] = positions
         if index in self.terms:
@@ -218,14 +315,30 @@ class _FullGradFamily(ABC):
     Each call runs the model in eval mode with frozen parameters and restores
     its training flags, ``requires_grad`` flags and hooks afterwards, also when
     the call raises.
+
+    psi: the post-processing of the input term and of each mapped layer's term, one of
+    :data:`fgcli.engine.PSI_CHOICES` (``abs-rescale``, the reference's, by default; each is
+    defined there). layers: which spatial layers enter the
+    map (:data:`LayerSelection`; None: all); the input term always does. Neither changes
+    the decomposition, the completeness residual or the compact summary: only the map.
     """
 
     method_name: ClassVar[str]
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, psi: str = "abs-rescale",
+                 layers: LayerSelection = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
+        self.psi = check_psi(psi)
+        self.layers = check_layers(layers)
+
+    def map_layers(self, layers: Sequence[LayerInfo]) -> tuple[LayerInfo, ...]:
+        """The layers (e.g. ``Explanation.layers``) that enter this engine's map; a
+        ValueError if a pattern matches none of them."""
+        selected = select_map_layers(layers, self.layers)
+        return tuple(info for i, info in enumerate(layers)
+                     if info.in_map and (selected is None or i in selected))
 
     def saliency(self, x: torch.Tensor, target: Any = None) -> torch.Tensor:
         """(N, 1, H, W) saliency maps for a batch ``x`` of shape (N, C, H, W).
@@ -245,7 +358,7 @@ class _FullGradFamily(ABC):
         sink = _MapSink(check_input(self.model, x), self, compact)
         result = run_pass(self.model, x, target, sink)
         input_term, residual = sink.residual(result, x)
-        maps = sink.maps.result() + psi_channel_sum(input_term)
+        maps = sink.maps.result() + psi_channel_sum(input_term, psi=self.psi)
         return Explanation(maps, result.logits, result.target, residual, tuple(result.layers),
                            sink.compact_result(result.layers, input_term))
 
@@ -305,8 +418,9 @@ class SmoothFullGrad(FullGrad):
     """
 
     def __init__(self, model: nn.Module, n_samples: int = 25, sigma: float = 0.15,
-                 seed: int | None = None) -> None:
-        super().__init__(model)
+                 seed: int | None = None, psi: str = "abs-rescale",
+                 layers: LayerSelection = None) -> None:
+        super().__init__(model, psi, layers)
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
         if not sigma >= 0:
@@ -326,7 +440,7 @@ class SmoothFullGrad(FullGrad):
             generator = torch.Generator(device=x.device).manual_seed(self.seed)
         dims = (1, 2, 3)
         std = self.sigma * (x.amax(dim=dims, keepdim=True) - x.amin(dim=dims, keepdim=True))
-        sink = _KeepSink(x)
+        sink = _KeepSink(x, self)  # keeps only the mapped layers' terms
         input_sum = torch.zeros_like(x, dtype=torch.float32)
         residual = torch.zeros(x.shape[0], dtype=sink.acc, device=x.device)
         layers: list[LayerInfo] = []
@@ -340,12 +454,15 @@ class SmoothFullGrad(FullGrad):
             residual += res
             layers = result.layers
         k = float(self.n_samples)
-        acc = MapAccumulator(x.shape[0], sink.size, x.device)
-        for i, (info, term) in enumerate(zip(layers, sink.ordered(layers, input_sum).values())):
-            if info.in_map and (info.layout.kind != "tracked" or i in sink.positions):
+        acc = MapAccumulator(x.shape[0], sink.size, x.device, self.psi)
+        for i, info in enumerate(layers):
+            if sink.mapped(i, info) and (info.layout.kind != "tracked" or i in sink.positions):
+                term = sink.terms.get(i)
+                if term is None:  # the layer's output did not reach the logit
+                    term = input_sum.new_zeros(info.shape)
                 acc.add_layer(term / k, info.layout, inplace=True,
                               positions=sink.positions.get(i))
-        maps = acc.result() + psi_channel_sum(input_sum / k)
+        maps = acc.result() + psi_channel_sum(input_sum / k, psi=self.psi)
         summary = FullGrad(self.model).explain(x, target, compact=True).compact if compact \
             else None
         return Explanation(maps, logits, target, residual / k, tuple(layers), summary)
