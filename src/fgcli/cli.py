@@ -166,6 +166,12 @@ def dump(
     ] = None,
     method: Annotated[Optional[Method], typer.Option(
         help="Saliency method.  [default: fullgrad]")] = None,
+    psi: Annotated[Optional[str], typer.Option(
+        help="Post-processing of each term before summing: abs-rescale (the paper's), "
+             "signed, abs, positive (see README).  [default: abs-rescale]")] = None,
+    layers: Annotated[Optional[str], typer.Option(
+        help="Only these layers in the map: comma-separated name patterns ('features.*') "
+             "or K, the last K spatial layers.  [default: all]")] = None,
     device: Annotated[Optional[str], typer.Option(
         help="auto, cpu, cuda, cuda:N or mps (auto: cuda if available).  [default: auto]")
     ] = None,
@@ -269,7 +275,7 @@ def dump(
             "inputs": tuple(inputs) if inputs else None, "model": model, "weights": weights,
             "model_args": tuple(model_arg) if model_arg else None,
             "trust_pickle": trust_pickle,
-            "method": method, "device": device, "out": out,
+            "method": method, "psi": psi, "layers": layers, "device": device, "out": out,
             "save": tuple(s.strip() for s in save.split(",") if s.strip()) if save else None,
             "target": target, "topk": topk, "batch_size": batch_size, "workers": workers,
             "size": size, "crop": crop, "mean": _floats(mean, "--mean"),

@@ -32,6 +32,8 @@ class Method(str, enum.Enum):
 
 
 OUTPUT_KINDS = ("heatmap", "overlay", "map", "decomp")
+# fgcli.engine.PSI_CHOICES, repeated here so that option parsing needs no torch
+PSI_NAMES = ("abs-rescale", "signed", "abs", "positive")
 DEFAULT_SAVE = ("heatmap", "overlay", "map")
 # Pillow refuses images above twice its default limit; we keep that threshold.
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -49,6 +51,8 @@ class RunConfig:
     model_args: tuple[str, ...] = ()  # key=value, values TOML literals (see parse_model_args)
     trust_pickle: bool = False
     method: Method = Method.fullgrad
+    psi: str = "abs-rescale"  # post-processing of each term: abs-rescale, signed, abs, positive
+    layers: str | None = None  # layers in the map: name patterns (a,b) or K (the last K)
     samples: int = 25
     sigma: float = 0.15
     seed: int = 0
@@ -117,6 +121,8 @@ class RunConfig:
             raise UsageError("--std values must be > 0")
         if self.topk is not None and self.target != "pred":
             raise UsageError("--topk and --target exclude each other")
+        if self.psi not in PSI_NAMES:
+            raise UsageError(f"--psi: unknown {self.psi!r}; choose from {', '.join(PSI_NAMES)}")
 
     def settings_fingerprint(self, weights_identity: str, interpolation: str = "bilinear"
                              ) -> str:
@@ -138,6 +144,10 @@ class RunConfig:
             data["interpolation"] = interpolation
         if self.method is Method.smooth:
             data.update(samples=self.samples, sigma=self.sigma, seed=self.seed)
+        if self.psi != "abs-rescale":  # the defaults leave earlier runs' hashes unchanged
+            data["psi"] = self.psi
+        if self.layers is not None:
+            data["layers"] = self.layers
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -208,13 +208,23 @@ class DumpRun:
         self.fixed_target = resolve_target(cfg.target, self.categories, self.n_classes)
         if cfg.topk is not None and cfg.topk > self.n_classes:
             raise UsageError(f"--topk {cfg.topk}: the model has only {self.n_classes} classes")
-        from fgcli.engine import METHODS, SmoothFullGrad
+        from fgcli.engine import METHODS, SmoothFullGrad, parse_layers
 
+        try:
+            layers = parse_layers(cfg.layers)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"--layers: {exc}") from exc
         if cfg.method is Method.smooth:
             self.engine = SmoothFullGrad(model, n_samples=cfg.samples, sigma=cfg.sigma,
-                                         seed=cfg.seed)
+                                         seed=cfg.seed, psi=cfg.psi, layers=layers)
         else:
-            self.engine = METHODS[cfg.method.value](model)
+            self.engine = METHODS[cfg.method.value](model, psi=cfg.psi, layers=layers)
+        if layers is not None:  # a pattern that matches no layer: say so before any image
+            probe = torch.zeros(1, 3, *self.loaded.preprocessing.size, device=self.device)
+            try:
+                self.engine.map_layers(METHODS["fullgrad"](model).explain(probe).layers)
+            except ValueError as exc:
+                raise UsageError(f"--layers: {exc}") from exc
         self.batch_size = cfg.batch_size or (32 if self.device.type == "cuda" else 8)
         self.max_batch = self.batch_size  # lowered when the device runs out of memory
         cores = cores_per_process()
@@ -508,7 +518,7 @@ class DumpRun:
             "model_args": parse_model_args(cfg.model_args),
             "weights": self.loaded.weights,
             **self.loaded.describe(),
-            "method": cfg.method.value,
+            "method": cfg.method.value, "psi": cfg.psi, "layers": cfg.layers,
             "settings": self.fingerprint,
             "target": cfg.target, "topk": cfg.topk,
             "input_size": list(self.loaded.preprocessing.size),

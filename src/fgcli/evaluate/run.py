@@ -215,14 +215,13 @@ def run_eval(cfg: EvalConfig, progress: Callable[[int, int], None] | None = None
 
 
 def _layers(text: str | None) -> Any:
-    """``--layers``: a comma-separated list of name patterns, or a number K (the last K
-    spatial layers)."""
-    if text is None:
-        return None
-    text = text.strip()
-    if text.isdigit():
-        return int(text)
-    return [p.strip() for p in text.split(",") if p.strip()]
+    """``--layers``: the engine's own parser (patterns, or K for the last K layers)."""
+    from fgcli.engine import parse_layers
+
+    try:
+        return parse_layers(text)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--layers: {exc}") from exc
 
 
 def _logits(out: Any) -> Any:
