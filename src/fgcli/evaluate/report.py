@@ -96,7 +96,10 @@ def plot(result: EvalResult) -> bytes:
 
     metrics = list(next(iter(result.results.values())).keys())
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
+    palette = plt.get_cmap("tab20").colors  # 20 distinct colours: no method shares one
     for ax, metric in zip(axes[0], metrics):
+        ax.set_prop_cycle(color=[palette[(2 * i) % 20 + (2 * i) // 20]
+                                 for i in range(len(result.results))])
         for method, per in result.results.items():
             s = per[metric]
             if metric == "perturbation":
