@@ -87,3 +87,29 @@ def test_too_few_images(tmp_path):
     assert result.exit_code == 2
     assert "at least two readable images" in result.stderr
     assert f"failed: {tmp_path / 'bad.jpg'}" in result.stderr
+
+
+def test_fullgrad_perturbation_curve_equals_the_reference_maps_curve(resnet18_ref):
+    """eval's FullGrad row is the reference's curve: pixel perturbation of fgcli's maps and
+    of the authors' reference maps (golden fixtures) agree on the same images and model."""
+    import numpy as np
+    import torch
+
+    from conftest import REFERENCE
+    from fgcli import FullGrad
+    from fgcli.evaluate.metrics import IMAGENET, deletion_auc, pixel_perturbation
+
+    with np.load(REFERENCE / "resnet18.npz") as ref:
+        x = torch.from_numpy(ref["inputs"][:4])  # images 0-3: reproducible arithmetic
+        reference_maps = torch.from_numpy(ref["fullgrad"][:4, 0])
+    ours = FullGrad(resnet18_ref).saliency(x)[:, 0]
+    a = pixel_perturbation(resnet18_ref, x, ours, norm=IMAGENET)
+    b = pixel_perturbation(resnet18_ref, x, reference_maps, norm=IMAGENET)
+    assert torch.allclose(a.mean(0), b.mean(0), atol=1e-3), (a.mean(0), b.mean(0))
+    da = deletion_auc(resnet18_ref, x, ours, norm=IMAGENET, steps=10)
+    db = deletion_auc(resnet18_ref, x, reference_maps, norm=IMAGENET, steps=10)
+    assert torch.allclose(da, db, atol=1e-3)
+    # and the metric can tell maps apart: a random map's curve is elsewhere
+    noise = torch.rand(ours.shape, generator=torch.Generator().manual_seed(0))
+    c = pixel_perturbation(resnet18_ref, x, noise, norm=IMAGENET)
+    assert (c.mean(0) - a.mean(0)).abs().max() > 0.01
