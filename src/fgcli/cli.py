@@ -315,6 +315,16 @@ def dump(
     raise typer.Exit(report.exit_code)
 
 
+# options that check and eval declare alike
+_ModelArgs = Annotated[Optional[list[str]], typer.Option(
+    "--model-arg", help="key=value keyword argument for the model's builder or factory; "
+                        "repeatable.", show_default=False)]
+_TrustPickle = Annotated[bool, typer.Option(
+    "--trust-pickle", help="Allow checkpoints and model files with pickled objects.")]
+_Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+_Size = Annotated[Optional[int], typer.Option(help="Input size.  [default: the model's]")]
+
+
 @app.command()
 def check(
     images: Annotated[Optional[list[str]], typer.Argument(
@@ -326,15 +336,10 @@ def check(
     weights: Annotated[str, typer.Option(
         help="As for dump; `random` draws seeded non-trivial weights (offline).")
     ] = "DEFAULT",
-    model_arg: Annotated[Optional[list[str]], typer.Option(
-        "--model-arg", help="key=value keyword argument for the model's builder or factory; "
-                            "repeatable.", show_default=False)] = None,
-    trust_pickle: Annotated[bool, typer.Option(
-        "--trust-pickle", help="Allow checkpoints and model files with pickled objects.")
-    ] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    size: Annotated[Optional[int], typer.Option(help="Input size.  [default: the model's]")
-    ] = None,
+    model_arg: _ModelArgs = None,
+    trust_pickle: _TrustPickle = False,
+    device: _Device = "auto",
+    size: _Size = None,
     smallest: Annotated[bool, typer.Option(
         "--smallest", help="Use the smallest input size each model accepts.")] = False,
     all_models: Annotated[bool, typer.Option(
@@ -365,15 +370,10 @@ def eval_(
     model: Annotated[str, typer.Option(
         "--model", "-m", help="Model, as for dump.", show_default=False)],
     weights: Annotated[str, typer.Option(help="As for dump.")] = "DEFAULT",
-    model_arg: Annotated[Optional[list[str]], typer.Option(
-        "--model-arg", help="key=value keyword argument for the model's builder or factory; "
-                            "repeatable.", show_default=False)] = None,
-    trust_pickle: Annotated[bool, typer.Option(
-        "--trust-pickle", help="Allow checkpoints and model files with pickled objects.")
-    ] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    size: Annotated[Optional[int], typer.Option(help="Input size.  [default: the model's]")
-    ] = None,
+    model_arg: _ModelArgs = None,
+    trust_pickle: _TrustPickle = False,
+    device: _Device = "auto",
+    size: _Size = None,
     crop: Annotated[bool, typer.Option("--crop/--no-crop", help="As for dump.")] = False,
     mean: Annotated[Optional[str], typer.Option(help="Normalisation mean R,G,B.")] = None,
     std: Annotated[Optional[str], typer.Option(help="Normalisation std R,G,B.")] = None,
