@@ -10,7 +10,8 @@ rather than being re-derived here:
   ``Saliency``);
 * ``input-x-gradient``: |x · ∂f/∂x| summed over channels (captum ``InputXGradient``);
 * ``smoothgrad``: ``gradient`` averaged over ``samples`` noisy copies, noise std 0.15 of
-  the input's range (Smilkov et al. 2017; captum ``NoiseTunnel``), seeded;
+  the batch's mean input range (Smilkov et al. 2017; captum ``NoiseTunnel``, one std per
+  call), seeded;
 * ``integrated-gradients``: |IG| summed over channels, from a black image (black in
   image space), 32 steps (Sundararajan et al. 2017; captum ``IntegratedGradients``);
 * ``gradcam``: Grad-CAM (Selvaraju et al. 2017; captum ``LayerGradCam``, ReLU'd) on the
