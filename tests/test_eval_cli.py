@@ -113,3 +113,25 @@ def test_fullgrad_perturbation_curve_equals_the_reference_maps_curve(resnet18_re
     noise = torch.rand(ours.shape, generator=torch.Generator().manual_seed(0))
     c = pixel_perturbation(resnet18_ref, x, noise, norm=IMAGENET)
     assert (c.mean(0) - a.mean(0)).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("name, kwargs, size, kind", [
+    ("squeezenet1_1", {}, 64, "nchw"),
+    ("swin_t", {}, 64, "nhwc"),
+    ("vit_b_16", {"image_size": 64}, 64, "tokens"),
+])
+def test_gradcam_finds_a_grid_layer_in_every_layout(name, kwargs, size, kind):
+    import torch
+    import torchvision
+
+    from conftest import randomise
+    from fgcli.evaluate.methods import build, last_spatial_module
+
+    torch.manual_seed(0)
+    model = randomise(torchvision.models.get_model(name, **kwargs)).eval()
+    x = torch.randn(2, 3, size, size)
+    module, layout = last_spatial_module(model, x)
+    assert layout.kind == kind and layout.grid[0] * layout.grid[1] > 1, (module, layout)
+    maps = build("gradcam", model, samples=1, seed=0, mean=(0.5,) * 3, std=(0.5,) * 3)(
+        model, x, torch.tensor([1, 2]))
+    assert maps.shape == (2, size, size) and (maps >= 0).all() and torch.isfinite(maps).all()

@@ -14,9 +14,11 @@ rather than being re-derived here:
   call), seeded;
 * ``integrated-gradients``: |IG| summed over channels, from a black image (black in
   image space), 32 steps (Sundararajan et al. 2017; captum ``IntegratedGradients``);
-* ``gradcam``: Grad-CAM (Selvaraju et al. 2017; captum ``LayerGradCam``, ReLU'd) on the
-  last (N, C, h, w) layer that enters FullGrad's map, found from the engine's layouts so
-  that it works on any model fgcli supports, bilinearly upsampled;
+* ``gradcam``: Grad-CAM (Selvaraju et al. 2017), ReLU'd, bilinearly upsampled, on the
+  last module of FullGrad's map whose output is a per-image grid in one of the engine's
+  layouts (channels-first, channels-last or tokens), so that it works on CNNs, ConvNeXt /
+  Swin-style and ViT models alike (written here: captum's ``LayerGradCam`` wants channels
+  in dim 1);
 * ``random``: seeded uniform noise, the floor every method should beat.
 
 Signed attributions are ranked by magnitude (abs), as the perturbation metrics remove
@@ -47,7 +49,7 @@ BASELINES = {
     "input-x-gradient": "input x gradient (captum)",
     "smoothgrad": "SmoothGrad (captum NoiseTunnel)",
     "integrated-gradients": "Integrated Gradients from black (captum)",
-    "gradcam": "Grad-CAM on the last spatial layer (captum)",
+    "gradcam": "Grad-CAM on the last spatial layer",
     "random": "seeded random map",
 }
 ALL_METHODS = {**FGCLI_METHODS, **BASELINES}
@@ -76,6 +78,8 @@ def build(name: str, model: torch.nn.Module, *, samples: int, seed: int,
         return _fgcli(name, model, samples, seed, psi_layers)
     if name == "random":
         return _random(seed)
+    if name == "gradcam":
+        return _gradcam(model)
     return _captum(name, model, samples, seed, mean, std)
 
 
@@ -111,16 +115,92 @@ def _random(seed: int) -> Method:
     return run
 
 
-def last_spatial_module(model: torch.nn.Module, x: torch.Tensor) -> str:
-    """The module path of the last (N, C, h, w) layer in FullGrad's map (for Grad-CAM)."""
+def _as_nchw(t: torch.Tensor, layout: Any) -> torch.Tensor:
+    """A layer output in one of the engine's layouts as (N, C, h, w)."""
+    if layout.kind == "nchw":
+        return t
+    if layout.kind == "nhwc":
+        return t.permute(0, 3, 1, 2)
+    h, w = layout.grid  # tokens (N, L, C), after any class token
+    tokens = t[:, layout.skip:, :]
+    return tokens.reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
+
+
+def last_spatial_module(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, Any]:
+    """The module path and output layout of the last module, in forward order, whose
+    output is an image grid in one of the engine's layouts (``nchw``, ``nhwc``, or
+    ``tokens`` with the batch first), among the modules of FullGrad's map layers.
+    Windowed layers (batch merged with windows) are skipped: no per-image grid."""
     from fgcli.engine import FullGrad
+    from fgcli.engine.postprocess import layout_of
 
     layers = FullGrad(model).explain(x[:1]).layers
-    found = [info.module for info in layers if info.in_map and info.layout.kind == "nchw"]
-    if not found:
-        raise SetupError("gradcam: the model has no (N, C, h, w) layer in the map (token "
-                         "and windowed layers are not supported by Grad-CAM here)")
-    return found[-1]
+    candidates = list(dict.fromkeys(info.module for info in layers if info.in_map))
+    outputs: dict[str, Any] = {}
+    handles = []
+    for name in candidates:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+
+        def keep(_m: Any, _i: Any, out: Any, name: str = name) -> None:
+            if isinstance(out, torch.Tensor):
+                outputs[name] = layout_of(tuple(out.shape), 1, x.shape[2], x.shape[3])
+
+        handles.append(module.register_forward_hook(keep))
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in reversed(candidates):
+        layout = outputs.get(name)
+        if layout is not None and layout.kind in ("nchw", "nhwc", "tokens") \
+                and layout.batch == "lead" and layout.grid[0] * layout.grid[1] > 1:
+            return name, layout  # (a 1 x 1 grid, e.g. after global pooling, says nothing)
+    raise SetupError("gradcam: no module of the map outputs a per-image grid (N, C, h, w), "
+                     "(N, h, w, C) or (N, tokens, C)")
+
+
+def _gradcam(model: torch.nn.Module) -> Method:
+    """Grad-CAM on the layer :func:`last_spatial_module` finds: the layer's output weighted
+    by its spatially averaged gradient, summed over channels, ReLU'd, bilinearly upsampled.
+    Written here rather than taken from captum: captum's LayerGradCam expects channels in
+    dim 1, and fgcli's models also have channels-last and token layers."""
+    cache: dict[str, Any] = {}
+
+    def run(_: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if "layer" not in cache:
+            cache["layer"] = last_spatial_module(model, x)
+        name, layout = cache["layer"]
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(_m: Any, _i: Any, out: Any) -> None:
+            seen["out"] = out
+
+        handle = model.get_submodule(name).register_forward_hook(keep)
+        try:
+            with torch.enable_grad():  # frozen parameters: the graph hangs on the input
+                logits = model(x.detach().requires_grad_(True))
+                logits = logits if isinstance(logits, torch.Tensor) else _logits(logits)
+                act = seen["out"]
+                picked = logits.gather(1, target[:, None]).sum()
+                (grad,) = torch.autograd.grad(picked, act)
+        finally:
+            handle.remove()
+        a, g = _as_nchw(act.detach(), layout), _as_nchw(grad, layout)
+        cam = F.relu((g.mean(dim=(2, 3), keepdim=True) * a).sum(1, keepdim=True)).float()
+        return F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0]
+
+    return run
+
+
+def _logits(out: Any) -> torch.Tensor:
+    from fgcli.engine.decompose import extract_logits
+
+    return extract_logits(out)
 
 
 def _captum(name: str, model: torch.nn.Module, samples: int, seed: int,
@@ -166,19 +246,6 @@ def _captum(name: str, model: torch.nn.Module, samples: int, seed: int,
         def run(_: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             return channels(method.attribute(x, baselines=black(x), target=target, n_steps=32,
                                              internal_batch_size=max(1, len(x)) * 8))
-    elif name == "gradcam":
-        cache: dict[str, Any] = {}
-
-        def run(_: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            if "method" not in cache:
-                layer = model.get_submodule(last_spatial_module(model, x))
-                cache["method"] = attr.LayerGradCam(model, layer)
-            cam = cache["method"].attribute(x, target=target, relu_attributions=True)
-            cam = cam.detach().float()
-            if cam.dim() == 4 and cam.shape[1] != 1:
-                cam = cam.sum(1, keepdim=True)
-            return F.interpolate(cam, size=x.shape[2:], mode="bilinear",
-                                 align_corners=False)[:, 0]
     else:  # pragma: no cover - parse_methods only lets known names through
         raise ValueError(f"unknown method {name!r}")
     return run
