@@ -50,6 +50,8 @@ def test_eval_writes_json_csv_png_and_prints_the_table(evaluated):
         auc = data["results"]["fullgrad"][metric]["mean"][0]
         assert 0.0 <= auc <= 1.0
         assert len(data["curves"]["fullgrad"][metric]) == 9
+        assert len(data["curves_se"]["fullgrad"][metric]) == 9
+        assert all(e >= 0 for e in data["curves_se"]["fullgrad"][metric])
     rows = list(csv.DictReader((out / "a" / "eval.csv").open()))
     assert len(rows) == 4 * (5 + 2) and {r["method"] for r in rows} == set(data["results"])
     table = first.stdout.splitlines()

@@ -3,10 +3,10 @@
 ``eval.json``: the settings, the images evaluated (and those that failed, with their
 reasons), and per method and metric the mean and standard error over images
 (``perturbation``: one value per k; ``deletion`` / ``insertion``: the AUC) plus the mean
-deletion and insertion curves. ``eval.csv``: one row per (method, metric, k) with mean,
+deletion and insertion curves with their standard errors. ``eval.csv``: one row per (method, metric, k) with mean,
 se and n. ``eval.png``: one panel per metric, mean curves with ±1 standard-error bands
 (pixel perturbation against k; deletion and insertion mean curves against the fraction
-of pixels changed).
+of pixels changed, with bands too).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def as_json(cfg: EvalConfig, result: EvalResult) -> dict[str, Any]:
         "metrics": {m: WHAT[m] for m in cfg.metrics},
         "results": {method: {metric: asdict(s) for metric, s in per.items()}
                     for method, per in result.results.items()},
-        "curves": result.curves,
+        "curves": result.curves, "curves_se": result.curves_se,
         "seconds": round(result.seconds, 3),
         "versions": versions(),
     }
@@ -110,7 +110,13 @@ def plot(result: EvalResult) -> bytes:
             else:
                 curve = result.curves[method][metric]
                 xs = [i / (len(curve) - 1) for i in range(len(curve))]
-                ax.plot(xs, curve, label=f"{method} ({s.mean[0]:.3f} ± {s.se[0]:.3f})")
+                (line,) = ax.plot(xs, curve, label=f"{method} ({s.mean[0]:.3f} ± "
+                                                   f"{s.se[0]:.3f})")
+                se = result.curves_se.get(method, {}).get(metric)
+                if se:
+                    ax.fill_between(xs, [c - e for c, e in zip(curve, se)],
+                                    [c + e for c, e in zip(curve, se)],
+                                    color=line.get_color(), alpha=0.12)
         if metric == "perturbation":
             ax.set_xlabel("% of pixels removed (least salient first)")
             ax.set_ylabel("|Δf| / |f|")

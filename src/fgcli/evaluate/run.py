@@ -90,8 +90,10 @@ class EvalResult:
     steps: int
     # method -> metric -> Summary (perturbation: one value per k; deletion/insertion: AUC)
     results: dict[str, dict[str, Summary]]
-    # method -> "deletion" / "insertion" -> mean curve over images (steps + 1 points)
+    # method -> "deletion" / "insertion" -> mean curve over images (steps + 1 points), and
+    # its standard error at each point
     curves: dict[str, dict[str, list[float]]]
+    curves_se: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -207,10 +209,12 @@ def run_eval(cfg: EvalConfig, progress: Callable[[int, int], None] | None = None
                          f"got {len(evaluated)}")
     results = {m: {k: summarise(np.concatenate(v)) for k, v in per.items()}
                for m, per in values.items()}
-    mean_curves = {m: {k: [float(v) for v in np.concatenate(c).mean(0)]
-                       for k, c in per.items()} for m, per in curves.items()}
+    curve_stats = {m: {k: summarise(np.concatenate(c)) for k, c in per.items()}
+                   for m, per in curves.items()}
     return EvalResult(cfg.model, loaded.weights, evaluated, failed, list(cfg.methods),
-                      list(cfg.ks), cfg.steps, results, mean_curves,
+                      list(cfg.ks), cfg.steps, results,
+                      {m: {k: st.mean for k, st in per.items()} for m, per in curve_stats.items()},
+                      {m: {k: st.se for k, st in per.items()} for m, per in curve_stats.items()},
                       seconds=time.perf_counter() - started)
 
 
