@@ -40,7 +40,7 @@ class EvalConfig:
     labels: str | None = None
     target: str = "pred"
     out: str = "fullgrad-eval"
-    methods: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()  # empty: every method (fgcli.evaluate.methods.ALL_METHODS)
     metrics: tuple[str, ...] = METRICS
     ks: tuple[float, ...] = DEFAULT_KS
     steps: int = 20
@@ -52,6 +52,13 @@ class EvalConfig:
     command: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
+        from fgcli.evaluate.methods import parse_methods
+
+        try:
+            object.__setattr__(self, "methods", tuple(parse_methods(
+                ",".join(self.methods) if self.methods else None)))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
         bad = [m for m in self.metrics if m not in METRICS]
         if bad or not self.metrics:
             raise UsageError(f"--metrics: unknown metric {bad[0] if bad else ''!r}; choose "
