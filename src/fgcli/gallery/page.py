@@ -1,0 +1,154 @@
+"""The gallery's files: ``index.html`` (a jinja2 template) and ``gallery/``'s data and code.
+
+The page reads its data from JavaScript files loaded with ``<script>`` tags, because a
+page opened from ``file://`` may not ``fetch`` files beside it:
+
+* ``gallery/data.js``: one compact array per image (key, status, original, error and
+  one row per --topk rank: id, rank, class, probability, logit, residual, output stem,
+  which outputs exist). About 120 bytes an image: 100,000 images are ~12 MB, parsed
+  in well under a second, and the grid shows one page of cards at a time.
+* ``gallery/records/NNNNN.js``: the full manifest records and decomposition terms of
+  CHUNK entries each, loaded when the detail view opens one of them.
+* ``gallery/app.js``, ``gallery/style.css``: the page's code, copied from the package.
+
+Everything the page needs is inside the tree: no server, no network, no CDN.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fgcli.gallery.collect import Image, TermsCache
+from fgcli.writer import FOLDER, SUFFIX
+
+CHUNK = 200
+ASSETS = ("app.js", "style.css")
+# bits of an entry's mask: which outputs exist
+MASK = {"overlay": 1, "heatmap": 2, "map": 4, "decomp": 8, "thumb": 16}
+RUN_FIELDS = ("model", "weights", "source", "method", "psi", "layers", "target", "topk",
+              "overlay", "colormap", "alpha", "device", "host", "finished", "counts")
+
+
+def write_atomic(dest: Path, blob: bytes) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sig(x: Any, digits: int) -> float | None:
+    """A float rounded to ``digits`` significant digits (compact JSON), None if absent."""
+    if not isinstance(x, (int, float)) or x != x:
+        return None
+    return float(f"{x:.{digits}g}")
+
+
+def _js(call: str, *args: Any) -> bytes:
+    """``call(<args as JSON>);``: a script that hands its data to the page."""
+    text = ",".join(json.dumps(a, separators=(",", ":"), ensure_ascii=True)
+                    for a in args)
+    return f"{call}({text});\n".encode("ascii")
+
+
+def eval_summary(root: Path, data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The eval.json table (mean and standard error per method and metric), if any."""
+    if not data or not isinstance(data.get("results"), dict):
+        return None
+    return {
+        "ks": data.get("ks"), "metrics": data.get("metrics"), "images": len(
+            data.get("images") or []), "command": data.get("command"),
+        "results": data["results"],
+        "plot": "eval.png" if (root / "eval.png").is_file() else None,
+        "csv": "eval.csv" if (root / "eval.csv").is_file() else None,
+    }
+
+
+def write_page(root: Path, images: list[Image], run: dict[str, Any],
+               evaluation: dict[str, Any] | None, terms: TermsCache, title: str) -> int:
+    """Write data.js, the record chunks, the assets and index.html; returns the number
+    of entries (maps and failures) on the page."""
+    classes: dict[str, int] = {}
+    rows: list[list[Any]] = []
+    chunks: list[dict[str, Any]] = []
+    next_id = 0
+    for image in images:
+        entries = []
+        for entry in image.entries:
+            rec = entry.record
+            ident = next_id
+            next_id += 1
+            if ident % CHUNK == 0:
+                chunks.append({"records": [], "terms": []})
+            chunk = chunks[-1]
+            chunk["records"].append(rec)
+            stem = entry.stem
+            found = terms.get(stem, root / entry.paths["decomp"]) if (
+                stem and "decomp" in entry.paths) else None
+            chunk["terms"].append(found)
+            if rec.get("status") == "failed":
+                continue
+            name = rec.get("target_name")
+            cls = classes.setdefault(str(name), len(classes)) if name is not None else None
+            mask = sum(bit for kind, bit in MASK.items() if kind in entry.paths)
+            if entry.thumb:
+                mask |= MASK["thumb"]
+            row: list[Any] = [ident, rec.get("rank"), rec.get("target"), cls,
+                              _sig(rec.get("prob"), 4), _sig(rec.get("logit"), 6),
+                              _sig(rec.get("residual"), 3), stem, mask]
+            odd = {kind: p for kind, p in entry.paths.items()
+                   if p != f"{FOLDER[kind]}/{stem}{SUFFIX[kind]}"}
+            if odd:
+                row.append(odd)
+            entries.append(row)
+        first = image.entries[0].record
+        error = first.get("error") if image.status == "failed" else None
+        rows.append([image.key, image.status, image.original, error, entries,
+                     image.entries[0].record.get("time")])
+    gallery = root / "gallery"
+    data = {
+        "schema": 1, "title": title, "chunk": CHUNK,
+        "run": {k: run[k] for k in RUN_FIELDS if k in run},
+        "classes": list(classes), "layers": terms.tables, "eval": evaluation,
+        "images": rows,
+    }
+    write_atomic(gallery / "data.js", _js("fgcliData", data))
+    records = gallery / "records"
+    names = set()
+    for n, chunk in enumerate(chunks):
+        name = f"{n:05d}.js"
+        names.add(name)
+        write_atomic(records / name, _js("fgcliChunk", n, chunk))
+    if records.is_dir():
+        for old in records.iterdir():
+            if old.name not in names:
+                old.unlink(missing_ok=True)
+    package = resources.files("fgcli.gallery") / "assets"
+    for asset in ASSETS:
+        write_atomic(gallery / asset, (package / asset).read_bytes())
+    write_atomic(root / "index.html", _render_index(title, data, images).encode("utf-8"))
+    return next_id
+
+
+def _render_index(title: str, data: dict[str, Any], images: list[Image]) -> str:
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("fgcli.gallery", "templates"),
+        autoescape=jinja2.select_autoescape(["html", "j2"]), trim_blocks=True,
+        lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
+    for image in images:
+        counts[image.status] = counts.get(image.status, 0) + 1
+    return env.get_template("index.html.j2").render(
+        title=title, run=data["run"], counts=counts, images=len(images),
+        has_eval=data["eval"] is not None)

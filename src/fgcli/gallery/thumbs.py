@@ -1,0 +1,92 @@
+"""Thumbnails for the gallery's grid: ``thumbs/<stem>.jpg``, at most THUMB pixels a side.
+
+Made from the overlay (else the heatmap, else the original image), once: a thumbnail
+newer than its source is kept, so rebuilding the gallery after a resumed dump makes
+only the new ones. Each is written to a temporary name beside it and moved into place,
+so a killed build leaves whole files only. JPEG sources are decoded at a reduced scale
+(``Image.draft``), which makes a thumbnail of a large overlay cost a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+THUMB = 256
+QUALITY = 82
+
+
+@dataclass
+class ThumbJob:
+    source: Path  # overlay, heatmap or original
+    dest: Path  # <tree>/thumbs/<stem>.jpg
+
+
+@dataclass
+class ThumbReport:
+    made: int = 0
+    kept: int = 0
+    failed: list[str] = field(default_factory=list)  # one line each, naming the file
+
+
+def fresh(job: ThumbJob) -> bool:
+    """True when the thumbnail exists and is not older than its source."""
+    try:
+        return job.dest.stat().st_mtime_ns >= job.source.stat().st_mtime_ns
+    except OSError:
+        return False
+
+
+def make_thumb(source: Path, dest: Path, size: int = THUMB) -> None:
+    """Write a JPEG thumbnail of ``source`` (longest side ``size``) atomically to ``dest``."""
+    with Image.open(source) as img:
+        if img.format == "JPEG":
+            img.draft("RGB", (size, size))
+        img = img.convert("RGB")
+        img.thumbnail((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            img.save(fh, "JPEG", quality=QUALITY)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_thumbs(jobs: Iterable[ThumbJob], threads: int,
+                progress: Callable[[int], None] | None = None) -> ThumbReport:
+    """Make every stale thumbnail on ``threads`` threads (Pillow decodes without the GIL)."""
+    report = ThumbReport()
+    todo = []
+    for job in jobs:
+        if fresh(job):
+            report.kept += 1
+        else:
+            todo.append(job)
+
+    def one(job: ThumbJob) -> str | None:
+        try:
+            make_thumb(job.source, job.dest)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            job.dest.unlink(missing_ok=True)  # never show a stale map's thumbnail
+            return f"{job.source}: thumbnail failed: {reason}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for error in pool.map(one, todo):
+            if error is None:
+                report.made += 1
+            else:
+                report.failed.append(error)
+            if progress is not None:
+                progress(1)
+    return report
