@@ -17,9 +17,25 @@ ReporterFactory = Callable[[str, bool], Reporter]
 
 
 def run_dump(cfg: RunConfig, reporter_for: ReporterFactory, stdin: Any = None) -> RunReport:
+    """Run the dump on its engine; with ``--gallery`` the process that leads (the only
+    one, a shard, torchrun's rank 0 after the merge, Ray's driver) then builds the
+    gallery: ``report.extra["gallery"]`` (a GalleryReport) or ``["gallery_error"]``."""
     from fgcli.distributed.torchrun import rank_env
 
     env = rank_env()
+    report = _engine(cfg, reporter_for, stdin, env)
+    if cfg.gallery and (env is None or env.rank == 0):
+        from fgcli.gallery import GalleryError, build_gallery
+
+        try:
+            report.extra["gallery"] = build_gallery(cfg.out)
+        except (GalleryError, OSError) as exc:
+            report.extra["gallery_error"] = str(exc)
+    return report
+
+
+def _engine(cfg: RunConfig, reporter_for: ReporterFactory, stdin: Any, env: Any
+            ) -> RunReport:
     if cfg.ray_address is not None and not cfg.ray:
         raise UsageError("--ray-address needs --ray")
     if cfg.ray:

@@ -76,11 +76,11 @@ def eval_summary(root: Path, data: dict[str, Any] | None) -> dict[str, Any] | No
 def write_page(root: Path, images: list[Image], run: dict[str, Any],
                evaluation: dict[str, Any] | None, terms: TermsCache, title: str) -> int:
     """Write data.js, the record chunks, the assets and index.html; returns the number
-    of entries (maps and failures) on the page."""
+    of maps on the page."""
     classes: dict[str, int] = {}
     rows: list[list[Any]] = []
     chunks: list[dict[str, Any]] = []
-    next_id = 0
+    next_id = maps = 0
     for image in images:
         entries = []
         for entry in image.entries:
@@ -110,6 +110,7 @@ def write_page(root: Path, images: list[Image], run: dict[str, Any],
             if odd:
                 row.append(odd)
             entries.append(row)
+            maps += 1
         first = image.entries[0].record
         error = first.get("error") if image.status == "failed" else None
         rows.append([image.key, image.status, image.original, error, entries,
@@ -136,7 +137,7 @@ def write_page(root: Path, images: list[Image], run: dict[str, Any],
     for asset in ASSETS:
         write_atomic(gallery / asset, (package / asset).read_bytes())
     write_atomic(root / "index.html", _render_index(title, data, images).encode("utf-8"))
-    return next_id
+    return maps
 
 
 def _render_index(title: str, data: dict[str, Any], images: list[Image]) -> str:

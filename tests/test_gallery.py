@@ -1,0 +1,219 @@
+"""`fullgrad gallery` and `dump --gallery` without a browser: files, data, resumable
+thumbnails, decomposition terms, errors. The page itself: tests/test_gallery_browser.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fgcli.gallery import GalleryError, build_gallery
+from fgcli.gallery.collect import decomp_terms
+from fgcli.gallery.thumbs import THUMB
+from gallery_util import ODD, cli, manifest, page_data, read_js, real_tree, synthetic_tree
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    out, result = real_tree(tmp_path_factory.mktemp("gallery"), "--topk", "2", "--gallery",
+                            "--quiet")
+    assert result.exit_code == 1, result.output  # the broken file failed
+    return out
+
+
+def test_dump_gallery_writes_a_self_contained_page(tree):
+    assert (tree / "index.html").is_file()
+    for name in ("app.js", "style.css", "data.js", "records/00000.js"):
+        assert (tree / "gallery" / name).is_file(), name
+    html = (tree / "index.html").read_text()
+    # nothing from the network: every src/href is relative, inside the tree
+    for attr in ("src=", "href="):
+        for part in html.split(attr)[1:]:
+            target = part.split('"')[1]
+            assert "://" not in target and not target.startswith("/"), target
+            if not target.startswith("#"):
+                assert (tree / target).is_file(), target
+
+
+def test_data_has_every_image_with_its_maps(tree):
+    data = page_data(tree)
+    recs = manifest(tree)
+    images = {row[0]: row for row in data["images"]}
+    assert set(images) == {r["key"] for r in recs}
+    assert len(images) == 8
+    broken = images["broken.jpg"]
+    assert broken[1] == "failed" and broken[3] == "not an image Pillow can read"
+    for rec in recs:
+        if rec["status"] != "ok":
+            continue
+        row = images[rec["key"]]
+        entry = next(e for e in row[4] if e[1] == rec["rank"])
+        assert data["classes"][entry[3]] == rec["target_name"]
+        assert entry[2] == rec["target"]
+        assert entry[4] == pytest.approx(rec["prob"], rel=1e-3)
+        assert entry[6] == pytest.approx(rec["residual"], rel=1e-2, abs=1e-12)
+        assert [e[1] for e in row[4]] == [1, 2]  # --topk: both ranks, best first
+        # the page builds output paths from the stem: they must be the manifest's
+        stem = entry[7]
+        assert f"overlays/{stem}.jpg" == rec["outputs"]["overlay"]
+        assert f"heatmaps/{stem}.png" == rec["outputs"]["heatmap"]
+        assert (tree / "thumbs" / f"{stem}.jpg").is_file()
+        assert row[2] is not None and (tree / row[2]).resolve().is_file()  # the original
+
+
+def test_thumbnails_are_small_and_show_the_overlay(tree):
+    rec = next(r for r in manifest(tree) if r["key"] == "chelsea.png" and r["rank"] == 1)
+    thumb = Image.open(tree / "thumbs" / "chelsea.png.top1_{}.jpg".format(rec["target"]))
+    assert max(thumb.size) == THUMB
+    overlay = Image.open(tree / rec["outputs"]["overlay"]).convert("RGB")
+    expected = np.asarray(overlay.resize(thumb.size, Image.Resampling.BICUBIC), np.float32)
+    assert np.abs(np.asarray(thumb, np.float32) - expected).mean() < 6  # JPEG, resampling
+
+
+def test_records_and_decomposition_terms_add_up_to_the_logit(tree):
+    data = page_data(tree)
+    records = read_js(tree / "gallery" / "records" / "00000.js")
+    assert records[0] == 0
+    chunk = records[1]
+    for row in data["images"]:
+        for entry in row[4]:
+            rec = chunk["records"][entry[0]]
+            assert rec["key"] == row[0] and rec["rank"] == entry[1]
+            table, values = chunk["terms"][entry[0]]
+            layers = data["layers"][table]
+            z = np.load(tree / rec["outputs"]["decomp"])
+            assert layers == list(z["layers"])
+            assert len(values) == len(layers) + 3  # input, layers, residual, logit
+            assert values[-1] == pytest.approx(rec["logit"], rel=1e-6)
+            # completeness, live: the chart's terms sum to the logit
+            assert sum(values[:-1]) == pytest.approx(values[-1], rel=1e-5, abs=1e-4)
+            assert values[0] == pytest.approx(float(z["input"].sum(dtype=np.float64)))
+
+
+def test_thumbnails_are_made_once(tmp_path, tree):
+    copy = tmp_path / "t"
+    shutil.copytree(tree, copy)
+    again = build_gallery(copy)
+    assert again.thumbs.made == 0 and again.thumbs.kept == 14 and again.decomp_read == 0
+    thumbs = sorted((copy / "thumbs").rglob("*.jpg"))
+    gone, newer = thumbs[0], thumbs[1]
+    gone.unlink()
+    source = copy / "overlays" / newer.relative_to(copy / "thumbs")
+    os.utime(source, ns=(newer.stat().st_mtime_ns + 10**9,) * 2)
+    third = build_gallery(copy)
+    assert third.thumbs.made == 2 and third.thumbs.kept == 12 and gone.is_file()
+
+
+def test_a_broken_overlay_is_one_line_and_the_rest_is_shown(tmp_path, tree):
+    copy = tmp_path / "t"
+    shutil.copytree(tree, copy)
+    rec = next(r for r in manifest(copy) if r["key"] == "rocket.jpg" and r["rank"] == 1)
+    overlay = copy / rec["outputs"]["overlay"]
+    overlay.write_bytes(b"not a jpeg")
+    os.utime(overlay, ns=(10**19,) * 2)  # newer than its thumbnail
+    result = cli("gallery", str(copy), "--quiet")
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and str(overlay) in lines[0] and "thumbnail failed" in lines[0]
+    data = page_data(copy)
+    row = next(r for r in data["images"] if r[0] == "rocket.jpg")
+    assert not row[4][0][8] & 16  # no thumbnail bit: the card shows no stale image
+    assert row[4][1][8] & 16
+    assert not (copy / "thumbs" / (rec["outputs"]["overlay"][len("overlays/"):])).exists()
+
+
+def test_decomposition_terms_are_cached_and_refreshed(tmp_path, tree):
+    copy = tmp_path / "t"
+    shutil.copytree(tree, copy)
+    rec = next(r for r in manifest(copy) if r["key"] == "coffee.png" and r["rank"] == 1)
+    path = copy / rec["outputs"]["decomp"]
+    arrays = dict(np.load(path))
+    arrays["residual"] = np.float64(1.5)
+    np.savez(path, **arrays)
+    report = build_gallery(copy)
+    assert report.decomp_read == 1
+    names, values = decomp_terms(path)
+    assert values[-2] == 1.5
+    chunk = read_js(copy / "gallery" / "records" / "00000.js")[1]
+    row = next(r for r in page_data(copy)["images"] if r[0] == "coffee.png")
+    assert chunk["terms"][row[4][0][0]][1][-2] == 1.5
+
+
+def test_odd_file_names_are_kept_verbatim(tree):
+    row = next(r for r in page_data(tree)["images"] if r[0] == ODD)
+    assert row[1] == "ok"
+    assert (tree / "thumbs" / f"{row[4][0][7]}.jpg").is_file()
+
+
+def test_not_a_tree_is_a_usage_error(tmp_path):
+    with pytest.raises(GalleryError, match="not an output tree"):
+        build_gallery(tmp_path)
+    result = cli("gallery", str(tmp_path / "missing"))
+    assert result.exit_code == 2
+    assert result.output.strip() == f"fullgrad: error: {tmp_path / 'missing'}: no such directory"
+    assert cli("gallery", str(tmp_path), "--threads", "0").exit_code == 2
+
+
+def test_gallery_command_summary_and_quiet(tmp_path, tree):
+    copy = tmp_path / "t"
+    shutil.copytree(tree, copy)
+    loud = cli("gallery", str(copy))
+    assert loud.exit_code == 0
+    assert "8 images, 14 maps, 1 failed; thumbnails made 0, kept 14" in loud.output
+    assert cli("gallery", str(copy), "-q").output == ""
+
+
+def test_unmerged_shards_and_a_later_failure_are_shown(tmp_path, tree):
+    copy = tmp_path / "t"
+    shutil.copytree(tree, copy)
+    recs = manifest(copy)
+    main = [r for r in recs if r["key"] != "astronaut.png"]
+    moved = [r for r in recs if r["key"] == "astronaut.png"]
+    (copy / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in main))
+    shard = copy / "shards" / "0-of-2"
+    shard.mkdir(parents=True)
+    later = {"schema": 1, "input": "x", "key": "chelsea.png", "status": "failed",
+             "error": "corrupt image: now", "outputs": {}, "rank": None,
+             "time": "2999-01-01T00:00:00.000+00:00"}
+    (shard / "manifest.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in [*moved, later]))
+    build_gallery(copy)
+    images = {r[0]: r for r in page_data(copy)["images"]}
+    assert images["astronaut.png"][1] == "ok" and len(images["astronaut.png"][4]) == 2
+    assert images["chelsea.png"][1] == "failed"
+    assert images["chelsea.png"][3] == "corrupt image: now"
+
+
+def test_eval_results_in_the_tree_are_shown(tmp_path, tree):
+    copy = tmp_path / "t"
+    shutil.copytree(tree, copy)
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    shutil.copy(docs / "eval-squeezenet1_1-examples.json", copy / "eval.json")
+    shutil.copy(docs / "eval-squeezenet1_1-examples.png", copy / "eval.png")
+    build_gallery(copy)
+    ev = page_data(copy)["eval"]
+    assert ev["plot"] == "eval.png" and "fullgrad" in ev["results"]
+    assert ev["results"]["fullgrad"]["perturbation"]["mean"][0] == pytest.approx(
+        json.loads((copy / "eval.json").read_text())["results"]["fullgrad"]["perturbation"]
+        ["mean"][0])
+    assert 'id="eval"' in (copy / "index.html").read_text()
+
+
+def test_a_large_tree_pages_data_compactly(tmp_path, tree):
+    big = synthetic_tree(tree, tmp_path / "big", 1000)
+    report = build_gallery(big, threads=2)
+    assert report.images == 1000 and report.failed == 20
+    size = (big / "gallery" / "data.js").stat().st_size
+    assert size < 160 * 1000  # compact: ~120 bytes an image
+    chunks = sorted((big / "gallery" / "records").iterdir())
+    assert len(chunks) == 5  # 200 maps or failures per chunk
+    # a smaller rebuild drops chunks it no longer needs
+    lines = (big / "manifest.jsonl").read_text().splitlines(keepends=True)
+    (big / "manifest.jsonl").write_text("".join(lines[:300]))
+    build_gallery(big)
+    assert len(list((big / "gallery" / "records").iterdir())) == 2
