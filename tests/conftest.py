@@ -128,3 +128,12 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Keep each phase's report on the item (``item.rep_call``): fixtures that hold a
+    browser save a screenshot when the test failed."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, "rep_" + report.when, report)
