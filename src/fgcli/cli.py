@@ -206,6 +206,10 @@ def dump(
         help="matplotlib colormap for heatmaps and overlays.  [default: inferno]")] = None,
     alpha: Annotated[Optional[float], typer.Option(
         help="Heatmap weight in overlays, 0..1.  [default: 0.5]")] = None,
+    overlay: Annotated[str | None, typer.Option(
+        help="Overlay style: blend (the heatmap over the whole image at --alpha) or heat "
+             "(opacity min(1, 2*alpha*saliency): the photo stays visible where saliency is "
+             "low).  [default: blend]")] = None,
     samples: Annotated[Optional[int], typer.Option(
         help="SmoothFullGrad: noisy samples per image.  [default: 25]")] = None,
     sigma: Annotated[Optional[float], typer.Option(
@@ -243,7 +247,7 @@ def dump(
                         "N); shards share one --out and resume separately.",
         show_default=False)] = None,
     ray: Annotated[Optional[bool], typer.Option(
-        "--ray/--no-ray", help="Run on Ray Data (`pip install \"fgcli[ray]\"`): decoding as "
+        "--ray/--no-ray", help="Run on Ray Data (`pip install \"fgcli\\[ray]\"`): decoding as "
                                "Ray tasks, the engine in a pool of actors.")] = None,
     ray_address: Annotated[Optional[str], typer.Option(
         "--ray-address", help="With --ray: the cluster to join (auto, ray://host:10001).  "
@@ -255,6 +259,9 @@ def dump(
         "--dist-timeout", help="torchrun: seconds a rank may go without progress (a finished "
                                "batch) before the others give up on it.  [default: 600]")
     ] = None,
+    gallery: Annotated[Optional[bool], typer.Option(
+        "--gallery/--no-gallery", help="Then write OUT/index.html, a static gallery of the "
+                                       "tree (see `fullgrad gallery`).")] = None,
     quiet: Annotated[Optional[bool], typer.Option(
         "--quiet/--no-quiet", "-q", help="No progress bar, warnings or summary; failed "
                                          "images still get their line on stderr.")
@@ -280,11 +287,12 @@ def dump(
             "target": target, "topk": topk, "batch_size": batch_size, "workers": workers,
             "size": size, "crop": crop, "mean": _floats(mean, "--mean"),
             "std": _floats(std, "--std"), "labels": labels, "colormap": colormap,
-            "alpha": alpha, "samples": samples, "sigma": sigma, "seed": seed,
+            "alpha": alpha, "overlay": overlay, "samples": samples, "sigma": sigma, "seed": seed,
             "files_from": files_from, "null": null, "max_pixels": max_pixels,
             "amp": amp, "channels_last": channels_last, "device_jpeg": device_jpeg,
             "overwrite": overwrite, "fail_fast": fail_fast, "shard": shard, "ray": ray,
             "ray_address": ray_address, "ray_actors": ray_actors, "dist_timeout": dist_timeout,
+            "gallery": gallery,
             "quiet": quiet, "json": as_json,
             "debug": debug, "command": tuple(sys.argv),
         }, config)
@@ -312,7 +320,25 @@ def dump(
         text = str(exc).strip().splitlines()
         _fail(f"internal error: {type(exc).__name__}: {text[0] if text else ''} "
               "(rerun with --debug for the traceback)", EXIT_INTERNAL)
-    raise typer.Exit(report.exit_code)
+    code = report.exit_code
+    if "gallery_error" in report.extra:
+        err.print(f"fullgrad: gallery: {report.extra['gallery_error']}", markup=False)
+        code = max(code, EXIT_FAILED)
+    elif "gallery" in report.extra:
+        code = max(code, _report_gallery(report.extra["gallery"], cfg.quiet))
+    raise typer.Exit(code)
+
+
+def _report_gallery(report: Any, quiet: bool) -> int:
+    """Print a gallery's thumbnail failures (always) and its summary line (unless quiet);
+    returns the exit code: 1 when a thumbnail failed."""
+    for line in report.thumbs.failed:
+        err.print(f"fullgrad: gallery: {line}", markup=False)
+    if not quiet:
+        err.print(f"gallery: {report.index} ({report.images} images, {report.maps} maps, "
+                  f"{report.failed} failed; thumbnails made {report.thumbs.made}, kept "
+                  f"{report.thumbs.kept}; {report.seconds:.1f}s)", markup=False)
+    return EXIT_FAILED if report.thumbs.failed else EXIT_OK
 
 
 # options that check and eval declare alike
@@ -502,6 +528,44 @@ def merge(
               f"{report.records} lines from {report.lines}; images ok {counts['ok']}, "
               f"skipped {counts['skipped']}, failed {counts['failed']}", markup=False)
     raise typer.Exit(EXIT_OK)
+
+
+@app.command("gallery")
+def gallery_(
+    out: Annotated[str, typer.Argument(help="The output tree of a dump.")],
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", help="Threads making thumbnails.  [default: the CPUs this process may "
+                          "use]")] = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet/--no-quiet", "-q", help="No progress bar or summary; thumbnails that fail "
+                                         "still get their line on stderr.")] = False,
+) -> None:
+    """Write OUT/index.html: a static gallery of the tree's maps that opens from disk
+    (no server, no network). Thumbnails go to OUT/thumbs/ once; rerun after a dump to
+    add its new images. Exit 0, 1 when a thumbnail failed, 2 when OUT is not a tree."""
+    from fgcli.gallery import GalleryError, build_gallery
+
+    if threads is not None and threads < 1:
+        _fail("--threads must be >= 1", EXIT_USAGE)
+    bar: Any = None
+    if not quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(unit="thumb", file=sys.stderr, desc="thumbnails")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        report = build_gallery(out, threads, progress if bar is not None else None)
+    except (GalleryError, OSError) as exc:
+        _fail(str(exc), EXIT_USAGE)
+    finally:
+        if bar is not None:
+            bar.close()
+    raise typer.Exit(_report_gallery(report, quiet))
 
 
 def _counts(groups: dict[str, list[str]]) -> str:

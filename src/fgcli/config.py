@@ -34,6 +34,8 @@ class Method(str, enum.Enum):
 OUTPUT_KINDS = ("heatmap", "overlay", "map", "decomp")
 # fgcli.engine.PSI_CHOICES, repeated here so that option parsing needs no torch
 PSI_NAMES = ("abs-rescale", "signed", "abs", "positive")
+# overlay styles (fgcli.render.overlay_style): uniform blend, or heat weighted by saliency
+OVERLAY_STYLES = ("blend", "heat")
 DEFAULT_SAVE = ("heatmap", "overlay", "map")
 # Pillow refuses images above twice its default limit; we keep that threshold.
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -70,6 +72,7 @@ class RunConfig:
     save: tuple[str, ...] = DEFAULT_SAVE
     colormap: str = "inferno"
     alpha: float = 0.5
+    overlay: str = "blend"  # overlay style: blend (uniform alpha) or heat (see render)
     max_pixels: int = DEFAULT_MAX_PIXELS
     amp: bool = False
     channels_last: bool = False
@@ -81,6 +84,7 @@ class RunConfig:
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray
     ray_actors: int | None = None  # None: one per GPU, else one per (cores - 1)
     dist_timeout: float = 600.0  # seconds a rank without progress is waited for
+    gallery: bool = False  # build OUT/index.html after the run (fgcli.gallery)
     quiet: bool = False
     json: bool = False
     debug: bool = False
@@ -123,6 +127,9 @@ class RunConfig:
             raise UsageError("--topk and --target exclude each other")
         if self.psi not in PSI_NAMES:
             raise UsageError(f"--psi: unknown {self.psi!r}; choose from {', '.join(PSI_NAMES)}")
+        if self.overlay not in OVERLAY_STYLES:
+            raise UsageError(f"--overlay: unknown {self.overlay!r}; choose from "
+                             f"{', '.join(OVERLAY_STYLES)}")
 
     def settings_fingerprint(self, weights_identity: str, interpolation: str = "bilinear"
                              ) -> str:
@@ -132,7 +139,8 @@ class RunConfig:
         it: they change results by float rounding at most. ``--amp`` is: reduced
         precision changes maps visibly. ``--model-arg`` values and the resize
         interpolation count where they are used (absent or bilinear, the hash is the
-        one earlier versions wrote, so their runs still resume).
+        one earlier versions wrote, so their runs still resume). So do ``--psi``,
+        ``--layers`` and ``--overlay`` when not their defaults.
         """
         keys = ("model", "method", "size", "crop", "mean", "std", "labels", "target",
                 "topk", "save", "colormap", "alpha", "amp")
@@ -148,6 +156,8 @@ class RunConfig:
             data["psi"] = self.psi
         if self.layers is not None:
             data["layers"] = self.layers
+        if self.overlay != "blend":
+            data["overlay"] = self.overlay
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -454,7 +454,7 @@ class DumpRun:
                                (box.right - box.left, box.bottom - box.top), decomp)
                 records.append(rec)
                 futures.append(self.pool.submit(write_outputs, self.tree, job, cfg.save,
-                                                cfg.colormap, cfg.alpha))
+                                                cfg.colormap, cfg.alpha, cfg.overlay))
         self.pending.append((records, futures))
         self._drain(PENDING_BATCHES)
 
@@ -522,8 +522,9 @@ class DumpRun:
             "settings": self.fingerprint,
             "target": cfg.target, "topk": cfg.topk,
             "input_size": list(self.loaded.preprocessing.size),
-            "crop": cfg.crop, "save": list(cfg.save),
+            "crop": cfg.crop, "save": list(cfg.save), "overlay": cfg.overlay,
             "device": str(self.device), "host": platform.node(),
+            "cwd": os.getcwd(),  # relative inputs are relative to it (the gallery's originals)
             "jpeg": "device" if self.device_jpeg else "pillow",
             "batch_size": self.batch_size, "workers": self.workers,
             "writers": self.writers,
