@@ -89,3 +89,13 @@ def synthetic_tree(source: Path, dest: Path, n: int, seed: int = 0) -> Path:
                           time="2026-01-01T00:00:00.000+00:00"))
     (dest / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return dest
+
+
+def stem_of(row: list[Any], entry: list[Any]) -> str:
+    """An entry's output stem as the page derives it (null: the image's key)."""
+    return row[0] if entry[7] is None else entry[7]
+
+
+def original_of(data: dict[str, Any], row: list[Any]) -> str | None:
+    """An image's original, relative to the tree, as the page derives it."""
+    return data["originalPrefix"] + row[0] if row[2] == 1 else row[2]

@@ -15,7 +15,8 @@ from PIL import Image
 from fgcli.gallery import GalleryError, build_gallery
 from fgcli.gallery.collect import decomp_terms
 from fgcli.gallery.thumbs import THUMB
-from gallery_util import ODD, cli, manifest, page_data, read_js, real_tree, synthetic_tree
+from gallery_util import (ODD, cli, manifest, original_of, page_data, read_js, real_tree,
+                          stem_of, synthetic_tree)
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +60,13 @@ def test_data_has_every_image_with_its_maps(tree):
         assert entry[6] == pytest.approx(rec["residual"], rel=1e-2, abs=1e-12)
         assert [e[1] for e in row[4]] == [1, 2]  # --topk: both ranks, best first
         # the page builds output paths from the stem: they must be the manifest's
-        stem = entry[7]
+        stem = stem_of(row, entry)
         assert f"overlays/{stem}.jpg" == rec["outputs"]["overlay"]
         assert f"heatmaps/{stem}.png" == rec["outputs"]["heatmap"]
         assert (tree / "thumbs" / f"{stem}.jpg").is_file()
-        assert row[2] is not None and (tree / row[2]).resolve().is_file()  # the original
+        original = original_of(data, row)
+        assert original is not None and (tree / original).resolve().is_file()
+        assert row[2] == 1  # stored as originalPrefix + key
 
 
 def test_thumbnails_are_small_and_show_the_overlay(tree):
@@ -147,7 +150,7 @@ def test_decomposition_terms_are_cached_and_refreshed(tmp_path, tree):
 def test_odd_file_names_are_kept_verbatim(tree):
     row = next(r for r in page_data(tree)["images"] if r[0] == ODD)
     assert row[1] == "ok"
-    assert (tree / "thumbs" / f"{row[4][0][7]}.jpg").is_file()
+    assert (tree / "thumbs" / f"{stem_of(row, row[4][0])}.jpg").is_file()
 
 
 def test_not_a_tree_is_a_usage_error(tmp_path):

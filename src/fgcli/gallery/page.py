@@ -5,7 +5,8 @@ page opened from ``file://`` may not ``fetch`` files beside it:
 
 * ``gallery/data.js``: one compact array per image (key, status, original, error and
   one row per --topk rank: id, rank, class, probability, logit, residual, output stem,
-  which outputs exist). About 120 bytes an image: 100,000 images are ~12 MB, parsed
+  which outputs exist). Originals at ``originalPrefix + key`` are stored as 1, stems
+  equal to the key as null. About 120 bytes an image: 100,000 images are ~12 MB, parsed
   in well under a second, and the grid shows one page of cards at a time.
 * ``gallery/records/NNNNN.js``: the full manifest records and decomposition terms of
   CHUNK entries each, loaded when the detail view opens one of them.
@@ -81,6 +82,7 @@ def write_page(root: Path, images: list[Image], run: dict[str, Any],
     rows: list[list[Any]] = []
     chunks: list[dict[str, Any]] = []
     next_id = maps = 0
+    prefix: str | None = None  # originals that are <prefix><key> are stored as 1
     for image in images:
         entries = []
         for entry in image.entries:
@@ -104,7 +106,8 @@ def write_page(root: Path, images: list[Image], run: dict[str, Any],
                 mask |= MASK["thumb"]
             row: list[Any] = [ident, rec.get("rank"), rec.get("target"), cls,
                               _sig(rec.get("prob"), 4), _sig(rec.get("logit"), 6),
-                              _sig(rec.get("residual"), 3), stem, mask]
+                              _sig(rec.get("residual"), 3),
+                              None if stem == image.key else stem, mask]
             odd = {kind: p for kind, p in entry.paths.items()
                    if p != f"{FOLDER[kind]}/{stem}{SUFFIX[kind]}"}
             if odd:
@@ -113,13 +116,18 @@ def write_page(root: Path, images: list[Image], run: dict[str, Any],
             maps += 1
         first = image.entries[0].record
         error = first.get("error") if image.status == "failed" else None
-        rows.append([image.key, image.status, image.original, error, entries,
-                     image.entries[0].record.get("time")])
+        if prefix is None and image.original and image.original.endswith(image.key):
+            prefix = image.original[:len(image.original) - len(image.key)]
+        original: str | int | None = image.original
+        if original is not None and prefix is not None and original == prefix + image.key:
+            original = 1  # the usual case: the tree mirrors the input folder
+        rows.append([image.key, image.status, original, error, entries])
     gallery = root / "gallery"
     data = {
         "schema": 1, "title": title, "chunk": CHUNK,
         "run": {k: run[k] for k in RUN_FIELDS if k in run},
         "classes": list(classes), "layers": terms.tables, "eval": evaluation,
+        "originalPrefix": prefix,
         "images": rows,
     }
     write_atomic(gallery / "data.js", _js("fgcliData", data))

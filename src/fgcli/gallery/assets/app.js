@@ -12,8 +12,9 @@
 (function () {
   const T0 = performance.now();
   const timing = (window.fgcliTiming = { script: T0 });
-  // image row: [key, status, original, error, entries, time]
-  // entry row: [id, rank, target, classIndex, prob, logit, residual, stem, mask, paths?]
+  // image row: [key, status, original (1: originalPrefix + key), error, entries]
+  // entry row: [id, rank, target, classIndex, prob, logit, residual, stem (null: the key),
+  //             mask, paths?]
   const MASK = { overlay: 1, heatmap: 2, map: 4, decomp: 8, thumb: 16 };
   const FOLDER = { overlay: ["overlays/", ".jpg"], heatmap: ["heatmaps/", ".png"],
                    map: ["maps/", ".npy"], decomp: ["decomp/", ".npz"],
@@ -44,11 +45,15 @@
     return path.split("/").map(encodeURIComponent).join("/");
   }
 
-  function outputPath(entry, kind) {
+  function outputPath(img, entry, kind) {
     if (!(entry[8] & MASK[kind])) return null;
     if (entry[9] && entry[9][kind]) return entry[9][kind];
     const [folder, suffix] = FOLDER[kind];
-    return folder + entry[7] + suffix;
+    return folder + (entry[7] === null ? img[0] : entry[7]) + suffix;
+  }
+
+  function originalPath(img) {
+    return img[2] === 1 ? data.originalPrefix + img[0] : img[2];
   }
 
   const className = (entry) => (entry[3] === null ? "" : data.classes[entry[3]]);
@@ -104,7 +109,7 @@
       thumbs.append(el("div", { class: "nothumb", text: status }));
     }
     for (const e of entries) {
-      const src = outputPath(e, "thumb");
+      const src = outputPath(img, e, "thumb");
       const box = el("div", { class: "thumb" });
       if (src) {
         box.append(el("img", { src: url(src), alt: `${key}: ${className(e)}`, loading: "lazy",
@@ -235,7 +240,8 @@
 
   async function showDetail() {
     const img = data.images[view[detailAt]];
-    const [key, status, original, error, entries] = img;
+    const [key, status, , error, entries] = img;
+    const original = originalPath(img);
     $("detail-title").textContent = key;
     const body = $("detail-body");
     body.replaceChildren();
@@ -254,7 +260,7 @@
       const side = el("div", { class: "side-by-side" });
       for (const e of entries) {
         side.append(figure(`#${e[1]} ${className(e)} (${pct(e[4])})`,
-                           outputPath(e, "overlay") || outputPath(e, "heatmap")));
+                           outputPath(img, e, "overlay") || outputPath(img, e, "heatmap")));
       }
       body.append(side);
     }
@@ -262,8 +268,8 @@
     const row = el("div", { class: "images" });
     row.append(figure("original", original, "original not found when the gallery was built"));
     if (e) {
-      row.append(figure("heatmap", outputPath(e, "heatmap")));
-      row.append(figure("overlay", outputPath(e, "overlay")));
+      row.append(figure("heatmap", outputPath(img, e, "heatmap")));
+      row.append(figure("overlay", outputPath(img, e, "overlay")));
     }
     body.append(row);
     const recordBox = el("pre", { class: "record", id: "detail-record", text: "loading…" });
