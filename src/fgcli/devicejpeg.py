@@ -21,7 +21,8 @@ the GPU with torchvision's nvjpeg bindings:
 * the uint8 originals stay on the device for the overlays; each writer thread
   sends its image's colormapped heatmap (built on the CPU, as for the heatmap PNG)
   to the device, where :func:`encode_overlays` blends it exactly as
-  :func:`fgcli.render.overlay` does (integer 1/256 steps of alpha) and encodes it;
+  :func:`fgcli.render.overlay` does (integer 1/256 steps of alpha; with ``--overlay heat``
+  as :func:`fgcli.render.overlay_heat`, from the heatmap's indices) and encodes it;
   only the JPEG's bytes come back. (The function takes lists, so a batched encode is
   one call away; the writer encodes image by image, as it writes them.)
 
@@ -62,6 +63,7 @@ __all__ = [
     "apply_orientation",
     "available",
     "blend",
+    "blend_heat",
     "decode_batch",
     "encode_overlays",
     "file_bytes",
@@ -375,6 +377,19 @@ def blend(original: torch.Tensor, heat: torch.Tensor, alpha: float) -> torch.Ten
     return (mixed >> 8).to(torch.uint8)
 
 
+def blend_heat(original: torch.Tensor, heat: torch.Tensor, indices: torch.Tensor,
+               alpha: float) -> torch.Tensor:
+    """``(1 - w) * original + w * heat`` with ``w = min(1, 2 * alpha * indices / 255)`` per
+    pixel, for (3, H, W) uint8 images and (H, W) uint8 colormap indices on one device, bit
+    for bit as :func:`fgcli.render.overlay_heat` (the same 1/256-step weight table)."""
+    from fgcli.render import heat_weights
+
+    table = torch.from_numpy(heat_weights(alpha)).to(original.device)
+    w = table[indices.to(original.device, torch.int64)][None]
+    mixed = original.to(torch.int32) * (256 - w) + heat.to(torch.int32) * w + 128
+    return (mixed >> 8).to(torch.uint8)
+
+
 def _encode_jpegs(images: list[torch.Tensor], quality: int) -> list[torch.Tensor]:
     """One torchvision call: nvjpeg's batched encode for CUDA tensors."""
     from torchvision.io import encode_jpeg
@@ -384,7 +399,9 @@ def _encode_jpegs(images: list[torch.Tensor], quality: int) -> list[torch.Tensor
 
 def encode_overlays(originals: Sequence[torch.Tensor | np.ndarray],
                     heats: Sequence[torch.Tensor | np.ndarray], alpha: float,
-                    quality: int = 90, device: str | torch.device | None = None
+                    quality: int = 90, device: str | torch.device | None = None, *,
+                    style: str = "blend",
+                    indices: Sequence[torch.Tensor | np.ndarray] | None = None
                     ) -> list[bytes]:
     """Blend each original with its heatmap and encode the overlays as JPEG bytes.
 
@@ -394,7 +411,19 @@ def encode_overlays(originals: Sequence[torch.Tensor | np.ndarray],
     to ``device`` (default: the first original's device), blended there with
     :func:`blend` and encoded in one batched call (nvjpeg on CUDA). Returns the
     JPEG files' bytes, in order; quality 90 as ``writer.write_jpeg``.
+
+    style: ``blend`` (:func:`blend`, uniform alpha) or ``heat`` (:func:`blend_heat`, the
+    heat weighted by saliency); ``heat`` needs each image's (H, W) uint8 colormap
+    ``indices`` (:func:`fgcli.render.heatmap_indices`), as arrays or tensors.
     """
+    from fgcli.config import OVERLAY_STYLES
+
+    if style not in OVERLAY_STYLES:
+        raise ValueError(f"unknown overlay style {style!r}; choose from "
+                         f"{', '.join(OVERLAY_STYLES)}")
+    if style == "heat" and (indices is None or len(indices) != len(originals)):
+        raise ValueError(f"style heat needs one indices map per original, got "
+                         f"{'none' if indices is None else len(indices)} for {len(originals)}")
     if len(originals) != len(heats):
         raise ValueError(f"{len(originals)} originals but {len(heats)} heatmaps")
     if not originals:
@@ -412,7 +441,15 @@ def encode_overlays(originals: Sequence[torch.Tensor | np.ndarray],
         if o.shape != h.shape:
             raise ValueError(f"overlay {i}: original is {tuple(o.shape)} but heatmap is "
                              f"{tuple(h.shape)}")
-        overlays.append(blend(o, h, alpha))
+        if style == "blend":
+            overlays.append(blend(o, h, alpha))
+            continue
+        idx = indices[i]
+        idx = torch.from_numpy(np.ascontiguousarray(idx)) if isinstance(idx, np.ndarray) else idx
+        if idx.dtype != torch.uint8 or tuple(idx.shape) != tuple(o.shape[1:]):
+            raise ValueError(f"overlay {i}: expected ({o.shape[1]}, {o.shape[2]}) uint8 "
+                             f"indices, got {idx.dtype} {tuple(idx.shape)}")
+        overlays.append(blend_heat(o, h, idx, alpha))
     return [t.cpu().numpy().tobytes() for t in _encode_jpegs(overlays, quality)]
 
 

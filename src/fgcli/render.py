@@ -14,6 +14,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from fgcli.config import OVERLAY_STYLES
+
 
 def colormap_names() -> list[str]:
     import matplotlib
@@ -73,3 +75,48 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
     a = int(round(alpha * 256))
     mixed = image.astype(np.uint16) * (256 - a) + heat.astype(np.uint16) * a + 128
     return (mixed >> 8).astype(np.uint8)
+
+
+def heat_weights(alpha: float) -> np.ndarray:
+    """(256,) int32 per-index weights of the ``heat`` overlay in 1/256 steps.
+
+    Index ``i`` is the normalised saliency ``s = i / 255``; its weight is
+    ``round(256 * min(1, 2 * alpha * s))``: 0 at the map's minimum, 256 (the heat alone)
+    wherever ``2 * alpha * s >= 1``. One table serves NumPy and the device path
+    (:func:`fgcli.devicejpeg.blend_heat`), so both are bit-identical.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be between 0 and 1, not {alpha!r}")
+    s = np.arange(256, dtype=np.float64) / 255.0
+    w = np.minimum(1.0, 2.0 * alpha * s)
+    return np.floor(w * 256.0 + 0.5).astype(np.int32)
+
+
+def overlay_heat(image: np.ndarray, heat: np.ndarray, indices: np.ndarray,
+                 alpha: float) -> np.ndarray:
+    """Heat drawn over an RGB uint8 image with per-pixel opacity from the saliency.
+
+    ``w = min(1, 2 * alpha * s)`` with ``s = indices / 255`` the normalised map
+    (:func:`heatmap_indices`), then ``(1 - w) * image + w * heat``: the photo shows
+    unchanged where saliency is lowest and, at the default alpha 0.5, ``w = s``, so
+    the heat is opaque only at the map's maximum. Integer arithmetic in 1/256 steps of
+    ``w`` (:func:`heat_weights`), rounded, as :func:`overlay`.
+    """
+    if indices.shape != image.shape[:2] or heat.shape != image.shape:
+        raise ValueError(f"overlay_heat: image {image.shape}, heat {heat.shape} and "
+                         f"indices {indices.shape} must match")
+    w = heat_weights(alpha).astype(np.uint16)[indices][..., None]
+    # uint16 is enough: 255 * (256 - w) + 255 * w + 128 < 2**16
+    mixed = image.astype(np.uint16) * (256 - w) + heat.astype(np.uint16) * w + 128
+    return (mixed >> 8).astype(np.uint8)
+
+
+def overlay_style(style: str, image: np.ndarray, heat: np.ndarray, indices: np.ndarray,
+                  alpha: float) -> np.ndarray:
+    """The overlay of one of :data:`fgcli.config.OVERLAY_STYLES`: ``blend``
+    (:func:`overlay`, uniform) or ``heat`` (:func:`overlay_heat`, saliency-weighted)."""
+    if style == "blend":
+        return overlay(image, heat, alpha)
+    if style == "heat":
+        return overlay_heat(image, heat, indices, alpha)
+    raise ValueError(f"unknown overlay style {style!r}; choose from {', '.join(OVERLAY_STYLES)}")

@@ -381,8 +381,11 @@ class ImageJob:
 
 
 def write_outputs(tree: OutputTree, job: ImageJob, save: tuple[str, ...], colormap: str,
-                  alpha: float) -> dict[str, str]:
-    """Write the requested outputs; returns kind -> path relative to the tree root."""
+                  alpha: float, overlay: str = "blend") -> dict[str, str]:
+    """Write the requested outputs; returns kind -> path relative to the tree root.
+
+    ``overlay``: the overlay style, ``blend`` or ``heat`` (:func:`render.overlay_style`).
+    """
     written: dict[str, str] = {}
     indices = None
     saliency = job.saliency()
@@ -405,11 +408,13 @@ def write_outputs(tree: OutputTree, job: ImageJob, save: tuple[str, ...], colorm
                 if job.original is not None and not isinstance(job.original, np.ndarray):
                     from fgcli.devicejpeg import encode_overlays  # blend + encode on device
 
-                    tree.write_bytes(dest, encode_overlays([job.original], [heat], alpha)[0])
+                    blob = encode_overlays([job.original], [heat], alpha, style=overlay,
+                                           indices=[indices])[0]
+                    tree.write_bytes(dest, blob)
                     written[kind] = dest.relative_to(tree.root).as_posix()
                     continue
                 base = job.original if job.original is not None else np.zeros_like(heat)
-                tree.write_jpeg(dest, render.overlay(base, heat, alpha))
+                tree.write_jpeg(dest, render.overlay_style(overlay, base, heat, indices, alpha))
         written[kind] = dest.relative_to(tree.root).as_posix()
     return written
 
