@@ -185,6 +185,7 @@ def test_unmerged_shards_and_a_later_failure_are_shown(tmp_path, tree):
              "time": "2999-01-01T00:00:00.000+00:00"}
     (shard / "manifest.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in [*moved, later]))
+    (copy / "run.json").write_text("{}")  # e.g. a tree whose run.json is lost
     build_gallery(copy)
     images = {r[0]: r for r in page_data(copy)["images"]}
     assert images["astronaut.png"][1] == "ok" and len(images["astronaut.png"][4]) == 2

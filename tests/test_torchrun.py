@@ -34,8 +34,12 @@ def ours(stderr: str) -> list[str]:
 
 def test_two_gloo_ranks_equal_a_single_run_and_resume(tmp_path, images):
     out, single = tmp_path / "ranks", tmp_path / "single"
-    run = torchrun("dump", str(images), *SMALL, "--out", str(out))
+    run = torchrun("dump", str(images), *SMALL, "--out", str(out), "--gallery")
     assert run.returncode == 1, run.stderr  # broken.jpg fails; the rest is written
+    # --gallery: rank 0 alone builds it, after the merge, over every rank's images
+    gallery = [line for line in run.stderr.splitlines() if line.startswith("gallery: ")]
+    assert gallery == [f"gallery: {out / 'index.html'} (7 images, 6 maps, 1 failed; "
+                       "thumbnails made 6, kept 0" + gallery[0].split("kept 0")[1]]
     owner = shard_of("broken.jpg", 2)
     # the failure is reported once, by the rank that owns it, with its shard
     assert ours(run.stderr) == [f"fullgrad: shard {owner}/2: failed: "

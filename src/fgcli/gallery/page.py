@@ -32,7 +32,7 @@ ASSETS = ("app.js", "style.css")
 # bits of an entry's mask: which outputs exist
 MASK = {"overlay": 1, "heatmap": 2, "map": 4, "decomp": 8, "thumb": 16}
 RUN_FIELDS = ("model", "weights", "source", "method", "psi", "layers", "target", "topk",
-              "overlay", "colormap", "alpha", "device", "host", "finished", "counts")
+              "overlay", "device", "host", "finished", "merged", "counts")
 
 
 def write_atomic(dest: Path, blob: bytes) -> None:
@@ -125,7 +125,7 @@ def write_page(root: Path, images: list[Image], run: dict[str, Any],
     gallery = root / "gallery"
     data = {
         "schema": 1, "title": title, "chunk": CHUNK,
-        "run": {k: run[k] for k in RUN_FIELDS if k in run},
+        "run": {k: run.get(k) for k in RUN_FIELDS},  # None where run.json has no such key
         "classes": list(classes), "layers": terms.tables, "eval": evaluation,
         "originalPrefix": prefix,
         "images": rows,
