@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from conftest import ROOT, SQUEEZENET_WEIGHTS
 from typer.testing import CliRunner
 
-from conftest import ROOT, SQUEEZENET_WEIGHTS
 from fgcli.cli import app
 
 PHOTOS = ROOT / "examples" / "photos"
@@ -45,7 +45,7 @@ def real_tree(root: Path, *extra: str) -> tuple[Path, Any]:
 def read_js(path: Path) -> list[Any]:
     """The arguments of the one call a gallery data script makes."""
     text = path.read_text("ascii").strip()
-    head, _, body = text.partition("(")
+    _, _, body = text.partition("(")
     return json.loads("[" + body.removesuffix(");") + "]")
 
 

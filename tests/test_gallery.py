@@ -10,13 +10,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gallery_util import (
+    ODD,
+    cli,
+    manifest,
+    original_of,
+    page_data,
+    read_js,
+    real_tree,
+    stem_of,
+    synthetic_tree,
+)
 from PIL import Image
 
 from fgcli.gallery import GalleryError, build_gallery
 from fgcli.gallery.collect import decomp_terms
 from fgcli.gallery.thumbs import THUMB
-from gallery_util import (ODD, cli, manifest, original_of, page_data, read_js, real_tree,
-                          stem_of, synthetic_tree)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +149,7 @@ def test_decomposition_terms_are_cached_and_refreshed(tmp_path, tree):
     np.savez(path, **arrays)
     report = build_gallery(copy)
     assert report.decomp_read == 1
-    names, values = decomp_terms(path)
+    _, values = decomp_terms(path)
     assert values[-2] == 1.5
     chunk = read_js(copy / "gallery" / "records" / "00000.js")[1]
     row = next(r for r in page_data(copy)["images"] if r[0] == "coffee.png")

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 from gallery_util import ODD, cli, manifest, real_tree, synthetic_tree
 
@@ -133,6 +132,7 @@ def photos_tree(tmp_path_factory) -> Path:
 def topk_tree(tmp_path_factory) -> Path:
     """Odd file names, a broken file, --topk 2, and an eval result in the tree."""
     out, result = real_tree(tmp_path_factory.mktemp("topk"), "--topk", "2", "-q")
+    assert result.exit_code == 1, result.output  # the broken file
     docs = ROOT / "docs"
     shutil.copy(docs / "eval-squeezenet1_1-examples.json", out / "eval.json")
     shutil.copy(docs / "eval-squeezenet1_1-examples.png", out / "eval.png")

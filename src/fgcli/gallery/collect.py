@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fgcli.writer import (FOLDER, MANIFEST, RUN_JSON, SUFFIX, Latest, iter_manifest,
-                          shard_manifests)
+from fgcli.writer import FOLDER, MANIFEST, RUN_JSON, SUFFIX, Latest, iter_manifest, shard_manifests
 
 KINDS = ("overlay", "heatmap", "map", "decomp")
 TERMS_CACHE = "terms-cache.json"

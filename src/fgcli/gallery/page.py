@@ -18,6 +18,7 @@ Everything the page needs is inside the tree: no server, no network, no CDN.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from importlib import resources
@@ -48,8 +49,9 @@ def write_atomic(dest: Path, blob: bytes) -> None:
 
 
 def _sig(x: Any, digits: int) -> float | None:
-    """A float rounded to ``digits`` significant digits (compact JSON), None if absent."""
-    if not isinstance(x, (int, float)) or x != x:
+    """A float rounded to ``digits`` significant digits (compact JSON), None if absent or
+    not finite."""
+    if not isinstance(x, (int, float)) or not math.isfinite(x):
         return None
     return float(f"{x:.{digits}g}")
 
