@@ -25,6 +25,7 @@
   let page = 0;
   let detailAt = -1;    // position in view of the open detail, or -1
   let detailRank = 0;
+  let typing = 0;       // timer of the search box
   const chunks = new Map();  // chunk number -> {records, terms} or Promise
 
   const $ = (id) => document.getElementById(id);
@@ -402,7 +403,11 @@
       $("class-filter").append(...options);
       for (const id of ["search", "class-filter", "status-filter", "sort", "descending",
                         "page-size"]) {
-        $(id).addEventListener(id === "search" ? "input" : "change", () => applyView(false));
+        $(id).addEventListener(id === "search" ? "input" : "change", () => {
+          // typing re-filters once it pauses: 100,000 images take ~0.1 s to filter and sort
+          clearTimeout(typing);
+          typing = setTimeout(() => applyView(false), id === "search" ? 120 : 0);
+        });
       }
       $("detail-close").addEventListener("click", closeDetail);
       $("detail-prev").addEventListener("click", () => openDetail(detailAt - 1));
