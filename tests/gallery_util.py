@@ -50,7 +50,11 @@ def read_js(path: Path) -> list[Any]:
 
 
 def page_data(tree: Path) -> dict[str, Any]:
-    return read_js(tree / "gallery" / "data.js")[0]
+    """What gallery/data.js hands the page: ``fgcliData(JSON.parse("<json>"));``."""
+    text = (tree / "gallery" / "data.js").read_text("ascii").strip()
+    head, tail = "fgcliData(JSON.parse(", "));"
+    assert text.startswith(head) and text.endswith(tail), text[:80]
+    return json.loads(json.loads(text[len(head):-len(tail)]))
 
 
 def manifest(tree: Path) -> list[dict[str, Any]]:

@@ -268,3 +268,25 @@ def test_topk_side_by_side_odd_names_failures_and_eval(page, topk_tree):
     plot = page.find_element(By.CSS_SELECTOR, "#eval-table img")
     wait(page, lambda: plot.get_property("naturalWidth") > 0)
     assert console_errors(page) == []
+
+
+def test_detail_views_in_quick_succession_load_each_records_file_once(page, big_tree):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    open_gallery(page, big_tree)
+    keys = card_keys(page)
+    page.execute_script(  # a click and 15 presses within one task: before any script loads
+        "document.querySelector('.card').click();"
+        "for (let i = 0; i < 15; i++)"
+        "  document.dispatchEvent(new KeyboardEvent('keydown', {key: 'ArrowRight'}));")
+    wait(page, lambda: page.find_element(By.ID, "detail-title").text == keys[15])
+    wait(page, lambda: json.loads(page.find_element(By.ID, "detail-record").text
+                                  .replace("loading…", "{}") or "{}").get("key") == keys[15])
+    scripts = page.execute_script(
+        "return Array.from(document.querySelectorAll('script[src^=\"gallery/records/\"]'))"
+        ".map(s => s.getAttribute('src'))")
+    assert len(scripts) == len(set(scripts)) == 1  # the first 16 images share a chunk
+    page.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    wait(page, lambda: not page.find_element(By.ID, "detail").is_displayed())
+    assert console_errors(page) == []

@@ -89,8 +89,9 @@ def _stem_and_paths(rec: dict[str, Any], root: Path) -> tuple[str | None, dict[s
     return stem, paths
 
 
-def _original(rec: dict[str, Any], root: Path, cwd: Path | None) -> str | None:
-    """The input file as a path relative to the tree (what a file:// page can load)."""
+def _original(rec: dict[str, Any], root: str, cwd: Path | None) -> str | None:
+    """The input file as a path relative to the tree (``root``: its absolute path), what
+    a file:// page can load. Symbolic links are kept (the browser follows them)."""
     raw = rec.get("input")
     if not isinstance(raw, str) or raw in ("", "-"):
         return None
@@ -98,7 +99,7 @@ def _original(rec: dict[str, Any], root: Path, cwd: Path | None) -> str | None:
         *((cwd / raw,) if cwd else ()), Path.cwd() / raw]
     for path in candidates:
         if path.is_file():
-            return Path(os.path.relpath(path.resolve(), root.resolve())).as_posix()
+            return Path(os.path.relpath(os.path.abspath(path), root)).as_posix()
     return None
 
 
@@ -106,6 +107,7 @@ def collect_images(root: Path) -> tuple[list[Image], dict[str, Any]]:
     """The images of the tree (key order) and its run.json (empty when missing)."""
     run = read_json(root / RUN_JSON) or {}
     cwd = Path(run["cwd"]) if isinstance(run.get("cwd"), str) else None
+    absolute = os.path.abspath(root)
     by_key: dict[str, list[Entry]] = {}
     inputs: dict[str, str] = {}
     for rec in latest_records(root):
@@ -122,7 +124,7 @@ def collect_images(root: Path) -> tuple[list[Image], dict[str, Any]]:
         chosen = failed[-1:] if failed and (not ok or newest_fail > newest_ok) else ok
         chosen.sort(key=lambda e: e.record.get("rank") or 0)
         rec = chosen[0].record
-        images.append(Image(key, inputs[key], _original(rec, root, cwd), chosen))
+        images.append(Image(key, inputs[key], _original(rec, absolute, cwd), chosen))
     return images, run
 
 

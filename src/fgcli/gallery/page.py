@@ -6,8 +6,9 @@ page opened from ``file://`` may not ``fetch`` files beside it:
 * ``gallery/data.js``: one compact array per image (key, status, original, error and
   one row per --topk rank: id, rank, class, probability, logit, residual, output stem,
   which outputs exist). Originals at ``originalPrefix + key`` are stored as 1, stems
-  equal to the key as null. About 120 bytes an image: 100,000 images are ~12 MB, parsed
-  in well under a second, and the grid shows one page of cards at a time.
+  equal to the key as null. About 95 bytes an image, handed over as one ``JSON.parse``
+  string (faster than an object literal): 100,000 images are 9 MB, parsed in ~0.5 s.
+  The grid shows one page of cards at a time.
 * ``gallery/records/NNNNN.js``: the full manifest records and decomposition terms of
   CHUNK entries each, loaded when the detail view opens one of them.
 * ``gallery/app.js``, ``gallery/style.css``: the page's code, copied from the package.
@@ -57,10 +58,30 @@ def _sig(x: Any, digits: int) -> float | None:
 
 
 def _js(call: str, *args: Any) -> bytes:
-    """``call(<args as JSON>);``: a script that hands its data to the page."""
+    """``call(<args as JSON>);``: a script that hands its data to the page (records may
+    hold NaN, which is JavaScript but not JSON)."""
     text = ",".join(json.dumps(a, separators=(",", ":"), ensure_ascii=True)
                     for a in args)
     return f"{call}({text});\n".encode("ascii")
+
+
+def _js_parsed(call: str, value: Any) -> bytes:
+    """``call(JSON.parse("..."));``: browsers parse a JSON string faster than the same
+    object literal (at 100,000 images 0.49 s instead of 0.81 s, scripts/gallery_bench.py).
+    Non-finite floats become null, as JSON has none."""
+    text = json.dumps(_finite(value), separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
+    return f"{call}(JSON.parse({json.dumps(text)}));\n".encode("ascii")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def eval_summary(root: Path, data: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -132,7 +153,7 @@ def write_page(root: Path, images: list[Image], run: dict[str, Any],
         "originalPrefix": prefix,
         "images": rows,
     }
-    write_atomic(gallery / "data.js", _js("fgcliData", data))
+    write_atomic(gallery / "data.js", _js_parsed("fgcliData", data))
     records = gallery / "records"
     names = set()
     for n, chunk in enumerate(chunks):

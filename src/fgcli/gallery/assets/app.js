@@ -26,7 +26,7 @@
   let detailAt = -1;    // position in view of the open detail, or -1
   let detailRank = 0;
   let typing = 0;       // timer of the search box
-  const chunks = new Map();  // chunk number -> {records, terms} or Promise
+  const chunks = new Map();  // chunk number -> Promise of {records, terms}
 
   const $ = (id) => document.getElementById(id);
 
@@ -73,6 +73,12 @@
     }
   }
 
+  const keyCache = new Map();  // sort kind -> keys of every image (the data never change)
+  function sortKeys(kind) {
+    if (!keyCache.has(kind)) keyCache.set(kind, data.images.map((img) => sortValue(kind, img)));
+    return keyCache.get(kind);
+  }
+
   function applyView(keepPage) {
     const q = $("search").value.trim().toLowerCase();
     const cls = $("class-filter").value;
@@ -86,11 +92,11 @@
       if (q && !img[0].toLowerCase().includes(q)) return;
       out.push(i);
     });
-    const keys = new Map(out.map((i) => [i, sortValue(kind, data.images[i])]));
+    const keys = sortKeys(kind);  // one key per image, by image number
+    const sign = desc ? -1 : 1;   // ties keep path order either way
     out.sort((a, b) => {
-      const x = keys.get(a), y = keys.get(b);
-      const c = x < y ? -1 : x > y ? 1 : a - b;
-      return desc ? -c : c;
+      const x = keys[a], y = keys[b];
+      return x < y ? -sign : x > y ? sign : a - b;
     });
     view = out;
     if (!keepPage) page = 0;
@@ -187,22 +193,27 @@
   }
 
   // --------------------------------------------------------------------------- detail
+  // A chunk is loaded once: `chunks` holds its promise from the first request on, so a
+  // detail view opened while the script is on its way waits for the same load.
+  const arrived = new Map();  // chunk number -> resolve() of its pending load
   function loadChunk(n) {
-    const have = chunks.get(n);
-    if (have) return Promise.resolve(have);
-    return new Promise((resolve, reject) => {
-      const script = el("script", { src: `gallery/records/${String(n).padStart(5, "0")}.js` });
-      script.addEventListener("error", () => reject(new Error(
-        `gallery/records/${String(n).padStart(5, "0")}.js is missing: rebuild the gallery`)));
-      pending.set(n, resolve);
-      document.head.append(script);
-    });
+    if (!chunks.has(n)) {
+      const name = `gallery/records/${String(n).padStart(5, "0")}.js`;
+      chunks.set(n, new Promise((resolve, reject) => {
+        const script = el("script", { src: name });
+        script.addEventListener("error", () => {
+          chunks.delete(n);  // a later view may try again
+          reject(new Error(`${name} is missing: rebuild the gallery`));
+        });
+        arrived.set(n, resolve);
+        document.head.append(script);
+      }));
+    }
+    return chunks.get(n);
   }
-  const pending = new Map();
   window.fgcliChunk = function (n, chunk) {
-    chunks.set(n, chunk);
-    const resolve = pending.get(n);
-    pending.delete(n);
+    const resolve = arrived.get(n);
+    arrived.delete(n);
     if (resolve) resolve(chunk);
   };
 
