@@ -230,3 +230,13 @@ def test_a_large_tree_pages_data_compactly(tmp_path, tree):
     (big / "manifest.jsonl").write_text("".join(lines[:300]))
     build_gallery(big)
     assert len(list((big / "gallery" / "records").iterdir())) == 2
+
+
+def test_gallery_without_decomp_says_there_will_be_no_chart(tmp_path):
+    out, result = real_tree(tmp_path, "--save", "heatmap,overlay", "--gallery")
+    assert result.exit_code == 1  # the broken file
+    assert ("fullgrad: note: --gallery without decomp in --save: the detail view will have "
+            "no decomposition chart") in result.output
+    data = page_data(out)
+    assert data["layers"] == [] and (out / "index.html").is_file()
+    assert all(not e[8] & 8 for row in data["images"] for e in row[4])  # no decomp bit
