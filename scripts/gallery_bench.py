@@ -520,16 +520,22 @@ def browser_run(index: Path, timeout: float) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- report
 def gallery_version() -> str:
-    """The commit of the gallery's code, and whether src/fgcli/gallery differs from it."""
+    """The last commit that changed src/fgcli/gallery (HEAD too when that is later), and
+    whether the working tree's src/fgcli/gallery differs from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
+                              text=True, check=True).stdout.strip()
     try:
-        head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--",
-                                "src/fgcli/gallery"], capture_output=True, text=True,
-                               check=True).stdout.strip()
+        code = git("log", "-1", "--format=%h %s", "--", "src/fgcli/gallery")
+        head = git("log", "-1", "--format=%h")
+        dirty = git("status", "--porcelain", "--", "src/fgcli/gallery")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return head[:90] + (" (src/fgcli/gallery modified)" if dirty else "")
+    if len(code) > 90:  # a long subject: cut at a word, marked
+        code = code[:90].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+    if head and not code.startswith(head):
+        code += f" (HEAD {head})"
+    return code + (" (src/fgcli/gallery modified)" if dirty else "")
 
 
 def machine() -> str:
@@ -703,8 +709,11 @@ def write_doc(doc: Path, n: int, section: str) -> None:
         found = [(int(m.group(1)), m.start()) for m in re.finditer(r"<!-- bench:(\d+) -->",
                                                                     text)]
         later = [pos for count, pos in found if count > n]
-        if not later and "\n## Findings" in text:  # hand-written notes stay last
-            later = [text.index("\n## Findings") + 1]
+        if not later:  # hand-written notes (a "## " heading after the sections) stay last
+            last = max((text.index(f"<!-- /bench:{count} -->", pos) for count, pos in found
+                        if f"<!-- /bench:{count} -->" in text[pos:]), default=0)
+            notes = re.search(r"^## ", text[last:], re.MULTILINE)
+            later = [last + notes.start()] if notes else []
         if later:
             text = text[:min(later)] + block + "\n" + text[min(later):]
         else:
