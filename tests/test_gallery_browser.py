@@ -290,3 +290,16 @@ def test_detail_views_in_quick_succession_load_each_records_file_once(page, big_
     page.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
     wait(page, lambda: not page.find_element(By.ID, "detail").is_displayed())
     assert console_errors(page) == []
+
+
+def test_without_decomp_the_detail_view_says_how_to_get_the_chart(page, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    out, _ = real_tree(tmp_path, "--save", "heatmap,overlay", "--gallery", "-q")
+    open_gallery(page, out)
+    open_card(page, "coffee.png")
+    chart = page.find_element(By.ID, "detail-chart")
+    wait(page, lambda: "--save" in chart.text)
+    assert "No decomp/ file for this map" in chart.text
+    assert page.find_elements(By.ID, "decomp-chart") == []
+    assert console_errors(page) == []
