@@ -297,10 +297,6 @@ def dump(
             "debug": debug, "command": tuple(sys.argv),
         }, config)
         debug_flag = cfg.debug
-        if cfg.gallery and "decomp" not in cfg.save and not cfg.quiet:
-            err.print("fullgrad: note: --gallery without decomp in --save: the detail view "
-                      "will have no decomposition chart (--save heatmap,overlay,map,decomp)",
-                      markup=False)
         from fgcli.distributed.launch import run_dump
         from fgcli.models import SetupError
 

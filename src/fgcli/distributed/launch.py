@@ -23,8 +23,13 @@ def run_dump(cfg: RunConfig, reporter_for: ReporterFactory, stdin: Any = None) -
     from fgcli.distributed.torchrun import rank_env
 
     env = rank_env()
+    leads = env is None or env.rank == 0
+    if cfg.gallery and leads and "decomp" not in cfg.save:
+        reporter_for("", True).warn(
+            "--gallery without decomp in --save: the detail view will have no "
+            "decomposition chart (--save heatmap,overlay,map,decomp)")
     report = _engine(cfg, reporter_for, stdin, env)
-    if cfg.gallery and (env is None or env.rank == 0):
+    if cfg.gallery and leads:
         from fgcli.gallery import GalleryError, build_gallery
 
         try:
