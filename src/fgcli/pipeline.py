@@ -268,11 +268,11 @@ class DumpRun:
 
     def _probe_classes(self, model: torch.nn.Module) -> int:
         """Class count from one eval forward, for models whose head is not a plain layer."""
-        from fgcli.engine.decompose import frozen_eval
+        from fgcli.engine.decompose import extract_logits, frozen_eval
 
         probe = torch.zeros(1, 3, *self.loaded.preprocessing.size, device=self.device)
         with frozen_eval(model), torch.no_grad():
-            return int(_logits(model(probe)).shape[-1])
+            return int(extract_logits(model(probe)).shape[-1])
 
     # -- records -----------------------------------------------------------------------
     def _emit(self, record: dict[str, Any]) -> None:
@@ -580,12 +580,6 @@ def _concat(parts: list[Any]) -> Any:
         target=torch.cat([p.target for p in parts]),
         residual=torch.cat([p.residual for p in parts]), layers=parts[0].layers,
         compact=compact)
-
-
-def _logits(out: Any) -> torch.Tensor:
-    from fgcli.engine.decompose import extract_logits
-
-    return extract_logits(out)
 
 
 class DeviceMaps:

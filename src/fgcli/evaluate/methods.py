@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fgcli.engine.decompose import extract_logits
 from fgcli.errors import SetupError
 
 # name -> what it is (for --help and errors); order = the report's order
@@ -183,8 +184,7 @@ def _gradcam(model: torch.nn.Module) -> Method:
         handle = model.get_submodule(name).register_forward_hook(keep)
         try:
             with torch.enable_grad():  # frozen parameters: the graph hangs on the input
-                logits = model(x.detach().requires_grad_(True))
-                logits = logits if isinstance(logits, torch.Tensor) else _logits(logits)
+                logits = extract_logits(model(x.detach().requires_grad_(True)))
                 act = seen["out"]
                 picked = logits.gather(1, target[:, None]).sum()
                 (grad,) = torch.autograd.grad(picked, act)
@@ -195,12 +195,6 @@ def _gradcam(model: torch.nn.Module) -> Method:
         return F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0]
 
     return run
-
-
-def _logits(out: Any) -> torch.Tensor:
-    from fgcli.engine.decompose import extract_logits
-
-    return extract_logits(out)
 
 
 def _captum(name: str, model: torch.nn.Module, samples: int, seed: int,

@@ -127,6 +127,7 @@ def run_eval(cfg: EvalConfig, progress: Callable[[int, int], None] | None = None
     import torch
 
     from fgcli.data import ImageDataset, collate, discover
+    from fgcli.engine.decompose import extract_logits
     from fgcli.evaluate import metrics as M
     from fgcli.evaluate.methods import build
     from fgcli.models import load_model
@@ -185,8 +186,7 @@ def run_eval(cfg: EvalConfig, progress: Callable[[int, int], None] | None = None
             continue
         x = batch.x.to(device)
         with torch.no_grad():
-            logits = model(x)
-        logits = logits if isinstance(logits, torch.Tensor) else _logits(logits)
+            logits = extract_logits(model(x))
         target = (logits.argmax(1) if fixed is None
                   else torch.full((len(x),), fixed, dtype=torch.long, device=device))
         for name, method in methods.items():
@@ -235,7 +235,3 @@ def _layers(text: str | None) -> Any:
         raise UsageError(f"--layers: {exc}") from exc
 
 
-def _logits(out: Any) -> Any:
-    from fgcli.engine.decompose import extract_logits
-
-    return extract_logits(out)
