@@ -332,7 +332,7 @@ def dump(
 def _report_gallery(report: Any, quiet: bool) -> int:
     """Print a gallery's thumbnail failures (always) and its summary line (unless quiet);
     returns the exit code: 1 when a thumbnail failed."""
-    for line in report.thumbs.failed:
+    for line in report.thumbs.failed.values():
         err.print(f"fullgrad: gallery: {line}", markup=False)
     if not quiet:
         err.print(f"gallery: {report.index} ({report.images} images, {report.maps} maps, "

@@ -90,7 +90,7 @@ def build_gallery(out: str | Path, threads: int | None = None,
     thumbs = make_thumbs(jobs, threads, tick)
     for image in images:  # a thumbnail that failed is gone (see make_thumbs)
         for entry in image.entries:
-            if entry.thumb and not (root / entry.thumb).is_file():
+            if entry.thumb and root / entry.thumb in thumbs.failed:
                 entry.thumb = None
 
     cache = TermsCache(root / "gallery" / TERMS_CACHE)

@@ -39,7 +39,6 @@ class Image:
     """All entries of one key (its --topk ranks), best rank first."""
 
     key: str
-    input: str
     original: str | None  # the input file, as a path relative to the tree, if found
     entries: list[Entry]
 
@@ -109,11 +108,9 @@ def collect_images(root: Path) -> tuple[list[Image], dict[str, Any]]:
     cwd = Path(run["cwd"]) if isinstance(run.get("cwd"), str) else None
     absolute = os.path.abspath(root)
     by_key: dict[str, list[Entry]] = {}
-    inputs: dict[str, str] = {}
     for rec in latest_records(root):
         stem, paths = _stem_and_paths(rec, root)
         by_key.setdefault(rec["key"], []).append(Entry(rec, stem, paths))
-        inputs.setdefault(rec["key"], str(rec.get("input") or ""))
     images = []
     for key, entries in by_key.items():
         ok = [e for e in entries if e.record.get("status") != "failed"]
@@ -124,7 +121,7 @@ def collect_images(root: Path) -> tuple[list[Image], dict[str, Any]]:
         chosen = failed[-1:] if failed and (not ok or newest_fail > newest_ok) else ok
         chosen.sort(key=lambda e: e.record.get("rank") or 0)
         rec = chosen[0].record
-        images.append(Image(key, inputs[key], _original(rec, absolute, cwd), chosen))
+        images.append(Image(key, _original(rec, absolute, cwd), chosen))
     return images, run
 
 

@@ -32,7 +32,8 @@ class ThumbJob:
 class ThumbReport:
     made: int = 0
     kept: int = 0
-    failed: list[str] = field(default_factory=list)  # one line each, naming the file
+    # thumbnail -> one line naming its source; that thumbnail no longer exists
+    failed: dict[Path, str] = field(default_factory=dict)
 
 
 def fresh(job: ThumbJob) -> bool:
@@ -82,11 +83,11 @@ def make_thumbs(jobs: Iterable[ThumbJob], threads: int,
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for error in pool.map(one, todo):
+        for job, error in zip(todo, pool.map(one, todo)):
             if error is None:
                 report.made += 1
             else:
-                report.failed.append(error)
+                report.failed[job.dest] = error
             if progress is not None:
                 progress(1)
     return report
