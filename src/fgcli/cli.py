@@ -8,7 +8,9 @@ line; ``--debug`` shows the traceback); 130 interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Optional
 
 import typer
@@ -456,30 +458,37 @@ def eval_(
         _fail(str(exc), EXIT_USAGE)
 
 
+@contextlib.contextmanager
+def _count_bar(quiet: bool, unit: str, desc: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A tqdm bar on stderr, only on a terminal and unless quiet, fed by the
+    ``progress(done, total)`` callback it yields (None when there is no bar)."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(unit=unit, file=sys.stderr, desc=desc)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield progress
+    finally:
+        bar.close()
+
+
 def _run_eval(cfg: Any, quiet: bool) -> None:
     from fgcli.evaluate import report
     from fgcli.evaluate.run import run_eval
 
-    bar: Any = None
-    if not quiet and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(unit="img", file=sys.stderr, desc=f"eval {cfg.model}")
-
-    def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
     def failure(path: str, reason: str) -> None:
         err.print(f"fullgrad: failed: {path}: {reason}", markup=False)
 
-    try:
+    with _count_bar(quiet, "img", f"eval {cfg.model}") as progress:
         result = run_eval(cfg, progress, failure)
-    finally:
-        if bar is not None:
-            bar.close()
     paths = report.write(cfg, result)
     if quiet:
         return
@@ -547,24 +556,11 @@ def gallery_(
 
     if threads is not None and threads < 1:
         _fail("--threads must be >= 1", EXIT_USAGE)
-    bar: Any = None
-    if not quiet and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(unit="thumb", file=sys.stderr, desc="thumbnails")
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
     try:
-        report = build_gallery(out, threads, progress if bar is not None else None)
+        with _count_bar(quiet, "thumb", "thumbnails") as progress:
+            report = build_gallery(out, threads, progress)
     except (GalleryError, OSError) as exc:
         _fail(str(exc), EXIT_USAGE)
-    finally:
-        if bar is not None:
-            bar.close()
     raise typer.Exit(_report_gallery(report, quiet))
 
 
