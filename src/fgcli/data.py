@@ -25,7 +25,9 @@ and the key is valid Unicode text where each byte that is not UTF-8 is written `
 lost: the manifest's ``input`` is that text too, and ``input_bytes`` (base64 of the raw
 path) is added for such names only (:func:`fgcli.names.record_fields`). A real
 ``\\xff`` in one name and the byte 0xff in another give the same key: the second fails
-as above.
+as above. A failure for a taken key is recorded under that key plus ``~dup-`` and a hash
+of its path (:func:`fgcli.names.duplicate_key`): the manifest keeps one line per key, and
+both images keep theirs.
 """
 
 from __future__ import annotations
@@ -188,8 +190,9 @@ def discover(inputs: Iterable[str], files_from: str | None = None, null: bool = 
         if item.error is None:
             other = used.get(item.key)
             if other is not None and other != item.path:
-                return Item(item.path, item.key, f"output name {item.key!r} is already "
-                                                 f"used by {names.display(other)}")
+                return Item(item.path, names.duplicate_key(item.key, item.path),
+                            f"output name {item.key!r} is already used by "
+                            f"{names.display(other)}")
             used[item.key] = item.path
         return item
 

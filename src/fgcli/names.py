@@ -111,6 +111,13 @@ def href(path: str) -> str:
     return quote(raw(path), safe="/")
 
 
+def duplicate_key(key: str, path: str) -> str:
+    """The key of an input whose key another input already has (it fails, writing
+    nothing): the key, ``~dup-`` and 16 hex digits of a hash of its path, so its failed
+    line is not taken for the other image's line (the manifest keeps one line per key)."""
+    return f"{key}~dup-{hashlib.blake2b(raw(path), digest_size=8).hexdigest()}"
+
+
 def fit(stem: str, reserve: int = 16) -> str:
     """An output stem (``a/b/c.jpg``) whose every component fits ``NAME_MAX`` bytes, the
     last one leaving ``reserve`` bytes for a suffix (``.png``, a thumbnail's ``.jpg``).

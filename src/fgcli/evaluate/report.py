@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from fgcli import names
 from fgcli.evaluate.run import EvalConfig, EvalResult
 
 WHAT = {
@@ -52,8 +53,9 @@ def as_json(cfg: EvalConfig, result: EvalResult) -> dict[str, Any]:
         "model": result.model, "weights": result.weights,
         "target": cfg.target, "ks": result.ks, "steps": result.steps, "seed": cfg.seed,
         "samples": cfg.samples, "layers": cfg.layers,
-        "images": result.images,
-        "failed": [{"input": p, "error": e} for p, e in result.failed],
+        # names as fgcli.names writes them: valid text, raw bytes in input_bytes
+        "images": [names.text(p) for p in result.images],
+        "failed": [{**names.record_fields(p), "error": e} for p, e in result.failed],
         "metrics": {m: WHAT[m] for m in cfg.metrics},
         "results": {method: {metric: asdict(s) for metric, s in per.items()}
                     for method, per in result.results.items()},
