@@ -394,3 +394,27 @@ def test_ray_run_with_raw_names(tmp_path):
         if started:
             ray.shutdown()
 
+
+
+# -------------------------------------------------------------------------- torchrun
+@pytest.mark.slow
+def test_torchrun_ranks_with_raw_names(tmp_path):
+    """Two gloo ranks on the CPU (tests/test_torchrun.py's set-up): each rank's shard,
+    rank 0's merge and a resumed run see the same escaped keys."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    blob = small_png()
+    expected = {make(folder, n, blob): key_text(n) for n in random_names(random.Random(5), 12)}
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
+           "PYTHONPATH": str(ROOT / "src")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "-m", "fgcli", "dump", *SMALL, "--save", "heatmap",
+               str(folder), "--out", str(out), "--quiet"]
+    run = subprocess.run(command, env=env, capture_output=True, timeout=600)
+    assert run.returncode == 0, run.stderr.decode("utf-8", "replace")
+    check_tree(out, expected)
+    assert not (out / "shards").exists()
+    again = subprocess.run(command, env=env, capture_output=True, timeout=600)
+    assert again.returncode == 0
+    check_tree(out, expected, status="skipped")
