@@ -171,25 +171,42 @@ def test_a_non_utf8_name_among_photos_is_one_image_like_the_others(tmp_path):
     assert all(strict_json(line)["status"] == "skipped" for line in again.stdout.splitlines())
 
 
-def test_a_broken_image_with_a_raw_name_fails_in_one_stderr_line(tmp_path):
-    """A real process (real argv bytes, real stderr): the failed line is one line."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    make(folder, b"good\xe9.png", small_png())
-    make(folder, b"broken\xfe\n\x1b.jpg", b"not a jpeg")
+def test_raw_names_on_a_real_command_line_and_stderr(tmp_path):
+    """A real process: raw bytes in argv (a folder, a file after ``--`` with a leading
+    dash) and in the working directory; the failed line is one line on stderr, run.json is
+    strict with ``cwd_bytes``, and the gallery, built from elsewhere, finds the originals
+    that are relative to that directory."""
+    cwd = os.fsencode(tmp_path) + b"/cwd\xfd"
+    os.makedirs(cwd + b"/in\xfc")
+    make(Path(os.fsdecode(cwd)), b"in\xfc/good\xe9.png", small_png())
+    make(Path(os.fsdecode(cwd)), b"in\xfc/broken\xfe\n\x1b.jpg", b"not a jpeg")
+    make(Path(os.fsdecode(cwd)), b"-x\xfb.png", small_png())
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
            "PYTHONPATH": str(ROOT / "src")}
     run = subprocess.run([sys.executable, "-m", "fgcli", "dump", *SMALL, "--save", "heatmap",
-                          os.fsencode(folder), "--out", str(out), "--quiet"],
-                         env=env, capture_output=True, timeout=300)
+                          "--out", str(out), "--quiet", "--", b"in\xfc", b"-x\xfb.png"],
+                         cwd=cwd, env=env, capture_output=True, timeout=300)
     assert run.returncode == 1, run.stderr
-    path = names.display(os.fsdecode(os.fsencode(folder) + b"/broken\xfe\n\x1b.jpg"))
     assert run.stderr.decode("utf-8").splitlines() == [
-        f"fullgrad: failed: {path}: not an image Pillow can read"]
+        "fullgrad: failed: in\\xfc/broken\\xfe\\n\\x1b.jpg: not an image Pillow can read"]
     recs = {r["key"]: r for r in strict_manifest(out / "manifest.jsonl")}
-    assert recs["broken\\xfe\n\x1b.jpg"]["status"] == "failed"
-    assert recs["good\\xe9.png"]["status"] == "ok"
+    assert {k: r["status"] for k, r in recs.items()} == {
+        "in\\xfc/broken\\xfe\n\x1b.jpg": "failed", "in\\xfc/good\\xe9.png": "ok",
+        "-x\\xfb.png": "ok"}
+    info = strict_json((out / "run.json").read_bytes().decode("utf-8"))
+    assert base64.b64decode(info["cwd_bytes"]) == cwd and info["cwd"].endswith("cwd\\xfd")
+    assert info["command"][-2:] == ["in\\xfc", "-x\\xfb.png"]
+
+    assert invoke("gallery", str(out)).exit_code == 0  # this process's cwd is elsewhere
+    from gallery_util import page_data
+
+    data = page_data(out)
+    for row in data["images"]:
+        if row[1] == "ok":
+            target = os.fsencode(out) + b"/" + unquote_to_bytes(row[2]["href"])
+            assert os.path.realpath(target) == os.path.realpath(
+                cwd + b"/" + raw_path(recs[row[0]]))
 
 
 # ------------------------------------------------------------------- (b) path lists
@@ -346,13 +363,14 @@ def test_shards_and_merge_with_raw_names(tmp_path):
 
 
 # -------------------------------------------------------------------- eval and check
-def test_eval_and_check_take_raw_names(tmp_path):
+def test_eval_and_check_take_raw_names(tmp_path, monkeypatch):
     folder = tmp_path / "in"
     folder.mkdir()
     make(folder, b"a\xff.png", (PHOTOS / "coffee.png").read_bytes())
     make(folder, b"b\n.jpg", (PHOTOS / "rocket.jpg").read_bytes())
     make(folder, b"c\x80.png", b"broken")
     out = tmp_path / "eval"
+    monkeypatch.setattr(sys, "argv", ["fullgrad", "eval", os.fsdecode(b"x\xff")])  # command
     result = invoke("eval", str(folder), *SMALL[:6], "--methods", "fullgrad,random",
                     "--metrics", "perturbation", "--ks", "50", "--out", str(out), "-q")
     assert result.exit_code == 0, result.output
@@ -361,6 +379,7 @@ def test_eval_and_check_take_raw_names(tmp_path):
     (failed,) = report["failed"]
     assert base64.b64decode(failed["input_bytes"]) == os.fsencode(folder) + b"/c\x80.png"
     assert f"fullgrad: failed: {folder}/c\\x80.png: " in result.stderr
+    assert report["command"] == ["fullgrad", "eval", "x\\xff"]
 
     bad = os.fsdecode(os.fsencode(folder) + b"/a\xff.png")
     result = invoke("check", bad, *SMALL[:6])

@@ -57,24 +57,25 @@ def needs_bytes(path: str) -> bool:
     return _SURROGATE.search(path) is not None
 
 
-def record_fields(path: str) -> dict[str, str]:
-    """A manifest record's ``input`` (and ``input_bytes`` for names that are not UTF-8)."""
-    fields = {"input": text(path)}
+def record_fields(path: str, field: str = "input") -> dict[str, str]:
+    """A manifest record's ``input`` (and ``input_bytes`` for names that are not UTF-8);
+    ``field`` names another path the same way (run.json's ``cwd`` and ``cwd_bytes``)."""
+    fields = {field: text(path)}
     if needs_bytes(path):
-        fields["input_bytes"] = base64.b64encode(raw(path)).decode("ascii")
+        fields[f"{field}_bytes"] = base64.b64encode(raw(path)).decode("ascii")
     return fields
 
 
-def path_of(record: dict[str, Any]) -> str | None:
-    """The OS path a record's ``input`` names (from ``input_bytes`` when present); None
-    when the record holds no readable path."""
-    blob = record.get("input_bytes")
+def path_of(record: dict[str, Any], field: str = "input") -> str | None:
+    """The OS path a record's ``input`` (or ``field``) names, from ``input_bytes`` when
+    present; None when the record holds no readable path."""
+    blob = record.get(f"{field}_bytes")
     if blob is not None:
         try:
             return os.fsdecode(base64.b64decode(str(blob), validate=True))
         except (ValueError, binascii.Error):
             return None
-    value = record.get("input")
+    value = record.get(field)
     return value if isinstance(value, str) else None
 
 

@@ -525,7 +525,9 @@ class DumpRun:
             "input_size": list(self.loaded.preprocessing.size),
             "crop": cfg.crop, "save": list(cfg.save), "overlay": cfg.overlay,
             "device": str(self.device), "host": platform.node(),
-            "cwd": os.getcwd(),  # relative inputs are relative to it (the gallery's originals)
+            # relative inputs are relative to it (the gallery's originals); cwd_bytes too
+            # where it is not UTF-8 (fgcli.names)
+            **names.record_fields(os.getcwd(), "cwd"),
             "jpeg": "device" if self.device_jpeg else "pillow",
             "batch_size": self.batch_size, "workers": self.workers,
             "writers": self.writers,

@@ -224,6 +224,7 @@ class OutputTree:
         self._atomic(dest, lambda fh: np.savez_compressed(fh, **arrays))
 
     def write_json(self, dest: Path, data: dict[str, Any]) -> None:
+        data = names.clean(data)  # a command line or path with raw bytes: valid text
         blob = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         self._atomic(dest, lambda fh: fh.write(blob))
 

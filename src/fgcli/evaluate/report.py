@@ -78,7 +78,7 @@ def rows(result: EvalResult) -> list[list[Any]]:
 def write(cfg: EvalConfig, result: EvalResult) -> list[Path]:
     """eval.json, eval.csv and eval.png in ``cfg.out``; returns their paths."""
     out = Path(cfg.out)
-    data = json.dumps(as_json(cfg, result), indent=2, ensure_ascii=False) + "\n"
+    data = json.dumps(names.clean(as_json(cfg, result)), indent=2, ensure_ascii=False) + "\n"
     _atomic_write(out / "eval.json", data.encode("utf-8"))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

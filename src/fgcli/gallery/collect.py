@@ -107,7 +107,8 @@ def _original(rec: dict[str, Any], root: str, cwd: Path | None) -> str | None:
 def collect_images(root: Path) -> tuple[list[Image], dict[str, Any]]:
     """The images of the tree (key order) and its run.json (empty when missing)."""
     run = read_json(root / RUN_JSON) or {}
-    cwd = Path(run["cwd"]) if isinstance(run.get("cwd"), str) else None
+    where = path_of(run, "cwd")
+    cwd = Path(where) if where else None
     absolute = os.path.abspath(root)
     by_key: dict[str, list[Entry]] = {}
     for rec in latest_records(root):
