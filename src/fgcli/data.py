@@ -149,6 +149,7 @@ def _read_list(stream: io.TextIOBase | Any, null: bool) -> Iterator[str]:
 
 
 def _list_names(parts: list[bytes], null: bool) -> Iterator[str]:
+    """The OS paths of a list's entries; blank lines (not NUL-separated names) skipped."""
     for part in parts:
         if not null:
             part = part.rstrip(b"\r")
