@@ -128,6 +128,7 @@ def check_model(spec: str, weights: str = "random", device: torch.device | str =
     from fgcli.config import UsageError
     from fgcli.data import DecodeError, decode, preprocess
     from fgcli.models import load_model
+    from fgcli.names import display
 
     loaded = load_model(spec, weights, size=size, smallest=smallest, model_args=model_args,
                         trust_pickle=trust_pickle)
@@ -139,9 +140,9 @@ def check_model(spec: str, weights: str = "random", device: torch.device | str =
                 x, _ = preprocess(decode(path, DEFAULT_MAX_PIXELS), proc.size, proc.crop,
                                   proc.resize, proc.mean, proc.std, proc.interpolation)
             except DecodeError as exc:
-                raise UsageError(f"{path}: {exc}") from exc
+                raise UsageError(f"{display(path)}: {exc}") from exc
             batch.append(x)
-        x, labels = torch.stack(batch), list(images)
+        x, labels = torch.stack(batch), [display(p) for p in images]  # printable
     else:
         x, labels = random_inputs(proc.size)
     result = check_batch(loaded.model.to(device), loaded.name, x.to(device), labels, alone)

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from fgcli import __version__
+from fgcli import __version__, names
 from fgcli.config import OUTPUT_KINDS, Method, UsageError, build_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -121,7 +121,7 @@ class ConsoleReporter:
                 self.as_json = False
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if record["status"] == "failed":
-            self._stderr(f"fullgrad: {self.prefix}failed: {record['input']}: "
+            self._stderr(f"fullgrad: {self.prefix}failed: {names.display(record['input'])}: "
                          f"{record['error']}")
         if self.bar is not None and image_done:
             self.bar.update(1)
@@ -485,7 +485,7 @@ def _run_eval(cfg: Any, quiet: bool) -> None:
     from fgcli.evaluate.run import run_eval
 
     def failure(path: str, reason: str) -> None:
-        err.print(f"fullgrad: failed: {path}: {reason}", markup=False)
+        err.print(f"fullgrad: failed: {names.display(path)}: {reason}", markup=False)
 
     with _count_bar(quiet, "img", f"eval {cfg.model}") as progress:
         result = run_eval(cfg, progress, failure)

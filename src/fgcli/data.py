@@ -16,6 +16,18 @@ when several inputs are given), the file name for a file argument, and for
 listed paths the path relative to the working directory (or the absolute
 path without its root). Two inputs with the same key would overwrite each
 other's outputs, so the second one fails.
+
+Names are bytes on POSIX and any name the OS allows is taken: non-UTF-8 bytes, newlines,
+control characters, leading dashes. ``Item.path`` is the OS string (undecodable bytes
+held as surrogates, as ``os.fsdecode`` gives them; lists are read as bytes the same way),
+and the key is valid Unicode text where each byte that is not UTF-8 is written ``\\xNN``
+(:func:`fgcli.names.text`), so output files get valid UTF-8 names and a name is never
+lost: the manifest's ``input`` is that text too, and ``input_bytes`` (base64 of the raw
+path) is added for such names only (:func:`fgcli.names.record_fields`). A real
+``\\xff`` in one name and the byte 0xff in another give the same key: the second fails
+as above. A failure for a taken key is recorded under that key plus ``~dup-`` and a hash
+of its path (:func:`fgcli.names.duplicate_key`): the manifest keeps one line per key, and
+both images keep theirs.
 """
 
 from __future__ import annotations
@@ -32,6 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from fgcli import names
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff",
@@ -118,22 +132,29 @@ def _listed_key(path: str) -> str:
 
 
 def _read_list(stream: io.TextIOBase | Any, null: bool) -> Iterator[str]:
-    if null:
-        buf = ""
-        while True:
-            chunk = stream.read(65536)
-            if not chunk:
-                break
-            buf += chunk
-            *parts, buf = buf.split("\0")
-            yield from (p for p in parts if p)
-        if buf:
-            yield buf
-    else:
-        for line in stream:
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield line
+    """The paths of a list (one a line, or NUL-separated), read as bytes where the stream
+    has them: a name that is not UTF-8 becomes the OS string ``os.fsdecode`` gives."""
+    source = getattr(stream, "buffer", stream)
+    read = getattr(source, "read1", None) or source.read  # what is there: lists may be endless
+    sep = b"\0" if null else b"\n"
+    buf = b""
+    while True:
+        chunk = read(65536)
+        if not chunk:
+            break
+        buf += chunk if isinstance(chunk, bytes) else os.fsencode(chunk)
+        *parts, buf = buf.split(sep)
+        yield from _list_names(parts, null)
+    yield from _list_names([buf], null)
+
+
+def _list_names(parts: list[bytes], null: bool) -> Iterator[str]:
+    """The OS paths of a list's entries; blank lines (not NUL-separated names) skipped."""
+    for part in parts:
+        if not null:
+            part = part.rstrip(b"\r")
+        if part.strip() if not null else part:
+            yield os.fsdecode(part)
 
 
 def _listed_item(path: str) -> Item:
@@ -166,11 +187,13 @@ def discover(inputs: Iterable[str], files_from: str | None = None, null: bool = 
     used: dict[str, str] = {}
 
     def unique(item: Item) -> Item:
+        item = Item(item.path, names.text(item.key), item.error)  # the module docstring
         if item.error is None:
             other = used.get(item.key)
             if other is not None and other != item.path:
-                return Item(item.path, item.key,
-                            f"output name {item.key!r} is already used by {other}")
+                return Item(item.path, names.duplicate_key(item.key, item.path),
+                            f"output name {item.key!r} is already used by "
+                            f"{names.display(other)}")
             used[item.key] = item.path
         return item
 
@@ -195,16 +218,17 @@ def discover(inputs: Iterable[str], files_from: str | None = None, null: bool = 
                 count += 1
                 yield unique(item)
             if not count:
-                empty(f"{arg}: no image files in this directory (extensions: "
+                empty(f"{names.display(arg)}: no image files in this directory (extensions: "
                       ".jpg, .png, .webp, ... see the README)")
         else:
             item = _listed_item(arg)  # not a FIFO or device: reading one would hang
             yield unique(Item(item.path, p.name, item.error))
     if files_from is not None:
         try:
-            fh = open(files_from, encoding="utf-8", newline="" if null else None)
+            fh = open(files_from, "rb")  # noqa: SIM115 - closed below
         except OSError as exc:
-            yield Item(files_from, Path(files_from).name, f"--files-from: {_os_reason(exc)}")
+            yield unique(Item(files_from, Path(files_from).name,
+                              f"--files-from: {_os_reason(exc)}"))
             return
         count = 0
         with fh:
@@ -212,7 +236,7 @@ def discover(inputs: Iterable[str], files_from: str | None = None, null: bool = 
                 count += 1
                 yield unique(_listed_item(path))
         if not count:
-            empty(f"--files-from {files_from}: the file lists no paths")
+            empty(f"--files-from {names.display(files_from)}: the file lists no paths")
 
 
 # ---------------------------------------------------------------------------- decoding

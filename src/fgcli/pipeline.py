@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from fgcli import __version__
+from fgcli import __version__, names
 from fgcli.config import Method, RunConfig, UsageError, parse_model_args
 from fgcli.data import Batch, ImageDataset, Item, collate, discover
 from fgcli.distributed.shards import Shard, merge_locked
@@ -283,6 +283,7 @@ class DumpRun:
 
     def write_record(self, record: dict[str, Any]) -> None:
         """Append one finished record to the manifest, count it and report it."""
+        record = names.clean(record)  # valid Unicode even where a message quoted a raw path
         record["time"] = _stamp()
         line = self.tree.append(record)
         status = record["status"]
@@ -299,7 +300,7 @@ class DumpRun:
         self.reporter.record(record, line, first_rank)
 
     def _base(self, item: Item) -> dict[str, Any]:
-        return {"schema": MANIFEST_SCHEMA, "input": item.path, "key": item.key,
+        return {"schema": MANIFEST_SCHEMA, **names.record_fields(item.path), "key": item.key,
                 "settings": self.fingerprint}
 
     def _fail(self, item: Item, error: str) -> None:
@@ -317,7 +318,7 @@ class DumpRun:
             offset = self.previous.get((item.key, rank))
             rec = self.tree.read_record(offset) if offset is not None else None
             if (rec is None or rec.get("status") not in ("ok", "skipped")
-                    or rec.get("settings") != self.fingerprint or rec.get("input") != item.path
+                    or rec.get("settings") != self.fingerprint or names.path_of(rec) != item.path
                     or not outputs_present(self.tree, rec.get("outputs", {}), self.cfg.save)):
                 return None
             found.append(rec)
@@ -524,7 +525,9 @@ class DumpRun:
             "input_size": list(self.loaded.preprocessing.size),
             "crop": cfg.crop, "save": list(cfg.save), "overlay": cfg.overlay,
             "device": str(self.device), "host": platform.node(),
-            "cwd": os.getcwd(),  # relative inputs are relative to it (the gallery's originals)
+            # relative inputs are relative to it (the gallery's originals); cwd_bytes too
+            # where it is not UTF-8 (fgcli.names)
+            **names.record_fields(os.getcwd(), "cwd"),
             "jpeg": "device" if self.device_jpeg else "pillow",
             "batch_size": self.batch_size, "workers": self.workers,
             "writers": self.writers,

@@ -13,6 +13,9 @@ Layout under ``--out``::
     .fullgrad.lock                        held while a run is writing here
     .tmp/                                 scratch for atomic writes; emptied at every start
 
+``<key>`` is the manifest's key (valid UTF-8, see :mod:`fgcli.names`); a path component
+longer than the file system allows (255 bytes) is cut and ends in ``~`` and a hash.
+
 Every file is written to ``.tmp/`` and moved into place with ``os.replace``,
 so a killed run leaves only whole files; the next run clears ``.tmp/``.
 """
@@ -36,7 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fgcli import render
+from fgcli import names, render
 
 MANIFEST = "manifest.jsonl"
 RUN_JSON = "run.json"
@@ -186,7 +189,8 @@ class OutputTree:
     # -- paths and atomic writes ----------------------------------------------------------
     def path(self, kind: str, key: str, rank: int | None, cls: int | None) -> Path:
         stem = key if rank is None else f"{key}.top{rank}_{cls}"
-        return self.root / FOLDER[kind] / (stem + SUFFIX[kind])
+        # a name near the file system's limit gets a shortened, hashed one (fgcli.names.fit)
+        return self.root / FOLDER[kind] / (names.fit(stem) + SUFFIX[kind])
 
     def _atomic(self, dest: Path, write: Any) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +224,7 @@ class OutputTree:
         self._atomic(dest, lambda fh: np.savez_compressed(fh, **arrays))
 
     def write_json(self, dest: Path, data: dict[str, Any]) -> None:
+        data = names.clean(data)  # a command line or path with raw bytes: valid text
         blob = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         self._atomic(dest, lambda fh: fh.write(blob))
 

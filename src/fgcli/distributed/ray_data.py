@@ -7,8 +7,8 @@ Who does what:
   output tree's exclusive lock, as a plain run does (a Ray run, a plain run and shards
   exclude each other); walks the inputs and writes, as a plain run does, the failed lines
   of inputs that cannot be read and the skipped lines of images already done with these
-  settings. What is left, paths and keys only, becomes a Ray dataset
-  (``ray.data.from_items``).
+  settings. What is left, paths (as bytes: any name the OS allows) and keys only,
+  becomes a Ray dataset (``ray.data.from_items``).
 * **Decoding** runs as Ray tasks (``flat_map``; a fan-out step Ray Data never fuses into
   the actors), with the very code of a local run (:class:`fgcli.data.ImageDataset`):
   each row leaves as the preprocessed tensor (float32, 3 x h x w), the region of the
@@ -257,7 +257,7 @@ def plan(cfg: RunConfig, resources: dict[str, float]) -> Plan:
 
 def decode_row(row: dict[str, Any], *, params: dict[str, Any]) -> list[dict[str, Any]]:
     """One input row -> one decoded row (a Ray task; the local run's decoding code)."""
-    item = Item(row["src"], row["key"])
+    item = Item(os.fsdecode(bytes(row["src"])), row["key"])
     dataset = ImageDataset([item], params["size"], params["crop"], params["resize"],
                            params["mean"], params["std"], params["keep_original"],
                            params["max_pixels"], params["interpolation"])
@@ -284,7 +284,7 @@ def batch_of(rows: dict[str, Any], keep_original: bool) -> tuple[list[Item], Any
     todo: list[Item] = []
     results: list[Sample | Failure] = []
     for j in range(len(rows["key"])):
-        todo.append(Item(str(rows["path"][j]), str(rows["key"][j])))
+        todo.append(Item(os.fsdecode(bytes(rows["path"][j])), str(rows["key"][j])))
         error = str(rows["error"][j])
         if error:
             results.append(Failure(j, error))
@@ -357,8 +357,10 @@ def build_dataset(state: DumpRun, items: list[Item], how: Plan, cwd: str) -> Any
     params = {"size": tuple(proc.size), "crop": proc.crop, "resize": proc.resize,
               "mean": tuple(proc.mean), "std": tuple(proc.std), "keep_original": keep,
               "max_pixels": state.cfg.max_pixels, "interpolation": proc.interpolation}
-    rows = [{"path": it.path, "key": it.key, "src": os.path.join(cwd, it.path)}
-            for it in items]
+    # paths travel as bytes (Arrow strings must be valid UTF-8; any name the OS allows is
+    # not); keys are valid text (fgcli.names)
+    rows = [{"path": os.fsencode(it.path), "key": it.key,
+             "src": os.fsencode(os.path.join(cwd, it.path))} for it in items]
     batch = state.batch_size
     # a short list still reaches every actor (smaller batches rather than idle actors)
     batch = max(1, min(batch, math.ceil(len(rows) / how.actors)))

@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from fgcli import names
 from fgcli.evaluate.run import EvalConfig, EvalResult
 
 WHAT = {
@@ -52,8 +53,9 @@ def as_json(cfg: EvalConfig, result: EvalResult) -> dict[str, Any]:
         "model": result.model, "weights": result.weights,
         "target": cfg.target, "ks": result.ks, "steps": result.steps, "seed": cfg.seed,
         "samples": cfg.samples, "layers": cfg.layers,
-        "images": result.images,
-        "failed": [{"input": p, "error": e} for p, e in result.failed],
+        # names as fgcli.names writes them: valid text, raw bytes in input_bytes
+        "images": [names.text(p) for p in result.images],
+        "failed": [{**names.record_fields(p), "error": e} for p, e in result.failed],
         "metrics": {m: WHAT[m] for m in cfg.metrics},
         "results": {method: {metric: asdict(s) for metric, s in per.items()}
                     for method, per in result.results.items()},
@@ -76,7 +78,7 @@ def rows(result: EvalResult) -> list[list[Any]]:
 def write(cfg: EvalConfig, result: EvalResult) -> list[Path]:
     """eval.json, eval.csv and eval.png in ``cfg.out``; returns their paths."""
     out = Path(cfg.out)
-    data = json.dumps(as_json(cfg, result), indent=2, ensure_ascii=False) + "\n"
+    data = json.dumps(names.clean(as_json(cfg, result)), indent=2, ensure_ascii=False) + "\n"
     _atomic_write(out / "eval.json", data.encode("utf-8"))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fgcli.names import path_of
 from fgcli.writer import FOLDER, MANIFEST, RUN_JSON, SUFFIX, Latest, iter_manifest, shard_manifests
 
 KINDS = ("overlay", "heatmap", "map", "decomp")
@@ -90,8 +91,9 @@ def _stem_and_paths(rec: dict[str, Any], root: Path) -> tuple[str | None, dict[s
 
 def _original(rec: dict[str, Any], root: str, cwd: Path | None) -> str | None:
     """The input file as a path relative to the tree (``root``: its absolute path), what
-    a file:// page can load. Symbolic links are kept (the browser follows them)."""
-    raw = rec.get("input")
+    a file:// page can load (an OS string: a name that is not UTF-8 keeps its bytes).
+    Symbolic links are kept (the browser follows them)."""
+    raw = path_of(rec)
     if not isinstance(raw, str) or raw in ("", "-"):
         return None
     candidates = [Path(raw)] if os.path.isabs(raw) else [
@@ -105,7 +107,8 @@ def _original(rec: dict[str, Any], root: str, cwd: Path | None) -> str | None:
 def collect_images(root: Path) -> tuple[list[Image], dict[str, Any]]:
     """The images of the tree (key order) and its run.json (empty when missing)."""
     run = read_json(root / RUN_JSON) or {}
-    cwd = Path(run["cwd"]) if isinstance(run.get("cwd"), str) else None
+    where = path_of(run, "cwd")
+    cwd = Path(where) if where else None
     absolute = os.path.abspath(root)
     by_key: dict[str, list[Entry]] = {}
     for rec in latest_records(root):

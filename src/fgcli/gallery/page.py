@@ -6,8 +6,10 @@ page opened from ``file://`` may not ``fetch`` files beside it:
 * ``gallery/data.js``: one compact array per image (key, status, original, error and
   one row per --topk rank: id, rank, class, probability, logit, residual, output stem,
   which outputs exist). Originals at ``originalPrefix + key`` are stored as 1, stems
-  equal to the key as null. About 95 bytes an image, handed over as one ``JSON.parse``
-  string (faster than an object literal): 100,000 images are 9 MB, parsed in ~0.5 s.
+  equal to the key as null; an original whose name is not UTF-8 as ``{href, text}``
+  (its bytes percent-encoded, and :func:`fgcli.names.text`). About 95 bytes an image,
+  handed over as one ``JSON.parse`` string (faster than an object literal): 100,000
+  images are 9 MB, parsed in ~0.5 s.
   The grid shows one page of cards at a time.
 * ``gallery/records/NNNNN.js``: the full manifest records and decomposition terms of
   CHUNK entries each, loaded when the detail view opens one of them.
@@ -26,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fgcli.names import href, needs_bytes, text
 from fgcli.gallery.collect import Image, TermsCache
 from fgcli.writer import FOLDER, SUFFIX
 
@@ -139,12 +142,10 @@ def write_page(root: Path, images: list[Image], run: dict[str, Any],
             maps += 1
         first = image.entries[0].record
         error = first.get("error") if image.status == "failed" else None
-        if prefix is None and image.original and image.original.endswith(image.key):
-            prefix = image.original[:len(image.original) - len(image.key)]
-        original: str | int | None = image.original
-        if original is not None and prefix is not None and original == prefix + image.key:
-            original = 1  # the usual case: the tree mirrors the input folder
-        rows.append([image.key, image.status, original, error, entries])
+        path = image.original
+        if prefix is None and path and not needs_bytes(path) and path.endswith(image.key):
+            prefix = path[:len(path) - len(image.key)]
+        rows.append([image.key, image.status, _original(image, prefix), error, entries])
     gallery = root / "gallery"
     data = {
         "schema": 1, "title": title, "chunk": CHUNK,
@@ -169,6 +170,19 @@ def write_page(root: Path, images: list[Image], run: dict[str, Any],
         write_atomic(gallery / asset, (package / asset).read_bytes())
     write_atomic(root / "index.html", _render_index(title, data, images).encode("utf-8"))
     return maps
+
+
+def _original(image: Image, prefix: str | None) -> str | int | dict[str, str] | None:
+    """An image's original in data.js: 1 for ``prefix + key`` (the usual case: the tree
+    mirrors the input folder), else its path; a path that is not UTF-8 as
+    ``{"href": its percent-encoded bytes, "text": readable}`` (JavaScript strings cannot
+    carry the bytes)."""
+    path = image.original
+    if path is None:
+        return None
+    if needs_bytes(path):
+        return {"href": href(path), "text": text(path)}
+    return 1 if prefix is not None and path == prefix + image.key else path
 
 
 def _render_index(title: str, data: dict[str, Any], images: list[Image]) -> str:

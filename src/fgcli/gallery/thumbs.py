@@ -18,6 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from fgcli.names import display
+
 THUMB = 256
 QUALITY = 82
 
@@ -79,7 +81,7 @@ def make_thumbs(jobs: Iterable[ThumbJob], threads: int,
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             job.dest.unlink(missing_ok=True)  # never show a stale map's thumbnail
-            return f"{job.source}: thumbnail failed: {reason}"
+            return f"{display(str(job.source))}: thumbnail failed: {reason}"
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:

@@ -12,7 +12,8 @@
 (function () {
   const T0 = performance.now();
   const timing = (window.fgcliTiming = { script: T0 });
-  // image row: [key, status, original (1: originalPrefix + key), error, entries]
+  // image row: [key, status, original (1: originalPrefix + key; {href, text} for a name
+  //             that is not UTF-8), error, entries]
   // entry row: [id, rank, target, classIndex, prob, logit, residual, stem (null: the key),
   //             mask, paths?]
   const MASK = { overlay: 1, heatmap: 2, map: 4, decomp: 8, thumb: 16 };
@@ -223,11 +224,14 @@
     return { record: chunk.records[id % size], terms: chunk.terms[id % size] };
   }
 
+  // path: a path in the tree, or {href, text} for an original whose name is not UTF-8
+  // (href: its bytes, percent-encoded in Python; a JavaScript string cannot hold them)
   function figure(title, path, note) {
     const fig = el("figure", { class: "full" });
     if (path) {
-      fig.append(el("a", { href: url(path), target: "_blank" },
-                    el("img", { src: url(path), alt: title })));
+      const link = typeof path === "object" ? path.href : url(path);
+      fig.append(el("a", { href: link, target: "_blank" },
+                    el("img", { src: link, alt: title })));
     } else {
       fig.append(el("div", { class: "nothumb", text: note || "not written" }));
     }
