@@ -327,7 +327,7 @@ class DumpRun:
             if (rec is None or rec.get("status") not in ("ok", "skipped")
                     or rec.get("settings") != self.fingerprint or rec.get("input") != item.path
                     or self._leads_out(where[0], rec)
-                    or not outputs_present(self.tree, rec["outputs"], self.cfg.save)):
+                    or not outputs_present(self.tree, rec.get("outputs") or {}, self.cfg.save)):
                 return None
             found.append(rec)
         return found
@@ -336,7 +336,7 @@ class DumpRun:
         """True when an output of an earlier record leads out of the tree (a symbolic
         link): never trusted, the image is computed again (its file replaced). The first
         one met is reported, in one line."""
-        kind = self.tree.files.outside(rec["outputs"])
+        kind = self.tree.files.outside(rec.get("outputs", {}))
         if kind is not None and not self.outside_seen:
             self.outside_seen = True
             self.reporter.warn(f"{path}: outputs.{kind} of {rec['key']} leads outside the "

@@ -407,7 +407,8 @@ def check_record(rec: Any) -> str | None:
     The one validation every reader of a manifest applies (resume, compaction, merge,
     gallery): an object; ``key`` a safe relative path (:func:`path_problem`); ``rank``
     absent, null or an integer >= 1; ``status`` ok, failed or skipped; ``input`` a string;
-    ``outputs`` an object of known kinds (:data:`SUFFIX`) to safe relative paths; the
+    ``outputs`` an object of known kinds (:data:`SUFFIX`) to safe relative paths (input
+    and outputs may be absent, as in lines of older versions and hand-made ones); the
     numbers (:data:`NUMBERS`) null or finite of their type; ``time`` and ``error`` null
     or strings. Whether an output's file leads out of the tree (a symbolic link) is
     checked where the file is used (:class:`TreeFiles`).
@@ -422,9 +423,9 @@ def check_record(rec: Any) -> str | None:
         return "rank is not a positive integer"
     if rec.get("status") not in STATUSES:
         return "status is not ok, failed or skipped"
-    if not isinstance(rec.get("input"), str) or not _unicode(rec["input"]):
+    if "input" in rec and (not isinstance(rec["input"], str) or not _unicode(rec["input"])):
         return "input is not a string"
-    outputs = rec.get("outputs")
+    outputs = rec.get("outputs", {})
     if not isinstance(outputs, dict):
         return "outputs is not an object"
     for kind, rel in outputs.items():

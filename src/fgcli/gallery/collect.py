@@ -84,7 +84,7 @@ def latest_records(root: Path, bad: BadLines | None = None,
     files = files or TreeFiles(root)
     out = []
     for k, rec in kept.items():
-        kind = files.outside(rec["outputs"])
+        kind = files.outside(rec.get("outputs", {}))
         if kind is None:
             out.append(rec)
         elif bad is not None:
