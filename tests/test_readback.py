@@ -374,3 +374,27 @@ def test_merge_of_one_count_has_no_warning(tree):
     result = invoke("merge", str(tree))
     assert result.exit_code == 0 and warnings(result) == [], result.stderr
 
+
+
+def test_ray_driver_writes_no_malformed_record():
+    """Records an actor returns pass the same check before the driver appends them."""
+    from fgcli.distributed import ray_data
+
+    class State:
+        def __init__(self) -> None:
+            self.cfg = type("Cfg", (), {"fail_fast": False})()
+            self.written: list[dict] = []
+            self.warned: list[str] = []
+            self.reporter = type("R", (), {"warn": lambda _, m: self.warned.append(m)})()
+
+        def write_record(self, rec: dict) -> None:
+            self.written.append(rec)
+
+    state = State()
+    good = {"key": "a.png", "status": "ok", "rank": None, "outputs": {}}
+    records = [good, dict(good, key="b.png", logit=float("nan")), dict(good, rank="x"),
+               dict(good, key="c.png")]
+    assert ray_data.write_records(state, records) == 0
+    assert [r["key"] for r in state.written] == ["a.png", "c.png"]
+    assert state.warned == ["Ray returned 2 malformed record(s), not written (first: logit "
+                            "is not finite); a rerun computes those images again"]
