@@ -179,6 +179,8 @@ def _record() -> dict:
     ({"logit": "1.5"}, "logit is not a number"),
     ({"prob": float("inf")}, "prob is not finite"),
     ({"residual": float("nan")}, "residual is not finite"),
+    ({"logit": 10 ** 400}, "logit is not finite"),
+    ({"target": 10 ** 400}, "target is not finite"),
     ({"target": 2.0}, "target is not an integer"),
     ({"target": -1}, "target is not >= 0"),
     ({"seconds": False}, "seconds is not a number"),

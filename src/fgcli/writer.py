@@ -372,9 +372,14 @@ def _no_constant(name: str) -> Any:
     raise _Constant(f"not strict JSON (bare {name})")
 
 
+_STRICT = json.JSONDecoder(parse_constant=_no_constant)  # made once: json.loads with
+# options would build a decoder for every line
+
+
 def parse_line(line: bytes | str) -> Any:
-    """A manifest line as strict JSON (RFC 8259): bare ``NaN`` and ``Infinity`` refused."""
-    return json.loads(line, parse_constant=_no_constant)
+    """A manifest line as strict JSON (RFC 8259): UTF-8, bare ``NaN`` and ``Infinity``
+    refused (:class:`UnicodeDecodeError` and :class:`ValueError` say why)."""
+    return _STRICT.decode(line.decode("utf-8-sig") if isinstance(line, bytes) else line)
 
 
 def _unicode(text: str) -> bool:
@@ -394,9 +399,9 @@ def path_problem(text: Any) -> str | None:
         return "contains NUL"
     if os.path.isabs(text):
         return "is an absolute path"
-    if ".." in text.split("/"):
+    if ".." in text and ".." in text.split("/"):
         return "has a '..' component"
-    if not _unicode(text):
+    if not text.isascii() and not _unicode(text):
         return "is not valid Unicode"
     return None
 
@@ -440,8 +445,14 @@ def check_record(rec: Any) -> str | None:
             continue
         if type(value) not in ((int,) if kind is int else (int, float)):
             return f"{name} is not {'an integer' if kind is int else 'a number'}"
-        if not math.isfinite(value) or (kind is int and value < 0):
-            return f"{name} is not {'>= 0' if kind is int else 'finite'}"
+        if kind is int and value < 0:
+            return f"{name} is not >= 0"
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer beyond any float: readers could not use it
+            finite = False
+        if not finite:
+            return f"{name} is not finite"
     for name in ("time", "error"):
         if rec.get(name) is not None and not isinstance(rec[name], str):
             return f"{name} is not a string"
