@@ -299,19 +299,23 @@ def test_resumed_dump_heals_a_damaged_tree(base, tree, kind):
     assert page_keys(tree) == [BAD, GOOD] and not outside_secrets(tree)
 
 
-def test_shard_reads_a_damaged_main_manifest_without_dropping_it(base, tree):
-    """A shard skips the main manifest's bad line (one warning) but does not rewrite that
-    file; the merge afterwards drops it."""
+def test_shards_read_a_damaged_main_manifest_without_dropping_it(base, tree):
+    """Shards skip the main manifest's bad line (one warning, from shard 0 alone: every
+    shard reads that file) but do not rewrite that file; the merge afterwards drops it."""
     damage(tree, "rank-not-int")
-    result = invoke("dump", str(base[0]), *SMALL, "--out", str(tree), "--shard", "0/1")
-    assert result.exit_code == 0, result.stderr
-    assert [line.split(": skipped")[0] for line in warnings(result)] == [
-        f"fullgrad: shard 0/1: warning: {tree / 'manifest.jsonl'}"]
+    other = invoke("dump", str(base[0]), *SMALL, "--out", str(tree), "--shard", "1/2")
+    assert other.exit_code == 0 and warnings(other) == [], other.stderr
+    first = invoke("dump", str(base[0]), *SMALL, "--out", str(tree), "--shard", "0/2")
+    assert first.exit_code == 0, first.stderr
+    assert warnings(first) == [f"fullgrad: shard 0/2: warning: {tree / 'manifest.jsonl'}: "
+                               "skipped 1 malformed line(s) (first: line 1: rank is not a "
+                               "positive integer)"]
     assert b'"rank": "x"' in (tree / "manifest.jsonl").read_bytes()
     merged = invoke("merge", str(tree))
     assert merged.exit_code == 0 and len(warnings(merged)) == 1, merged.stderr
-    assert sorted(r["key"] for r in assert_strict_and_valid(tree / "manifest.jsonl")) == [
-        BAD, GOOD]
+    recs = {r["key"]: r for r in assert_strict_and_valid(tree / "manifest.jsonl")}
+    assert sorted(recs) == [BAD, GOOD]
+    assert recs[BAD]["status"] == "ok" and recs[GOOD]["status"] == "skipped"
 
 
 def test_compaction_keeps_lines_apart_when_the_last_has_no_newline(tree):

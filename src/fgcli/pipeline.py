@@ -19,6 +19,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -268,11 +269,15 @@ class DumpRun:
             self.reporter.warn(f"merged {len(merged.shards)} shard manifest(s) into "
                                f"{self.tree.root / 'manifest.jsonl'} first")
         # (key, rank) -> (file, offset), not records; malformed lines are skipped, one
-        # warning per file (this run's own manifest drops them when it is compacted)
+        # warning per file (this run's own manifest drops them when it is compacted); of
+        # the files every shard reads, shard 0 alone speaks
         bad = BadLines()
         self.previous = self.tree.index_manifest(self.shard.owns if self.shard else None, bad)
-        for line in bad.warnings(lambda path: path == self.tree.manifest_path):
-            self.reporter.warn(line)
+        own = self.tree.manifest_path
+        lead = self.shard is None or self.shard.index == 0
+        for path, line in zip(bad.files, bad.warnings(lambda path: path == own)):
+            if lead or path == own:
+                self.reporter.warn(line)
 
     def _probe_classes(self, model: torch.nn.Module) -> int:
         """Class count from one eval forward, for models whose head is not a plain layer."""
@@ -332,7 +337,7 @@ class DumpRun:
             found.append(rec)
         return found
 
-    def _leads_out(self, path: Any, rec: dict[str, Any]) -> bool:
+    def _leads_out(self, path: Path, rec: dict[str, Any]) -> bool:
         """True when an output of an earlier record leads out of the tree (a symbolic
         link): never trusted, the image is computed again (its file replaced). The first
         one met is reported, in one line."""
