@@ -333,7 +333,11 @@ def dump(
 
 def _report_gallery(report: Any, quiet: bool) -> int:
     """Print a gallery's thumbnail failures (always) and its summary line (unless quiet);
-    returns the exit code: 1 when a thumbnail failed."""
+    returns the exit code: 1 when a thumbnail failed. Malformed manifest lines it skipped
+    are warnings (one line per file, unless quiet)."""
+    if not quiet:
+        for line in report.warnings:
+            err.print(f"fullgrad: warning: {line}", markup=False)
     for line in report.thumbs.failed.values():
         err.print(f"fullgrad: gallery: {line}", markup=False)
     if not quiet:
@@ -529,6 +533,8 @@ def merge(
         report = merge_tree(out, list(sys.argv))
     except SetupError as exc:
         _fail(str(exc), EXIT_USAGE)
+    for line in report.warnings:  # malformed lines dropped, shards of another count
+        err.print(f"fullgrad: warning: {line}", markup=False)
     if not report.shards:
         err.print(f"fullgrad: {out}: no shards to merge", markup=False)
         raise typer.Exit(EXIT_OK)

@@ -19,6 +19,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -31,6 +32,7 @@ from fgcli.distributed.shards import Shard, merge_locked
 from fgcli.models import LoadedModel, SetupError, load_model
 from fgcli.writer import (
     MANIFEST_SCHEMA,
+    BadLines,
     ImageJob,
     LockedError,
     OutputTree,
@@ -175,6 +177,7 @@ class DumpRun:
         self.pending: deque[tuple[list[dict[str, Any]], list[Future]]] = deque()
         self.shard: Shard | None = Shard.parse(cfg.shard) if cfg.shard else None
         self.collected: list[dict[str, Any]] | None = None  # records kept, not written
+        self.outside_seen = False  # an earlier output leading out of the tree was reported
 
     def setup(self) -> None:
         self.prepare()
@@ -261,10 +264,20 @@ class DumpRun:
             except BaseException:
                 self.tree.release()
                 raise
+            for line in merged.warnings:
+                self.reporter.warn(line)
             self.reporter.warn(f"merged {len(merged.shards)} shard manifest(s) into "
                                f"{self.tree.root / 'manifest.jsonl'} first")
-        # (key, rank) -> (file, offset), not records
-        self.previous = self.tree.index_manifest(self.shard.owns if self.shard else None)
+        # (key, rank) -> (file, offset), not records; malformed lines are skipped, one
+        # warning per file (this run's own manifest drops them when it is compacted); of
+        # the files every shard reads, shard 0 alone speaks
+        bad = BadLines()
+        self.previous = self.tree.index_manifest(self.shard.owns if self.shard else None, bad)
+        own = self.tree.manifest_path
+        lead = self.shard is None or self.shard.index == 0
+        for path, line in zip(bad.files, bad.warnings(lambda path: path == own)):
+            if lead or path == own:
+                self.reporter.warn(line)
 
     def _probe_classes(self, model: torch.nn.Module) -> int:
         """Class count from one eval forward, for models whose head is not a plain layer."""
@@ -315,14 +328,27 @@ class DumpRun:
             return None
         found = []
         for rank in self.ranks:
-            offset = self.previous.get((item.key, rank))
-            rec = self.tree.read_record(offset) if offset is not None else None
+            where = self.previous.get((item.key, rank))
+            rec = self.tree.read_record(where) if where is not None else None
             if (rec is None or rec.get("status") not in ("ok", "skipped")
                     or rec.get("settings") != self.fingerprint or names.path_of(rec) != item.path
-                    or not outputs_present(self.tree, rec.get("outputs", {}), self.cfg.save)):
+                    or self._leads_out(where[0], rec)
+                    or not outputs_present(self.tree, rec.get("outputs") or {}, self.cfg.save)):
                 return None
             found.append(rec)
         return found
+
+    def _leads_out(self, path: Path, rec: dict[str, Any]) -> bool:
+        """True when an output of an earlier record leads out of the tree (a symbolic
+        link): never trusted, the image is computed again (its file replaced). The first
+        one met is reported, in one line."""
+        kind = self.tree.files.outside(rec.get("outputs", {}))
+        if kind is not None and not self.outside_seen:
+            self.outside_seen = True
+            self.reporter.warn(f"{path}: outputs.{kind} of {rec['key']} leads outside the "
+                               "tree: not trusted, the image is computed again (and any "
+                               "other such image)")
+        return kind is not None
 
     # -- main loop ---------------------------------------------------------------------
     def todo_chunks(self) -> Iterator[list[Item]]:

@@ -26,9 +26,11 @@ import errno
 import fcntl
 import io
 import json
+import math
 import os
 import shutil
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -49,6 +51,8 @@ SHARDS = "shards"
 SUFFIX = {"heatmap": ".png", "overlay": ".jpg", "map": ".npy", "decomp": ".npz"}
 FOLDER = {"heatmap": "heatmaps", "overlay": "overlays", "map": "maps", "decomp": "decomp"}
 MANIFEST_SCHEMA = 1
+STATUSES = ("ok", "failed", "skipped")
+NUMBERS = {"logit": float, "prob": float, "residual": float, "seconds": float, "target": int}
 
 
 class LockedError(Exception):
@@ -91,6 +95,7 @@ class OutputTree:
         self._locks: list[io.TextIOWrapper] = []
         self._manifest_fh: io.TextIOWrapper | None = None
         self._readers: dict[Path, io.BufferedReader] = {}
+        self._files: TreeFiles | None = None
 
     # -- locks -----------------------------------------------------------------------
     def acquire(self, command: list[str]) -> None:
@@ -231,13 +236,15 @@ class OutputTree:
     # -- manifest -------------------------------------------------------------------
     # Memory stays small for huge runs: records are kept on disk and found again by
     # (file, byte offset); only (key, rank) -> (file, offset) is held in memory.
-    def index_manifest(self, owns: Callable[[str], bool] | None = None
+    def index_manifest(self, owns: Callable[[str], bool] | None = None,
+                       bad: BadLines | None = None
                        ) -> dict[tuple[str, int | None], tuple[Path, int]]:
         """(key, rank) -> (manifest file, byte offset) of the latest line for each key.
 
         A plain run reads ``manifest.jsonl``. A shard reads it too, then the manifests
         of shards of other counts, then its own (latest wins), keeping only the keys
         ``owns`` accepts: a shard of the same count never holds this shard's keys.
+        Malformed lines are skipped (counted in ``bad``).
         """
         sources = [self.root / MANIFEST]
         if self.shard is not None:
@@ -247,19 +254,31 @@ class OutputTree:
             sources.append(self.manifest_path)
         latest = Latest()
         for path in sources:
-            for offset, rec in iter_manifest(path):
+            for offset, rec in iter_manifest(path, bad):
                 if owns is None or owns(rec["key"]):
                     latest.offer(rec, path, offset)
         return {key: (path, offset) for key, (_, path, offset) in latest.items()}
 
-    def read_record(self, where: tuple[Path, int]) -> dict[str, Any]:
-        """The manifest record at (file, byte offset)."""
+    def read_record(self, where: tuple[Path, int]) -> dict[str, Any] | None:
+        """The manifest record at (file, byte offset); None when it is not a well-formed
+        record (:func:`check_record`)."""
         path, offset = where
         reader = self._readers.get(path)
         if reader is None:
             reader = self._readers[path] = open(path, "rb")  # noqa: SIM115 - kept for the run
         reader.seek(offset)
-        return json.loads(reader.readline())
+        try:
+            rec = parse_line(reader.readline())
+        except (ValueError, RecursionError):
+            return None
+        return rec if check_record(rec) is None else None
+
+    @property
+    def files(self) -> TreeFiles:
+        """Where the records' output paths lead (symbolic links out are refused)."""
+        if self._files is None:
+            self._files = TreeFiles(self.root)
+        return self._files
 
     def append(self, record: dict[str, Any]) -> str:
         """Append one record (flushed, so a killed run keeps every finished line)."""
@@ -279,13 +298,13 @@ class OutputTree:
         self._manifest_fh.flush()
         return line
 
-    def compact_manifest(self) -> None:
+    def compact_manifest(self, bad: BadLines | None = None) -> None:
         """Rewrite this run's manifest with one line per (key, rank), the latest, atomically,
-        in order of first appearance."""
+        in order of first appearance. Malformed lines are dropped (counted in ``bad``)."""
         self._close_manifest()
         src = self.manifest_path
         latest: dict[tuple[str, int | None], int] = {}
-        for offset, rec in iter_manifest(src):
+        for offset, rec in iter_manifest(src, bad):
             latest[(rec["key"], rec.get("rank"))] = offset
         if not latest and not src.exists():
             return
@@ -294,7 +313,8 @@ class OutputTree:
             with open(src, "rb") as fh:
                 for offset in latest.values():
                     fh.seek(offset)
-                    out.write(fh.readline())
+                    line = fh.readline()  # the file's last line may lack its newline
+                    out.write(line if line.endswith(b"\n") else line + b"\n")
 
         self._atomic(src, write)
 
@@ -321,20 +341,186 @@ class Latest(dict):
             self[key] = (stamp, path, offset)
 
 
-def iter_manifest(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(byte offset, record) of every readable line; torn and foreign lines are skipped."""
+def iter_manifest(path: Path, bad: BadLines | None = None
+                  ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(byte offset, record) of every well-formed line (:func:`check_record`).
+
+    Torn lines (a killed run's last), lines that are not strict JSON and malformed
+    records are skipped, and counted in ``bad`` when given; blank lines are ignored.
+    """
     if not path.exists():
         return
     offset = 0
     with open(path, "rb") as fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-                if isinstance(rec, dict) and isinstance(rec.get("key"), str):
+        for number, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rec: Any = parse_line(line)
+                    reason = check_record(rec)
+                except _Constant as exc:
+                    rec, reason = None, str(exc)
+                except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+                    rec, reason = None, ("not JSON" if line.endswith(b"\n")
+                                         else "torn (no newline: a killed run's last line?)")
+                if reason is None:
                     yield offset, rec
-            except ValueError:
-                pass
+                elif bad is not None:
+                    bad.add(path, f"line {number}", reason)
             offset += len(line)
+
+
+class _Constant(ValueError):
+    """A bare NaN or Infinity: Python's json reads it, strict JSON parsers do not."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _Constant(f"not strict JSON (bare {name})")
+
+
+_STRICT = json.JSONDecoder(parse_constant=_no_constant)  # made once: json.loads with
+# options would build a decoder for every line
+
+
+def parse_line(line: bytes | str) -> Any:
+    """A manifest line as strict JSON (RFC 8259): UTF-8, bare ``NaN`` and ``Infinity``
+    refused (:class:`UnicodeDecodeError` and :class:`ValueError` say why)."""
+    return _STRICT.decode(line.decode("utf-8-sig") if isinstance(line, bytes) else line)
+
+
+def _unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
+
+
+def path_problem(text: Any) -> str | None:
+    """Why ``text`` is not a safe path relative to a tree (a record's key or output),
+    or None."""
+    if not isinstance(text, str) or not text:
+        return "is not a non-empty string"
+    if "\0" in text:
+        return "contains NUL"
+    if os.path.isabs(text):
+        return "is an absolute path"
+    if ".." in text and ".." in text.split("/"):
+        return "has a '..' component"
+    if not text.isascii() and not _unicode(text):
+        return "is not valid Unicode"
+    return None
+
+
+def check_record(rec: Any) -> str | None:
+    """Why a manifest record is malformed (a short phrase), or None when readers may use it.
+
+    The one validation every reader of a manifest applies (resume, compaction, merge,
+    gallery): an object; ``key`` a safe relative path (:func:`path_problem`); ``rank``
+    absent, null or an integer >= 1; ``status`` ok, failed or skipped; ``input`` a string;
+    ``outputs`` an object of known kinds (:data:`SUFFIX`) to safe relative paths (input
+    and outputs may be absent, as in lines of older versions and hand-made ones); the
+    numbers (:data:`NUMBERS`) null or finite of their type; ``time`` and ``error`` null
+    or strings. Whether an output's file leads out of the tree (a symbolic link) is
+    checked where the file is used (:class:`TreeFiles`).
+    """
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    problem = path_problem(rec.get("key"))
+    if problem:
+        return f"key {problem}"
+    rank = rec.get("rank")
+    if rank is not None and (type(rank) is not int or rank < 1):
+        return "rank is not a positive integer"
+    if rec.get("status") not in STATUSES:
+        return "status is not ok, failed or skipped"
+    if "input" in rec and (not isinstance(rec["input"], str) or not _unicode(rec["input"])):
+        return "input is not a string"
+    outputs = rec.get("outputs", {})
+    if not isinstance(outputs, dict):
+        return "outputs is not an object"
+    for kind, rel in outputs.items():
+        if kind not in SUFFIX:
+            return f"outputs has an unknown kind {str(kind)[:40]!r}"
+        problem = path_problem(rel)
+        if problem:
+            return f"outputs.{kind} {problem}"
+    for name, kind in NUMBERS.items():
+        value = rec.get(name)
+        if value is None:
+            continue
+        if type(value) not in ((int,) if kind is int else (int, float)):
+            return f"{name} is not {'an integer' if kind is int else 'a number'}"
+        if kind is int and value < 0:
+            return f"{name} is not >= 0"
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer beyond any float: readers could not use it
+            finite = False
+        if not finite:
+            return f"{name} is not finite"
+    for name in ("time", "error"):
+        if rec.get(name) is not None and not isinstance(rec[name], str):
+            return f"{name} is not a string"
+    return None
+
+
+class BadLines:
+    """Malformed manifest lines one reader skipped: per file, how many and the first
+    reason, so that each file gets one warning line however many lines are bad."""
+
+    def __init__(self) -> None:
+        self.files: dict[Path, list[Any]] = {}
+
+    def add(self, path: Path, where: str, reason: str) -> None:
+        entry = self.files.setdefault(Path(path), [0, f"{where}: {reason}"])
+        entry[0] += 1
+
+    def warnings(self, dropped: Callable[[Path], bool] | None = None) -> list[str]:
+        """``PATH: skipped N malformed line(s) (first: line L: REASON)`` per file;
+        ``dropped(path)``: this reader rewrites that file without them (says dropped)."""
+        return [f"{path}: {'dropped' if dropped is not None and dropped(path) else 'skipped'}"
+                f" {n} malformed line(s) (first: {first})"
+                for path, (n, first) in self.files.items()]
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+class TreeFiles:
+    """Where records' output paths lead in one tree: ``file``, ``missing`` or ``outside``
+    (a symbolic link, of the file or of a folder above it, that leads out of the tree;
+    never read). Folders are resolved once each, so a file costs one ``lstat``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = os.path.realpath(root)
+        self._folders: dict[str, bool] = {}
+
+    def state(self, rel: str) -> str:
+        if path_problem(rel) is not None:
+            return "outside"
+        full = os.path.join(self.root, rel)
+        folder = os.path.dirname(full)
+        inside = self._folders.get(folder)
+        if inside is None:
+            inside = self._folders[folder] = _within(os.path.realpath(folder), self.root)
+        if not inside:
+            return "outside"
+        try:
+            mode = os.lstat(full).st_mode
+        except (OSError, ValueError):
+            return "missing"
+        if stat.S_ISLNK(mode):
+            real = os.path.realpath(full)
+            if not _within(real, self.root):
+                return "outside"
+            return "file" if os.path.isfile(real) else "missing"
+        return "file" if stat.S_ISREG(mode) else "missing"
+
+    def outside(self, outputs: dict[str, str]) -> str | None:
+        """The first output kind whose path leads out of the tree, or None."""
+        return next((kind for kind, rel in outputs.items() if self.state(rel) == "outside"),
+                    None)
 
 
 def shard_manifests(root: Path) -> list[Path]:
@@ -425,7 +611,8 @@ def write_outputs(tree: OutputTree, job: ImageJob, save: tuple[str, ...], colorm
 
 
 def outputs_present(tree: OutputTree, outputs: dict[str, str], save: tuple[str, ...]) -> bool:
-    return all(kind in outputs and (tree.root / outputs[kind]).is_file() for kind in save)
+    """Every ``save`` kind is a file inside the tree (one leading out does not count)."""
+    return all(kind in outputs and tree.files.state(outputs[kind]) == "file" for kind in save)
 
 
 def _now() -> str:

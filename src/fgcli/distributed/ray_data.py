@@ -64,6 +64,7 @@ from fgcli.config import RunConfig, replace
 from fgcli.data import Box, Failure, ImageDataset, Item, Sample, collate
 from fgcli.errors import SetupError
 from fgcli.pipeline import Reporter, RunReport, DumpRun, SilentReporter
+from fgcli.writer import check_record
 
 MAX_BLOCKS = 10_000  # input blocks (one decoding task each) for very long lists
 
@@ -396,10 +397,17 @@ def _records(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 def write_records(state: DumpRun, records: Iterable[dict[str, Any]]) -> int:
     """Append each record once (see :func:`fresh`); stop at a failure under --fail-fast.
-    Returns the number of repeats dropped."""
+    Returns the number of repeats dropped. A malformed record (:func:`check_record`: an
+    actor of another version, a non-finite score) is not written: one warning line, and
+    the next run computes its image again."""
     seen: set[tuple[str, int | None]] = set()
     dropped = 0
+    bad: list[str] = []
     for rec in records:
+        reason = check_record(rec)
+        if reason is not None:
+            bad.append(reason)
+            continue
         if not fresh(rec, seen):
             dropped += 1
             continue
@@ -407,6 +415,9 @@ def write_records(state: DumpRun, records: Iterable[dict[str, Any]]) -> int:
         if rec["status"] == "failed" and state.cfg.fail_fast:
             state.report.stopped_early = True
             break
+    if bad:
+        state.reporter.warn(f"Ray returned {len(bad)} malformed record(s), not written "
+                            f"(first: {bad[0]}); a rerun computes those images again")
     return dropped
 
 

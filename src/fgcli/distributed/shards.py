@@ -6,6 +6,17 @@ of a listing, the machine, the Python process (``hash()`` is salted), or files
 added later. Shards of one count write into one tree side by side (see
 :class:`fgcli.writer.OutputTree`); :func:`merge` folds their manifests into
 ``manifest.jsonl``.
+
+Shards of another count (``shards/1-of-3`` left from an earlier run next to
+``0-of-2`` and ``1-of-2``) are merged too, never dropped: every line is a result of
+the same tree keyed by image key (and rank) and carries its settings fingerprint and
+``time``, so the newest line of each (key, rank) wins by :class:`fgcli.writer.Latest`,
+the rule a resumed run already uses (a shard indexes shards of other counts as earlier
+results, and recomputes an image whose settings differ). So no result is lost, and
+none is mixed up with another image's; the merge names such shards in one warning line.
+
+Lines of any manifest that are malformed (:func:`fgcli.writer.check_record`) are
+dropped from the merged manifest, one warning line per file.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from fgcli.writer import (
     RUN_JSON,
     SHARDS,
     LockedError,
+    BadLines,
     OutputTree,
     Latest,
     iter_manifest,
@@ -76,6 +88,7 @@ class MergeReport:
     lines: int = 0  # lines read from every manifest
     records: int = 0  # lines written: one per (key, rank)
     counts: dict[str, int] = field(default_factory=dict)  # per image (first rank)
+    warnings: list[str] = field(default_factory=list)  # one line each, for the caller
 
 
 def merge(out: str | Path, command: list[str]) -> MergeReport:
@@ -112,11 +125,7 @@ def merge_locked(tree: OutputTree) -> MergeReport:
         _remove(folder, dirs)  # folders of shards that were refused: nothing to merge
         return report
     main = tree.root / MANIFEST
-    best = Latest()
-    for path in [main, *shard_manifests(tree.root)]:
-        for offset, rec in iter_manifest(path):
-            report.lines += 1
-            best.offer(rec, path, offset)
+    best = _read_all(tree.root, report)
     ordered = sorted(best, key=lambda k: (k[0].split("/"), k[1] or 0))
     counts = {"ok": 0, "skipped": 0, "failed": 0}
 
@@ -154,6 +163,35 @@ def merge_locked(tree: OutputTree) -> MergeReport:
     report.shards = [d.name for d in dirs if (d / MANIFEST).exists() or (d / RUN_JSON).exists()]
     _remove(folder, dirs)
     return report
+
+
+def _read_all(root: Path, report: MergeReport) -> Latest:
+    """The latest line of each (key, rank) in the merged manifest and every shard's;
+    malformed lines are dropped and shards of another count named, one warning line each
+    (in ``report.warnings``)."""
+    best = Latest()
+    bad = BadLines()
+    newest: dict[str, str] = {}  # shard count -> the newest time in its lines
+    shards = shard_manifests(root)
+    for path in [root / MANIFEST, *shards]:
+        count = path.parent.name.rpartition("-of-")[2] if path in shards else None
+        for offset, rec in iter_manifest(path, bad):
+            report.lines += 1
+            best.offer(rec, path, offset)
+            if count is not None:
+                newest[count] = max(newest.get(count, ""), str(rec.get("time") or ""))
+    report.warnings += bad.warnings(lambda _: True)
+    counts = {p.parent.name.rpartition("-of-")[2] for p in shards}
+    if len(counts) > 1:  # name the shards of every count but the newest one's
+        latest = max(counts, key=lambda c: (newest.get(c, ""), int(c) if c.isdigit() else 0))
+        names = [p.parent.name for p in shards]
+        stale = [n for n in names if n.rpartition("-of-")[2] != latest]
+        current = [n for n in names if n.rpartition("-of-")[2] == latest]
+        report.warnings.append(
+            f"shards {', '.join(stale)} are from another shard count than "
+            f"{', '.join(current)}; their lines were merged by time (the newest line of "
+            "each image wins)")
+    return best
 
 
 def _remove(folder: Path, dirs: list[Path]) -> None:

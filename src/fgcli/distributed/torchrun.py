@@ -216,7 +216,8 @@ def run_rank(cfg: RunConfig, env: RankEnv, reporter_for: Any) -> RunReport:
             outcome = "merge failed: rank 0 stopped while merging"
             try:
                 if not errors:
-                    merge(cfg.out, list(cfg.command))
+                    for line in merge(cfg.out, list(cfg.command)).warnings:
+                        reporter.warn(line)
                 outcome = "ok"
             except SetupError as exc:
                 outcome = f"merge failed: {exc}"

@@ -25,7 +25,7 @@ from pathlib import Path
 from fgcli.gallery.collect import TERMS_CACHE, TermsCache, collect_images, read_json
 from fgcli.gallery.page import eval_summary, write_atomic, write_page
 from fgcli.gallery.thumbs import ThumbJob, ThumbReport, make_thumbs
-from fgcli.writer import MANIFEST, shard_manifests
+from fgcli.writer import MANIFEST, BadLines, shard_manifests
 
 __all__ = ["GalleryError", "GalleryReport", "build_gallery"]
 
@@ -43,6 +43,7 @@ class GalleryReport:
     thumbs: ThumbReport = field(default_factory=ThumbReport)
     decomp_read: int = 0  # decomp files summed (the others came from the cache)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # malformed manifest lines skipped
 
 
 def build_gallery(out: str | Path, threads: int | None = None,
@@ -59,7 +60,8 @@ def build_gallery(out: str | Path, threads: int | None = None,
         raise GalleryError(f"{out}: no such directory")
     if not (root / MANIFEST).is_file() and not shard_manifests(root):
         raise GalleryError(f"{out}: not an output tree of fullgrad dump (no {MANIFEST})")
-    images, run = collect_images(root)
+    bad = BadLines()  # skipped lines: one warning per manifest, in the report
+    images, run = collect_images(root, bad)
 
     jobs = []
     for image in images:
@@ -102,4 +104,5 @@ def build_gallery(out: str | Path, threads: int | None = None,
     return GalleryReport(
         index=root / "index.html", images=len(images), maps=maps,
         failed=sum(1 for i in images if i.status == "failed"), thumbs=thumbs,
-        decomp_read=cache.opened, seconds=time.perf_counter() - start)
+        decomp_read=cache.opened, seconds=time.perf_counter() - start,
+        warnings=bad.warnings())

@@ -19,7 +19,17 @@ from typing import Any
 import numpy as np
 
 from fgcli.names import path_of
-from fgcli.writer import FOLDER, MANIFEST, RUN_JSON, SUFFIX, Latest, iter_manifest, shard_manifests
+from fgcli.writer import (
+    FOLDER,
+    MANIFEST,
+    RUN_JSON,
+    SUFFIX,
+    BadLines,
+    Latest,
+    TreeFiles,
+    iter_manifest,
+    shard_manifests,
+)
 
 KINDS = ("overlay", "heatmap", "map", "decomp")
 TERMS_CACHE = "terms-cache.json"
@@ -57,30 +67,43 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def latest_records(root: Path) -> list[dict[str, Any]]:
-    """The latest record of every (key, rank) in the tree, in key order."""
+def latest_records(root: Path, bad: BadLines | None = None,
+                   files: TreeFiles | None = None) -> list[dict[str, Any]]:
+    """The latest record of every (key, rank) in the tree, in key order.
+
+    Malformed lines are skipped, and so is a latest record with an output that leads out
+    of the tree (a symbolic link: never read); both are counted in ``bad``.
+    """
     best = Latest()
     kept: dict[tuple[str, Any], dict[str, Any]] = {}
     for path in [root / MANIFEST, *shard_manifests(root)]:
-        for offset, rec in iter_manifest(path):
+        for offset, rec in iter_manifest(path, bad):
             k = (rec["key"], rec.get("rank"))
             best.offer(rec, path, offset)
             if best[k][1:] == (path, offset):
                 kept[k] = rec
-    out = list(kept.values())
+    files = files or TreeFiles(root)
+    out = []
+    for k, rec in kept.items():
+        kind = files.outside(rec.get("outputs", {}))
+        if kind is None:
+            out.append(rec)
+        elif bad is not None:
+            bad.add(best[k][1], f"key {rec['key']}", f"outputs.{kind} leads outside the tree")
     out.sort(key=lambda r: (r["key"], r.get("rank") or 0))
     return out
 
 
-def _stem_and_paths(rec: dict[str, Any], root: Path) -> tuple[str | None, dict[str, str]]:
-    """The outputs that exist on disk, and their shared stem when they follow the tree's
-    naming rule (``<folder>/<stem><suffix>``)."""
+def _stem_and_paths(rec: dict[str, Any], files: TreeFiles
+                    ) -> tuple[str | None, dict[str, str]]:
+    """The outputs that exist on disk (inside the tree), and their shared stem when they
+    follow the tree's naming rule (``<folder>/<stem><suffix>``)."""
     paths: dict[str, str] = {}
     stem = None
     outputs = rec.get("outputs") or {}
     for kind in KINDS:
         rel = outputs.get(kind)
-        if not isinstance(rel, str) or not (root / rel).is_file():
+        if not isinstance(rel, str) or files.state(rel) != "file":
             continue
         paths[kind] = rel
         prefix, suffix = FOLDER[kind] + "/", SUFFIX[kind]
@@ -104,15 +127,18 @@ def _original(rec: dict[str, Any], root: str, cwd: Path | None) -> str | None:
     return None
 
 
-def collect_images(root: Path) -> tuple[list[Image], dict[str, Any]]:
-    """The images of the tree (key order) and its run.json (empty when missing)."""
+def collect_images(root: Path, bad: BadLines | None = None
+                   ) -> tuple[list[Image], dict[str, Any]]:
+    """The images of the tree (key order) and its run.json (empty when missing);
+    malformed manifest lines are skipped and counted in ``bad``."""
     run = read_json(root / RUN_JSON) or {}
     where = path_of(run, "cwd")
     cwd = Path(where) if where else None
     absolute = os.path.abspath(root)
+    files = TreeFiles(root)
     by_key: dict[str, list[Entry]] = {}
-    for rec in latest_records(root):
-        stem, paths = _stem_and_paths(rec, root)
+    for rec in latest_records(root, bad, files):
+        stem, paths = _stem_and_paths(rec, files)
         by_key.setdefault(rec["key"], []).append(Entry(rec, stem, paths))
     images = []
     for key, entries in by_key.items():
