@@ -333,7 +333,8 @@ def dump(
         "--json/--no-json", help="Print each manifest line to stdout as it is written.")
     ] = None,
     debug: Annotated[Optional[bool], typer.Option(
-        "--debug/--no-debug", help="Show tracebacks of unexpected errors.")] = None,
+        "--debug/--no-debug", help="Show tracebacks of unexpected errors (the exit code "
+                                   "stays 3).")] = None,
     config: Annotated[Optional[str], typer.Option(
         help="TOML file of options (keys are option names); command-line options win.")
     ] = None,
