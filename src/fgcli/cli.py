@@ -1,15 +1,26 @@
 """The ``fullgrad`` command: options, console, progress, exit codes. No autograd here.
 
-Exit codes: 0 every image ok (or skipped as already done); 1 some images
-failed, the rest were written; 2 usage or setup error (bad option, unknown
-model, missing weights, locked output); 3 an unexpected internal error (one
-line; ``--debug`` shows the traceback); 130 interrupted.
+Exit codes, the same for every command (:func:`_exit_codes` applies them):
+
+* 0: every image ok, or skipped as already done.
+* 1: some images failed (each has a ``failed`` manifest line); the rest were written.
+* 2: usage or setup error, one line: a bad or empty option, an unreadable labels file,
+  an unknown model, missing weights, a locked output, the user's model failing
+  (SystemExit / argparse / KeyboardInterrupt raised by the model file, zero classes,
+  non-float logits, a model that modifies its input in place), an output place that
+  cannot be written (also a disk that fills up mid-run: "no space left on device
+  writing PATH").
+* 3: an unexpected internal error: one line; ``--debug`` prints the traceback first
+  and still exits 3.
+* 130: interrupted (SIGINT, Ctrl-C); 143: terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Optional
 
@@ -17,7 +28,13 @@ import typer
 from rich.console import Console
 
 from fgcli import __version__, names
-from fgcli.config import OUTPUT_KINDS, Method, UsageError, build_config
+from fgcli.config import (
+    OUTPUT_KINDS,
+    Method,
+    UsageError,
+    build_config,
+    check_not_blank,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -58,6 +75,50 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
 def _fail(message: str, code: int) -> None:
     err.print(f"fullgrad: error: {message}", markup=False)
     raise typer.Exit(code)
+
+
+class _Policy:
+    """What :func:`_exit_codes` needs to know while a command runs: ``debug`` may be set
+    once the configuration is read (dump's ``--config`` can turn it on)."""
+
+    def __init__(self, debug: bool) -> None:
+        self.debug = debug
+
+
+# exits the command itself asked for: passed through untouched
+_EXITS = (typer.Exit, typer.Abort, SystemExit)
+
+
+@contextlib.contextmanager
+def _exit_codes(debug: bool | None = False, usage: tuple[type[Exception], ...] = ()
+                ) -> Iterator[_Policy]:
+    """The one exit-code policy of every command (the module docstring's table):
+    UsageError, SetupError and ``usage`` -> one line, exit 2; KeyboardInterrupt -> 130;
+    any other exception -> one line, exit 3, after its traceback under ``--debug``."""
+    from fgcli.errors import SetupError
+
+    policy = _Policy(bool(debug))
+    try:
+        yield policy
+    except _EXITS:
+        raise
+    except (UsageError, SetupError, *usage) as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except KeyboardInterrupt:
+        err.print("fullgrad: interrupted", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as exc:  # noqa: BLE001 - the last line of defence
+        if policy.debug:
+            sys.stderr.write(traceback.format_exc())
+            sys.stderr.flush()
+        text = str(exc).strip().splitlines()
+        hint = "" if policy.debug else " (rerun with --debug for the traceback)"
+        _fail(f"internal error: {type(exc).__name__}: {text[0] if text else ''}{hint}",
+              EXIT_INTERNAL)
+
+
+_Debug = Annotated[bool, typer.Option(
+    "--debug/--no-debug", help="Show tracebacks of unexpected errors (the exit code stays 3).")]
 
 
 class ConsoleReporter:
@@ -272,20 +333,21 @@ def dump(
         "--json/--no-json", help="Print each manifest line to stdout as it is written.")
     ] = None,
     debug: Annotated[Optional[bool], typer.Option(
-        "--debug/--no-debug", help="Show tracebacks of unexpected errors.")] = None,
+        "--debug/--no-debug", help="Show tracebacks of unexpected errors (the exit code "
+                                   "stays 3).")] = None,
     config: Annotated[Optional[str], typer.Option(
         help="TOML file of options (keys are option names); command-line options win.")
     ] = None,
 ) -> None:
     """Write FullGrad heatmaps, overlays and maps for every image."""
-    debug_flag = bool(debug)
-    try:
+    with _exit_codes(debug) as policy:
         cfg = build_config({
             "inputs": tuple(inputs) if inputs else None, "model": model, "weights": weights,
             "model_args": tuple(model_arg) if model_arg else None,
             "trust_pickle": trust_pickle,
             "method": method, "psi": psi, "layers": layers, "device": device, "out": out,
-            "save": tuple(s.strip() for s in save.split(",") if s.strip()) if save else None,
+            "save": (tuple(s.strip() for s in save.split(",") if s.strip())
+                     if save is not None else None),
             "target": target, "topk": topk, "batch_size": batch_size, "workers": workers,
             "size": size, "crop": crop, "mean": _floats(mean, "--mean"),
             "std": _floats(std, "--std"), "labels": labels, "colormap": colormap,
@@ -298,30 +360,13 @@ def dump(
             "quiet": quiet, "json": as_json,
             "debug": debug, "command": tuple(sys.argv),
         }, config)
-        debug_flag = cfg.debug
+        policy.debug = cfg.debug
         from fgcli.distributed.launch import run_dump
-        from fgcli.models import SetupError
 
         def reporter_for(prefix: str, lead: bool) -> ConsoleReporter:
             return ConsoleReporter(cfg.quiet, cfg.json, prefix, lead)
 
-        try:
-            report = run_dump(cfg, reporter_for)
-        except SetupError as exc:
-            _fail(str(exc), EXIT_USAGE)
-    except UsageError as exc:
-        _fail(str(exc), EXIT_USAGE)
-    except KeyboardInterrupt:
-        err.print("fullgrad: interrupted", markup=False)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except (typer.Exit, typer.Abort, SystemExit):
-        raise
-    except Exception as exc:  # noqa: BLE001 - the last line of defence
-        if debug_flag:
-            raise
-        text = str(exc).strip().splitlines()
-        _fail(f"internal error: {type(exc).__name__}: {text[0] if text else ''} "
-              "(rerun with --debug for the traceback)", EXIT_INTERNAL)
+        report = run_dump(cfg, reporter_for)
     code = report.exit_code
     if "gallery_error" in report.extra:
         err.print(f"fullgrad: gallery: {report.extra['gallery_error']}", markup=False)
@@ -377,21 +422,16 @@ def check(
     all_models: Annotated[bool, typer.Option(
         "--all", help="Check every torchvision classifier (two random inputs each) and print "
                       "a table.")] = False,
+    debug: _Debug = False,
 ) -> None:
     """Check completeness per image: logit = input term + bias terms, within
     1e-4 * max(1, |logit|); list the bias-carrying ops and why any are not in the map."""
-    try:
+    with _exit_codes(debug):
         from fgcli.config import parse_model_args
-        from fgcli.models import SetupError
 
-        try:
-            ok = _run_check(images or [], list(model or []), weights,
-                            parse_model_args(tuple(model_arg or ())), trust_pickle, device,
-                            size, smallest, all_models)
-        except SetupError as exc:
-            _fail(str(exc), EXIT_USAGE)
-    except UsageError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        ok = _run_check(images or [], list(model or []), weights,
+                        parse_model_args(tuple(model_arg or ())), trust_pickle, device,
+                        size, smallest, all_models)
     raise typer.Exit(EXIT_OK if ok else EXIT_FAILED)
 
 
@@ -435,15 +475,15 @@ def eval_(
              "patterns, e.g. 'features.*', or K: the last K spatial layers).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")
     ] = False,
+    debug: _Debug = False,
 ) -> None:
     """Measure how faithful the maps are: pixel perturbation (the paper's 5.1),
     deletion and insertion AUC, for fgcli's methods against baselines; prints a table and
     writes eval.json, eval.csv and eval.png."""
     from fgcli.evaluate.methods import parse_methods
     from fgcli.evaluate.run import EvalConfig
-    from fgcli.models import SetupError
 
-    try:
+    with _exit_codes(debug):
         try:
             cfg = EvalConfig(
                 inputs=tuple(images), model=model, weights=weights,
@@ -456,10 +496,6 @@ def eval_(
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         _run_eval(cfg, quiet)
-    except UsageError as exc:
-        _fail(str(exc), EXIT_USAGE)
-    except SetupError as exc:
-        _fail(str(exc), EXIT_USAGE)
 
 
 @contextlib.contextmanager
@@ -521,18 +557,17 @@ def _run_eval(cfg: Any, quiet: bool) -> None:
 @app.command()
 def merge(
     out: Annotated[str, typer.Argument(help="The output tree of the shards.")],
+    debug: _Debug = False,
 ) -> None:
     """Fold the shard manifests of OUT into OUT/manifest.jsonl: one line per image (and
     target), the newest, sorted by key; OUT/run.json sums the shards. Refused while shards
     run; merging twice changes nothing. Exit 0 once merged (failed images are counted,
     not an error here: their shards reported them)."""
-    from fgcli.distributed.shards import merge as merge_tree
-    from fgcli.models import SetupError
+    with _exit_codes(debug):
+        from fgcli.distributed.shards import merge as merge_tree
 
-    try:
+        check_not_blank({"OUT": out})
         report = merge_tree(out, list(sys.argv))
-    except SetupError as exc:
-        _fail(str(exc), EXIT_USAGE)
     for line in report.warnings:  # malformed lines dropped, shards of another count
         err.print(f"fullgrad: warning: {line}", markup=False)
     if not report.shards:
@@ -554,6 +589,7 @@ def gallery_(
     quiet: Annotated[bool, typer.Option(
         "--quiet/--no-quiet", "-q", help="No progress bar or summary; thumbnails that fail "
                                          "still get their line on stderr.")] = False,
+    debug: _Debug = False,
 ) -> None:
     """Write OUT/index.html: a static gallery of the tree's maps that opens from disk
     (no server, no network). Thumbnails go to OUT/thumbs/ once; rerun after a dump to
@@ -562,11 +598,14 @@ def gallery_(
 
     if threads is not None and threads < 1:
         _fail("--threads must be >= 1", EXIT_USAGE)
-    try:
+    with _exit_codes(debug, usage=(GalleryError, OSError)):
+        check_not_blank({"OUT": out})
+        if os.path.isdir(out):  # else build_gallery says what OUT is not
+            from fgcli.writer import writable_dir
+
+            writable_dir(out, "OUT")
         with _count_bar(quiet, "thumb", "thumbnails") as progress:
             report = build_gallery(out, threads, progress)
-    except (GalleryError, OSError) as exc:
-        _fail(str(exc), EXIT_USAGE)
     raise typer.Exit(_report_gallery(report, quiet))
 
 
@@ -654,6 +693,7 @@ def models(
     pattern: Annotated[Optional[str], typer.Argument(
         help="Shell pattern (resnet*) or substring to filter by; timm/PATTERN lists timm's "
              "models (timm/*.fb_in1k: pretrained tags).")] = None,
+    debug: _Debug = False,
 ) -> None:
     """List the models fgcli can load: name, default input size, map layout (torchvision).
 
@@ -662,12 +702,8 @@ def models(
     pixel positions tracked from the image grid. For timm models the third column is
     "timm" (`fullgrad check --model timm/NAME` shows which layers enter the map).
     """
-    from fgcli.models import SetupError
-
-    try:
+    with _exit_codes(debug):
         rows = _model_rows(pattern)
-    except SetupError as exc:
-        _fail(str(exc), EXIT_USAGE)
     if not rows:
         _fail(f"no model matches {pattern!r}", EXIT_USAGE)
     for row in rows:

@@ -91,6 +91,12 @@ class RunConfig:
     command: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
+        check_not_blank({"--out": self.out, "--labels": self.labels,
+                         "--files-from": self.files_from, "--weights": self.weights,
+                         "--target": self.target, "--layers": self.layers,
+                         "--shard": self.shard, "--ray-address": self.ray_address})
+        if "" in self.inputs:
+            raise UsageError("an input is an empty path; give a file, a directory or -")
         bad = [s for s in self.save if s not in OUTPUT_KINDS]
         if bad:
             raise UsageError(f"--save: unknown output {bad[0]!r}; choose from "
@@ -108,7 +114,7 @@ class RunConfig:
             (self.max_pixels >= 1, "--max-pixels must be >= 1"),
             (self.ray_actors is None or self.ray_actors >= 1, "--ray-actors must be >= 1"),
             (self.dist_timeout > 0, "--dist-timeout must be > 0"),
-            (bool(self.model), "--model is required (see `fullgrad models`)"),
+            (bool(self.model.strip()), "--model is required (see `fullgrad models`)"),
             (bool(self.inputs) or self.files_from is not None,
              "give at least one input: a directory, an image, - for a list on stdin, "
              "or --files-from FILE"),
@@ -160,6 +166,30 @@ class RunConfig:
             data["overlay"] = self.overlay
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# what to give instead of an empty value, per option
+_BLANK_HINTS = {
+    "--out": "give a directory",
+    "--labels": "give a text file of class names",
+    "--files-from": "give a file that lists image paths",
+    "--weights": "give DEFAULT, a weights name, a checkpoint file, none or random",
+    "--target": "give pred, a class index or a class name",
+    "--layers": "give all, K (the last K layers) or name patterns",
+    "--shard": "give I/N",
+    "--ray-address": "give auto or ray://HOST:PORT, or leave the option out",
+    "--config": "give a TOML file",
+    "OUT": "give the output directory of a dump",
+}
+
+
+def check_not_blank(values: Mapping[str, str | None]) -> None:
+    """Options given as an empty or blank string are usage errors: an empty ``--out``
+    would silently mean the current directory, an empty ``--labels`` no labels at all."""
+    for option, value in values.items():
+        if value is not None and not value.strip():
+            hint = _BLANK_HINTS.get(option, "give a value")
+            raise UsageError(f"{option}: empty value; {hint}")
 
 
 def parse_model_args(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -259,6 +289,7 @@ def _toml_literal(value: Any) -> str:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Options from a TOML file: top-level keys are long option names (dashes or underscores)."""
+    check_not_blank({"--config": str(path)})
     p = Path(path)
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
@@ -284,7 +315,7 @@ def build_config(cli: Mapping[str, Any], config_file: str | None = None) -> RunC
     ``cli`` holds the command-line values; None means "not given".
     """
     merged: dict[str, Any] = {}
-    if config_file:
+    if config_file is not None:
         merged.update(read_config_file(config_file))
     for key, value in cli.items():
         if value is not None:

@@ -22,6 +22,7 @@ metadata; ``--size``, ``--mean``, ``--std`` and ``--labels`` override them.
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import fnmatch
 import re
@@ -337,14 +338,39 @@ def calibration_batch(size: int | tuple[int, int], seed: int = 0, n: int | None 
 
 
 def read_labels(path: str) -> tuple[str, ...]:
+    """Class names, one a line: UTF-8 (a byte-order mark is dropped) or UTF-16 with its
+    byte-order mark; blank lines are skipped and names stripped (``\r`` of Windows line
+    ends too). Anything else is a one-line UsageError naming the file."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        with open(path, "rb") as fh:
+            data = fh.read()
     except OSError as exc:
         raise UsageError(f"--labels: {path}: cannot read it ({exc.strerror or exc})") from exc
-    labels = tuple(line.strip() for line in lines if line.strip())
+    labels = tuple(line.strip() for line in _label_text(path, data).splitlines()
+                   if line.strip())
     if not labels:
         raise UsageError(f"--labels: {path}: no class names in it")
     return labels
+
+
+def _label_text(path: str, data: bytes) -> str:
+    """A labels file's bytes as text: UTF-16 by its byte-order mark, else UTF-8 (a BOM
+    dropped); a byte that fits neither is named with its offset in the file."""
+    if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        what, start, encoding = "UTF-16", 0, "utf-16"  # the BOM gives the byte order
+    else:
+        what, encoding = "UTF-8", "utf-8"
+        start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[start:].decode(encoding)
+    except UnicodeDecodeError as exc:
+        offset = start + exc.start
+        raise UsageError(f"--labels: {path}: not {what} text (invalid byte "
+                         f"0x{data[offset]:02x} at offset {offset})") from exc
+    if what == "UTF-8" and b"\x00" in data:  # UTF-16 without its BOM, or a binary file
+        raise UsageError(f"--labels: {path}: not UTF-8 text (invalid byte 0x00 at offset "
+                         f"{data.index(0)})")
+    return text
 
 
 
@@ -377,6 +403,7 @@ def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
     built model accepts instead. A model fixed to one input size (ViTs) refuses
     another.
     """
+    names = read_labels(labels) if labels is not None else None  # before any slow loading
     source = source_of(name)
     if source == "timm":
         from fgcli.sources import timm_source
@@ -394,8 +421,8 @@ def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
         built = tvision.load(name, weights, model_args=model_args, trust_pickle=trust_pickle)
     model = built.model
     categories, labels_from = built.categories, built.labels_from
-    if labels:
-        categories, labels_from = read_labels(labels), f"--labels {labels}"
+    if names is not None:
+        categories, labels_from = names, f"--labels {labels}"
     n_classes = built.num_classes or head_size(model)
     if categories is not None and n_classes is not None and len(categories) != n_classes:
         where = f"--labels: {labels}" if labels else labels_from

@@ -36,7 +36,9 @@ from fgcli.writer import (
     ImageJob,
     LockedError,
     OutputTree,
+    first_missing,
     outputs_present,
+    remove_created,
     shard_manifests,
     write_outputs,
 )
@@ -178,14 +180,29 @@ class DumpRun:
         self.shard: Shard | None = Shard.parse(cfg.shard) if cfg.shard else None
         self.collected: list[dict[str, Any]] | None = None  # records kept, not written
         self.outside_seen = False  # an earlier output leading out of the tree was reported
+        self.tree = OutputTree(cfg.out, self.shard.name if self.shard else None)
+        self.created: Path | None = None  # the topmost folder this run made for --out
+        self.locked = False
+        self.checked = False
 
     def setup(self) -> None:
-        self.prepare()
-        self.open_tree()
+        """Options, then the lock (a locked --out is refused before the model loads),
+        then the model and the tree's index. A failure after the lock releases it and
+        leaves no folder this run created."""
+        self.check_options()
+        self.lock()
+        try:
+            self.prepare()
+            self.open_tree()
+        except BaseException:
+            self.unlock()
+            raise
 
     # -- setup -----------------------------------------------------------------------
-    def prepare(self) -> None:
-        """Model, engine, batch size and fingerprint: everything but the output tree."""
+    def check_options(self) -> None:
+        """The checks that need no model: --files-from, --colormap, --device."""
+        if self.checked:
+            return
         cfg = self.cfg
         if cfg.files_from is not None and not os.path.isfile(cfg.files_from):
             raise UsageError(f"--files-from: {cfg.files_from}: no such file")
@@ -199,6 +216,12 @@ class DumpRun:
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # streams and events of cuda:N, not cuda:0
         self.report.device = str(self.device)
+        self.checked = True
+
+    def prepare(self) -> None:
+        """Model, engine, batch size and fingerprint: everything but the output tree."""
+        cfg = self.cfg
+        self.check_options()
         self.loaded: LoadedModel = load_model(
             cfg.model, cfg.weights, size=cfg.size, crop=cfg.crop, mean=cfg.mean, std=cfg.std,
             labels=cfg.labels, model_args=parse_model_args(cfg.model_args),
@@ -239,30 +262,44 @@ class DumpRun:
                                                     self.loaded.preprocessing.interpolation)
         self.ranks: list[int | None] = (list(range(1, cfg.topk + 1)) if cfg.topk
                                         else [None])
-        self.tree = OutputTree(cfg.out, self.shard.name if self.shard else None)
         from fgcli import devicejpeg
 
         self.device_jpeg = (cfg.device_jpeg if cfg.device_jpeg is not None
                             else devicejpeg.available(self.device))
 
-    def open_tree(self) -> None:
-        """Lock the tree (or this shard of it) and index what earlier runs did.
-
-        A plain run first folds shards left unmerged into ``manifest.jsonl``.
-        """
+    def lock(self) -> None:
+        """Take the tree's lock (or this shard's): SetupError naming the holder."""
         cfg = self.cfg
+        self.created = first_missing(cfg.out)
         try:
             self.tree.acquire(list(cfg.command))
         except LockedError as exc:
+            remove_created(cfg.out, self.created)
             raise SetupError(str(exc)) from exc
         except OSError as exc:  # --out is a file, unwritable, on a full disk...
+            remove_created(cfg.out, self.created)
             raise SetupError(f"--out {cfg.out}: cannot write there "
                              f"({exc.strerror or exc})") from exc
+        self.locked = True
+
+    def unlock(self) -> None:
+        """Release the lock after a failed start (see :meth:`OutputTree.abandon`)."""
+        if self.locked:
+            self.locked = False
+            self.tree.abandon(self.created)
+
+    def open_tree(self) -> None:
+        """Lock the tree unless :meth:`lock` did, and index what earlier runs did.
+
+        A plain run first folds shards left unmerged into ``manifest.jsonl``.
+        """
+        if not self.locked:
+            self.lock()
         if self.shard is None and shard_manifests(self.tree.root):
             try:
                 merged = merge_locked(self.tree)
             except BaseException:
-                self.tree.release()
+                self.unlock()
                 raise
             for line in merged.warnings:
                 self.reporter.warn(line)

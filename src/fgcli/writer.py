@@ -22,6 +22,7 @@ so a killed run leaves only whole files; the next run clears ``.tmp/``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import io
@@ -31,6 +32,7 @@ import os
 import shutil
 import socket
 import stat
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,6 +44,7 @@ import numpy as np
 from PIL import Image
 
 from fgcli import names, render
+from fgcli.errors import SetupError
 
 MANIFEST = "manifest.jsonl"
 RUN_JSON = "run.json"
@@ -190,6 +193,34 @@ class OutputTree:
             fcntl.lockf(fh.fileno(), fcntl.LOCK_UN)
             fh.close()
         self._locks = []
+
+    def abandon(self, created: Path | None) -> None:
+        """Release after a start that failed. When no other process holds the tree, also
+        remove what :meth:`acquire` put there and nothing else uses (a lock file alone,
+        empty scratch and shard folders) and, when this run created the directory
+        (``created``: the topmost folder it made, see :func:`first_missing`), the folders
+        up to ``created`` that are then empty: a failed start leaves no new empty tree."""
+        if not self._locks:
+            return
+        try:  # alone here? (a shard's shared lock becomes exclusive when no one shares it)
+            fcntl.lockf(self._locks[0].fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.release()
+            return
+        self._close_manifest()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        leftovers = [self.root / TMP]
+        if self.shard is not None:
+            (self.home / LOCK).unlink(missing_ok=True)
+            leftovers = [self.home, self.root / SHARDS, self.root / TMP]
+        for folder in leftovers:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        with contextlib.suppress(OSError):
+            if os.listdir(self.root) == [LOCK]:
+                (self.root / LOCK).unlink()
+        self.release()
+        remove_created(self.root, created)
 
     # -- paths and atomic writes ----------------------------------------------------------
     def path(self, kind: str, key: str, rank: int | None, cls: int | None) -> Path:
@@ -617,3 +648,54 @@ def outputs_present(tree: OutputTree, outputs: dict[str, str], save: tuple[str, 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# -- output places that are not a tree (eval's --out, a gallery's OUT) ------------------
+
+def first_missing(path: str | Path) -> Path | None:
+    """The topmost folder of ``path`` that does not exist yet (None: it exists): what
+    creating ``path`` makes, so that a run that then fails can take it away again."""
+    missing = None
+    p = Path(os.path.abspath(path))
+    while not os.path.lexists(p):
+        missing = p
+        if p.parent == p:
+            break
+        p = p.parent
+    return missing
+
+
+def remove_created(path: str | Path, created: Path | None) -> None:
+    """Remove ``path`` and its parents up to ``created`` while they are empty folders."""
+    p = Path(os.path.abspath(path))
+    if created is None or (created != p and created not in p.parents):
+        return
+    while True:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == created or p.parent == p:
+            return
+        p = p.parent
+
+
+def writable_dir(path: str | Path, label: str) -> Path | None:
+    """Create folder ``path`` if needed and check that files can be written in it (a
+    temporary file, removed at once), before any slow work. Returns the topmost folder
+    it created (None: none; see :func:`remove_created`); raises SetupError
+    ``LABEL PATH: cannot write there (reason)``."""
+    created = first_missing(path)
+    p = Path(path)
+    try:
+        if os.path.lexists(p) and not p.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(p))
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fullgrad-probe-", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        remove_created(p, created)
+        raise SetupError(f"{label} {path}: cannot write there ({exc.strerror or exc})"
+                         ) from exc
+    return created

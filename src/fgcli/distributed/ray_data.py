@@ -442,14 +442,20 @@ def run_ray(cfg: RunConfig, reporter: Reporter) -> RunReport:
     cwd = os.getcwd()
     driver_cfg = replace(cfg, device="cpu")  # the driver only checks the model and writes
     state = DumpRun(driver_cfg, reporter, sys.stdin)
-    state.prepare()
+    state.check_options()
+    state.lock()  # a locked --out is refused before the model loads
     owned = False
     how: Plan | None = None
     with _ray_notices_to(reporter, cfg.debug):
         try:
-            if _explicit_address(cfg) is not None:  # a wrong address fails before any line
-                owned = connect(cfg)
-            state.open_tree()
+            try:
+                state.prepare()
+                if _explicit_address(cfg) is not None:  # a wrong address fails before any line
+                    owned = connect(cfg)
+                state.open_tree()
+            except BaseException:
+                state.unlock()
+                raise
             try:
                 reporter.started({"model": cfg.model, "weights": state.loaded.weights,
                                   "device": "ray", "batch_size": state.batch_size,

@@ -12,6 +12,7 @@ of pixels changed, with bands too).
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fgcli import names
+from fgcli.errors import SetupError
 from fgcli.evaluate.run import EvalConfig, EvalResult
 
 WHAT = {
@@ -34,14 +36,22 @@ WHAT = {
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``path`` whole or not at all (a temporary file, then ``os.replace``); a
+    failure is a one-line SetupError naming the file."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise SetupError(f"no space left on device writing {path}") from exc
+        raise SetupError(f"--out {path.parent}: cannot write {path.name} "
+                         f"({exc.strerror or exc})") from exc
 
 
 def as_json(cfg: EvalConfig, result: EvalResult) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fgcli.config import UsageError, parse_model_args
+from fgcli.config import UsageError, check_not_blank, parse_model_args
 from fgcli.errors import SetupError
 
 METRICS = ("perturbation", "deletion", "insertion")
@@ -54,6 +54,11 @@ class EvalConfig:
     def __post_init__(self) -> None:
         from fgcli.evaluate.methods import parse_methods
 
+        check_not_blank({"--out": self.out, "--labels": self.labels, "--weights": self.weights,
+                         "--target": self.target, "--layers": self.layers})
+        if "" in self.inputs:
+            raise UsageError("an input is an empty path; give a file or a directory")
+
         try:
             object.__setattr__(self, "methods", tuple(parse_methods(
                 ",".join(self.methods) if self.methods else None)))
@@ -71,7 +76,7 @@ class EvalConfig:
                   (self.batch_size >= 1, "--batch-size must be >= 1"),
                   (self.samples >= 1, "--samples must be >= 1"),
                   (bool(self.inputs), "give the images to evaluate on (two or more)"),
-                  (bool(self.model), "--model is required")]
+                  (bool(self.model.strip()), "--model is required")]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
@@ -122,11 +127,63 @@ def run_eval(cfg: EvalConfig, progress: Callable[[int, int], None] | None = None
 
     ``progress(done, total)`` after each batch; ``on_failure(input, reason)`` for each
     image that cannot be read (it is left out; fewer than two readable images is an
-    error).
+    error). ``cfg.out`` is created and checked for writing first (SetupError), and the
+    inputs listed, before the model loads; a folder made for ``cfg.out`` goes again
+    when the evaluation fails.
     """
+    from fgcli.writer import remove_created, writable_dir
+
+    created = writable_dir(cfg.out, "--out")
+    try:
+        return _evaluate(cfg, progress, on_failure)
+    except BaseException:
+        remove_created(cfg.out, created)
+        raise
+
+
+def _readable(cfg: EvalConfig, on_failure: Callable[[str, str], None] | None
+              ) -> tuple[list[Any], list[tuple[str, str]]]:
+    """The inputs' images and the inputs that failed (with reasons); fewer than two
+    readable images is a UsageError naming the others and why."""
+    from fgcli.data import DecodeError, decode, discover
+
+    failed: list[tuple[str, str]] = []
+    items = []
+    for item in discover(cfg.inputs, exclude=cfg.out):
+        if item.error is not None:
+            failed.append((item.path, item.error))
+            if on_failure:
+                on_failure(item.path, item.error)
+        else:
+            items.append(item)
+    if len(items) < 2:  # say which of so few cannot be decoded (cheap: one at most)
+        found = len(items) + len(failed)
+        for item in items:
+            try:
+                decode(item.path, cfg.max_pixels)
+            except DecodeError as exc:
+                failed.append((item.path, str(exc)))
+                if on_failure:
+                    on_failure(item.path, str(exc))
+        _too_few(found, found - len(failed), failed)
+    return items, failed
+
+
+def _too_few(found: int, usable: int, failed: list[tuple[str, str]]) -> None:
+    """UsageError: eval needs two images; names up to three inputs that failed."""
+    named = "; ".join(f"{path}: {reason}" for path, reason in failed[:3])
+    more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
+    raise UsageError(f"eval needs at least two readable images for a standard error; found "
+                     f"{found} input(s), {usable} readable" + (f" ({named}{more})" if named
+                                                                  else ""))
+
+
+def _evaluate(cfg: EvalConfig, progress: Callable[[int, int], None] | None,
+              on_failure: Callable[[str, str], None] | None) -> EvalResult:
+    """:func:`run_eval` once the output place is known to be writable."""
     import torch
 
-    from fgcli.data import ImageDataset, collate, discover
+    from fgcli.data import ImageDataset, collate
     from fgcli.engine.decompose import extract_logits
     from fgcli.evaluate import metrics as M
     from fgcli.evaluate.methods import build
@@ -134,6 +191,7 @@ def run_eval(cfg: EvalConfig, progress: Callable[[int, int], None] | None = None
     from fgcli.pipeline import resolve_device, resolve_target
 
     started = time.perf_counter()
+    items, failed = _readable(cfg, on_failure)
     device = resolve_device(cfg.device)
     loaded = load_model(cfg.model, cfg.weights, size=cfg.size, crop=cfg.crop, mean=cfg.mean,
                         std=cfg.std, labels=cfg.labels,
@@ -144,20 +202,8 @@ def run_eval(cfg: EvalConfig, progress: Callable[[int, int], None] | None = None
         p.requires_grad_(False)
     proc = loaded.preprocessing
     norm = M.Normalisation(tuple(proc.mean), tuple(proc.std))
-    failed: list[tuple[str, str]] = []
-    items = []
-    for item in discover(cfg.inputs, exclude=cfg.out):
-        if item.error is not None:
-            failed.append((item.path, item.error))
-            if on_failure:
-                on_failure(item.path, item.error)
-        else:
-            items.append(item)
     dataset = ImageDataset(items, proc.size, proc.crop, proc.resize, proc.mean, proc.std,
                            False, cfg.max_pixels, proc.interpolation)
-    if len(items) < 2:
-        raise UsageError(f"eval needs at least two images for a standard error; got "
-                         f"{len(items)} readable input(s)")
 
     def batches():  # decoded lazily: memory does not grow with the number of images
         for start in range(0, len(items), cfg.batch_size):
@@ -212,8 +258,7 @@ def run_eval(cfg: EvalConfig, progress: Callable[[int, int], None] | None = None
         if progress:
             progress(done, len(items))
     if len(evaluated) < 2:
-        raise UsageError(f"eval needs at least two readable images for a standard error; "
-                         f"got {len(evaluated)}")
+        _too_few(len(evaluated) + len(failed), len(evaluated), failed)
     results = {m: {k: summarise(np.concatenate(v)) for k, v in per.items()}
                for m, per in values.items()}
     curve_stats = {m: {k: summarise(np.concatenate(c)) for k, c in per.items()}
