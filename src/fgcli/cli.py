@@ -2,13 +2,16 @@
 
 Exit codes: 0 every image ok (or skipped as already done); 1 some images
 failed, the rest were written; 2 usage or setup error (bad option, unknown
-model, missing weights, locked output); 3 an unexpected internal error (one
-line; ``--debug`` shows the traceback); 130 interrupted.
+model, missing weights, locked output, an output tree that can no longer be
+written: "no space left on device writing PATH"); 3 an unexpected internal error
+(one line; ``--debug`` shows the traceback); 130 SIGINT, 143 SIGTERM (finished
+images kept, ``run.json`` says ``"interrupted"``; see :mod:`fgcli.signals`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Optional
@@ -129,6 +132,11 @@ class ConsoleReporter:
     def finished(self, report: Any) -> None:
         if self.bar is not None:
             self.bar.close()
+        if getattr(report, "interrupted", None):  # one line, even with --quiet
+            err.print(f"fullgrad: {self.prefix}interrupted by {report.interrupted} after "
+                      f"{report.ok + report.failed} image(s); rerun the same command to "
+                      "resume", markup=False)
+            return
         if self.quiet or not self.lead:
             return
         from rich.table import Table
@@ -145,7 +153,28 @@ class ConsoleReporter:
         err.print(table)
 
 
+def _stoppable(command: Callable[..., None]) -> Callable[..., None]:
+    """Run ``command`` with the stop handlers of :mod:`fgcli.signals` installed from the
+    start (a signal while torch is imported or the model loads is one line too), and
+    restored afterwards (in-process callers keep theirs)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        from fgcli.signals import Interrupted, stop_signals
+
+        try:
+            with stop_signals():
+                command(*args, **kwargs)
+        except Interrupted as exc:
+            err.print(f"fullgrad: interrupted by {exc.name}; finished images are kept: "
+                      "rerun the same command to resume", markup=False)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
 @app.command()
+@_stoppable
 def dump(
     inputs: Annotated[Optional[list[str]], typer.Argument(
         help="Image files, directories (walked recursively) or - for a list of paths on "
