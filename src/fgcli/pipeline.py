@@ -9,6 +9,7 @@ number of images.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import itertools
 import os
@@ -403,6 +404,7 @@ class DumpRun:
             self._drain(0)
         except BaseException:  # a second signal: stop at once, the writes left unread
             pool.shutdown(wait=False, cancel_futures=True)
+            self._salvage()
             raise
         # writes given up on after a stop signal are not waited for again
         pool.shutdown(wait=not self.stop.requested, cancel_futures=True)
@@ -541,6 +543,17 @@ class DumpRun:
                     if self.cfg.fail_fast:
                         self.report.stopped_early = True
                 self._emit(rec)
+
+    def _salvage(self) -> None:
+        """On the way out of a failed or interrupted loop: the lines of images whose
+        writes are already done (no waiting), so a rerun does not compute them again."""
+        with contextlib.suppress(Exception):
+            while self.pending:
+                records, futures = self.pending.popleft()
+                for rec, fut in zip(records, futures):
+                    if fut.done() and not fut.cancelled() and fut.exception() is None:
+                        rec["outputs"] = fut.result()
+                        self._emit(rec)
 
     def _finished(self, fut: Future) -> bool:
         """Wait for one write: without limit, or until the deadline once a stop signal

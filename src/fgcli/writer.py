@@ -315,7 +315,9 @@ class OutputTree:
         self._atomic(dest, lambda fh: np.save(fh, array, allow_pickle=False))
 
     def write_npz(self, dest: Path, arrays: dict[str, np.ndarray]) -> None:
-        self._atomic(dest, lambda fh: np.savez_compressed(fh, **arrays))
+        encoded = io.BytesIO()  # zipfile wants a readable, seekable file
+        np.savez_compressed(encoded, **arrays)
+        self._atomic(dest, lambda fh: fh.write(encoded.getbuffer()))
 
     def write_json(self, dest: Path, data: dict[str, Any]) -> None:
         blob = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
