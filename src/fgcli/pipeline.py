@@ -295,7 +295,7 @@ class DumpRun:
         except TreeWriteError as exc:  # the manifest cannot take it: stop the run
             self.halted = self.halted or exc
 
-    def _halting(self) -> bool:
+    def halting(self) -> bool:
         """True once the run must take no new batch: --fail-fast after a failure, a tree
         that cannot be written, or a stop signal."""
         return self.report.stopped_early or self.halted is not None or self.stop.requested
@@ -357,7 +357,7 @@ class DumpRun:
         for chunk in _chunks(items, self.batch_size * CHUNK_BATCHES):
             todo: list[Item] = []
             for item in chunk:
-                if self._halting():
+                if self.halting():
                     break
                 if item.error is not None:
                     self._fail(item, item.error)
@@ -370,9 +370,9 @@ class DumpRun:
                         self._emit(rec)
                     continue
                 todo.append(item)
-            if todo and not self._halting():
+            if todo and not self.halting():
                 yield todo
-            if self._halting():
+            if self.halting():
                 return
 
     def dataset(self, todo: list[Item]) -> ImageDataset:
@@ -395,11 +395,11 @@ class DumpRun:
                     prefetch_factor=2 if self.workers > 0 else None,
                     worker_init_fn=ignore_stop_signals if self.workers > 0 else None)
                 for batch in loader:
-                    if self._halting():
+                    if self.halting():
                         break
                     self._batch(todo, batch)
                 self._drain(0)
-                if self._halting():
+                if self.halting():
                     break
             self._drain(0)
         except BaseException:  # a second signal: stop at once, the writes left unread
@@ -435,7 +435,7 @@ class DumpRun:
                                 "overlay" in self.cfg.save, self.cfg.max_pixels)
         for failure in batch.failures:
             self._fail(todo[failure.index], failure.error)
-        if batch.x is None or self._halting():
+        if batch.x is None or self.halting():
             return
         cfg = self.cfg
         start = time.perf_counter()

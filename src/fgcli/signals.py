@@ -46,6 +46,14 @@ class StopSignals:
         self.installed = installed
         self.name: str | None = None
         self._graceful = 0
+        self.signals: list[int] = []  # the signals whose handler is ours
+
+    def reclaim(self) -> None:
+        """Install the handlers again after a library replaced them (``ray.init`` sets
+        its own SIGTERM handler); the ones from before the run still come back at its end."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                signal.signal(sig, self.handle)
 
     @property
     def requested(self) -> bool:
@@ -88,6 +96,7 @@ def stop_signals() -> Iterator[StopSignals]:
         for sig in STOP_SIGNALS:
             if signal.getsignal(sig) is not signal.SIG_IGN:
                 previous[sig] = signal.signal(sig, stop.handle)
+                stop.signals.append(sig)
         _active = stop
         yield stop
     finally:

@@ -71,12 +71,18 @@ class TreeWriteError(SetupError):
         super().__init__(message)
         self.path = path
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled whole (a Ray actor raises it)
+        return (TreeWriteError, (str(self), self.path))
+
 
 class DiskFullError(TreeWriteError):
     """No space left (ENOSPC) or quota exceeded (EDQUOT) while writing ``path``."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(f"no space left on device writing {path}", path)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (DiskFullError, (self.path,))
 
 
 def _named(exc: OSError, path: Path) -> Exception:
