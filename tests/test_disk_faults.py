@@ -227,3 +227,26 @@ def test_a_real_small_filesystem(photos, tmp_path):
         moved = tmp_path / "moved"  # "after space is freed": the tree on a roomy disk
         shutil.copytree(out, moved)
     assert_resumable(photos, moved)
+
+
+def test_a_merge_on_a_full_disk_loses_nothing(tmp_path):
+    from fgcli.distributed.shards import merge
+
+    out = tmp_path / "out"
+    for index in range(2):
+        shard = OutputTree(out, f"{index}-of-2")
+        shard.acquire(["test"])
+        try:
+            for i in range(50):
+                shard.append(_record(f"s{index}/k{i}", time="2026-01-01T00:00:00"))
+        finally:
+            shard.release()
+    before = {p: p.read_bytes() for p in out.rglob("manifest.jsonl")}
+    with full_disk("*/.tmp/*", after=2000):
+        with pytest.raises(DiskFullError, match=f"no space left on device writing {out}"):
+            merge(out, ["test"])
+    assert {p: p.read_bytes() for p in out.rglob("manifest.jsonl")} == before
+    report = merge(out, ["test"])  # room again
+    assert report.records == 100
+    assert len(strict_lines(out / "manifest.jsonl")) == 100
+    assert not (out / "shards").exists()

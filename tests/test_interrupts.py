@@ -259,3 +259,48 @@ def test_torchrun_ranks_stop_without_waiting_and_a_rerun_finishes(photos, tmp_pa
                 for line in again.stdout.splitlines() if line.startswith("{")}
     assert len(statuses) == IMAGES
     assert {k for k, s in statuses.items() if s == "skipped"} == done
+
+
+@pytest.mark.slow
+def test_ray_driver_stops_taking_results_and_a_rerun_finishes(photos, tmp_path):
+    pytest.importorskip("ray.data")
+    out = tmp_path / "out"
+    args = [str(photos), *SMALL, "--out", str(out), "--ray", "--ray-actors", "1"]
+    proc = start([*args, "-q"])
+    wait_until(lambda: (out / "manifest.jsonl").is_file()
+               and (out / "manifest.jsonl").stat().st_size > 0, proc, timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fullgrad: interrupted by SIGTERM after")
+    assert json.loads((out / "run.json").read_text())["interrupted"] == "SIGTERM"
+    recs = strict_lines(out / "manifest.jsonl")
+    assert_tree_whole(out)  # files of images still in the actors may lack a line
+    done = {r["key"] for r in recs if r["status"] == "ok"}
+    again = subprocess.run([sys.executable, "-m", "fgcli", "dump", *args, "--json", "-q"],
+                           env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    statuses = {json.loads(line)["key"]: json.loads(line)["status"]
+                for line in again.stdout.splitlines()}
+    assert len(statuses) == IMAGES
+    assert {k for k, s in statuses.items() if s == "skipped"} == done
+
+
+def test_writes_in_flight_get_a_bounded_wait_after_a_stop(monkeypatch):
+    from concurrent.futures import Future
+
+    from fgcli import pipeline
+    from fgcli.config import build_config
+
+    cfg = build_config({"inputs": (str(PHOTO),), "model": "squeezenet1_1"}, None)
+    state = pipeline.DumpRun(cfg, pipeline.SilentReporter(), None)
+    done = Future()
+    done.set_result({})
+    assert state._finished(done)  # no stop: waits as long as it takes
+    state.stop.name = "SIGTERM"
+    monkeypatch.setattr(pipeline, "DRAIN_SECONDS", 0.3)
+    began = time.monotonic()
+    assert not state._finished(Future())  # a write that never ends is given up on
+    assert 0.25 < time.monotonic() - began < 3
+    assert state._finished(done)

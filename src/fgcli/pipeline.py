@@ -514,8 +514,6 @@ class DumpRun:
 
     def _autocast(self) -> Any:
         """--amp: bfloat16 autocast on the CPU, float16 on CUDA, nothing otherwise."""
-        import contextlib
-
         if not self.cfg.amp or self.device.type not in ("cpu", "cuda"):
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16

@@ -416,9 +416,10 @@ def write_records(state: DumpRun, records: Iterable[dict[str, Any]]) -> int:
     Returns the number of repeats dropped."""
     seen: set[tuple[str, int | None]] = set()
     dropped = 0
+    stop = getattr(state, "stop", None)
     for rec in records:
-        if state.stop.requested:  # a stop signal: take no more (Ray stops at shutdown)
-            break
+        if stop is not None and stop.requested:  # a stop signal: take no more (Ray stops
+            break  # its actors at shutdown)
         if not fresh(rec, seen):
             dropped += 1
             continue
