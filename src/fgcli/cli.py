@@ -12,12 +12,14 @@ Exit codes, the same for every command (:func:`_exit_codes` applies them):
   writing PATH").
 * 3: an unexpected internal error: one line; ``--debug`` prints the traceback first
   and still exits 3.
-* 130: interrupted (SIGINT, Ctrl-C); 143: terminated (SIGTERM).
+* 130: SIGINT (Ctrl-C), 143: SIGTERM: finished images kept, ``run.json`` says
+  ``"interrupted"`` (see :mod:`fgcli.signals`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import traceback
@@ -190,6 +192,11 @@ class ConsoleReporter:
     def finished(self, report: Any) -> None:
         if self.bar is not None:
             self.bar.close()
+        if getattr(report, "interrupted", None):  # one line, even with --quiet
+            err.print(f"fullgrad: {self.prefix}interrupted by {report.interrupted} after "
+                      f"{report.ok + report.failed} image(s); rerun the same command to "
+                      "resume", markup=False)
+            return
         if self.quiet or not self.lead:
             return
         from rich.table import Table
@@ -206,7 +213,28 @@ class ConsoleReporter:
         err.print(table)
 
 
+def _stoppable(command: Callable[..., None]) -> Callable[..., None]:
+    """Run ``command`` with the stop handlers of :mod:`fgcli.signals` installed from the
+    start (a signal while torch is imported or the model loads is one line too), and
+    restored afterwards (in-process callers keep theirs)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        from fgcli.signals import Interrupted, stop_signals
+
+        try:
+            with stop_signals():
+                command(*args, **kwargs)
+        except Interrupted as exc:
+            err.print(f"fullgrad: interrupted by {exc.name}; finished images are kept: "
+                      "rerun the same command to resume", markup=False)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
 @app.command()
+@_stoppable
 def dump(
     inputs: Annotated[Optional[list[str]], typer.Argument(
         help="Image files, directories (walked recursively) or - for a list of paths on "

@@ -9,6 +9,7 @@ number of images.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import itertools
 import os
@@ -17,7 +18,7 @@ import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,12 +31,14 @@ from fgcli.config import Method, RunConfig, UsageError, parse_model_args
 from fgcli.data import Batch, ImageDataset, Item, collate, discover
 from fgcli.distributed.shards import Shard, merge_locked
 from fgcli.models import LoadedModel, SetupError, load_model
+from fgcli.signals import EXIT_CODES, StopSignals, ignore_stop_signals, stop_signals
 from fgcli.writer import (
     MANIFEST_SCHEMA,
     BadLines,
     ImageJob,
     LockedError,
     OutputTree,
+    TreeWriteError,
     first_missing,
     outputs_present,
     remove_created,
@@ -45,6 +48,7 @@ from fgcli.writer import (
 
 CHUNK_BATCHES = 32  # batches per DataLoader (bounds memory for endless input lists)
 PENDING_BATCHES = 3  # batches being encoded / written at once
+DRAIN_SECONDS = 30.0  # after a stop signal: how long writes in flight may take to finish
 
 
 @dataclass
@@ -58,6 +62,7 @@ class RunReport:
     first_error: str | None = None
     device: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    interrupted: str | None = None  # "SIGINT" / "SIGTERM": stopped by that signal
 
     @property
     def images(self) -> int:
@@ -65,7 +70,10 @@ class RunReport:
 
     @property
     def exit_code(self) -> int:
-        """0: every image ok or skipped as done; 1: some images failed."""
+        """0: every image ok or skipped as done; 1: some images failed; 130 / 143:
+        stopped by SIGINT / SIGTERM."""
+        if self.interrupted:
+            return EXIT_CODES.get(self.interrupted, 130)
         return 1 if self.failed else 0
 
 
@@ -184,6 +192,9 @@ class DumpRun:
         self.created: Path | None = None  # the topmost folder this run made for --out
         self.locked = False
         self.checked = False
+        self.stop = StopSignals(installed=False)  # run() puts the installed handlers here
+        self.halted: TreeWriteError | None = None  # the tree cannot be written: stop
+        self.drain_until: float | None = None  # deadline for writes in flight once stopping
 
     def setup(self) -> None:
         """Options, then the lock (a locked --out is refused before the model loads),
@@ -329,7 +340,15 @@ class DumpRun:
         if self.collected is not None:  # a Ray actor: the driver writes the manifest
             self.collected.append(record)
             return
-        self.write_record(record)
+        try:
+            self.write_record(record)
+        except TreeWriteError as exc:  # the manifest cannot take it: stop the run
+            self.halted = self.halted or exc
+
+    def halting(self) -> bool:
+        """True once the run must take no new batch: --fail-fast after a failure, a tree
+        that cannot be written, or a stop signal."""
+        return self.report.stopped_early or self.halted is not None or self.stop.requested
 
     def write_record(self, record: dict[str, Any]) -> None:
         """Append one finished record to the manifest, count it and report it."""
@@ -402,7 +421,7 @@ class DumpRun:
         for chunk in _chunks(items, self.batch_size * CHUNK_BATCHES):
             todo: list[Item] = []
             for item in chunk:
-                if self.report.stopped_early:
+                if self.halting():
                     break
                 if item.error is not None:
                     self._fail(item, item.error)
@@ -415,9 +434,9 @@ class DumpRun:
                         self._emit(rec)
                     continue
                 todo.append(item)
-            if todo and not self.report.stopped_early:
+            if todo and not self.halting():
                 yield todo
-            if self.report.stopped_early:
+            if self.halting():
                 return
 
     def dataset(self, todo: list[Item]) -> ImageDataset:
@@ -428,23 +447,31 @@ class DumpRun:
                             proc.interpolation, encoded_jpeg=self.device_jpeg)
 
     def execute(self) -> None:
-        with ThreadPoolExecutor(max_workers=self.writers,
-                                   thread_name_prefix="fgcli-writer") as pool:
-            self.pool = pool
+        """Every chunk through the engine, writing as it goes, until done or halted."""
+        pool = ThreadPoolExecutor(max_workers=self.writers, thread_name_prefix="fgcli-writer")
+        self.pool = pool
+        try:
             for todo in self.todo_chunks():
                 loader = torch.utils.data.DataLoader(
                     self.dataset(todo), batch_size=self.batch_size, shuffle=False,
                     num_workers=self.workers, collate_fn=collate,
                     pin_memory=self.device.type == "cuda",
-                    prefetch_factor=2 if self.workers > 0 else None)
+                    prefetch_factor=2 if self.workers > 0 else None,
+                    worker_init_fn=ignore_stop_signals if self.workers > 0 else None)
                 for batch in loader:
-                    self._batch(todo, batch)
-                    if self.report.stopped_early:
+                    if self.halting():
                         break
+                    self._batch(todo, batch)
                 self._drain(0)
-                if self.report.stopped_early:
+                if self.halting():
                     break
             self._drain(0)
+        except BaseException:  # a second signal: stop at once, the writes left unread
+            pool.shutdown(wait=False, cancel_futures=True)
+            self._salvage()
+            raise
+        # writes given up on after a stop signal are not waited for again
+        pool.shutdown(wait=not self.stop.requested, cancel_futures=True)
 
     def compute(self, todo: list[Item], batch: Batch) -> list[dict[str, Any]]:
         """One batch through the engine with its files written, returning its records
@@ -456,6 +483,8 @@ class DumpRun:
         try:
             self._batch(todo, batch)
             self._drain(0)
+            if self.halted is not None:  # a full disk: the driver stops the run
+                raise self.halted
             return self.collected
         finally:
             self.collected = None
@@ -470,7 +499,7 @@ class DumpRun:
                                 "overlay" in self.cfg.save, self.cfg.max_pixels)
         for failure in batch.failures:
             self._fail(todo[failure.index], failure.error)
-        if batch.x is None or self.report.stopped_early:
+        if batch.x is None or self.halting():
             return
         cfg = self.cfg
         start = time.perf_counter()
@@ -549,20 +578,27 @@ class DumpRun:
 
     def _autocast(self) -> Any:
         """--amp: bfloat16 autocast on the CPU, float16 on CUDA, nothing otherwise."""
-        import contextlib
-
         if not self.cfg.amp or self.device.type not in ("cpu", "cuda"):
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _drain(self, keep: int) -> None:
-        """Write manifest lines of finished batches, oldest first, until ``keep`` remain."""
+        """Write manifest lines of finished batches, oldest first, until ``keep`` remain.
+
+        An image whose write hit a full disk gets no line (a rerun computes it) and halts
+        the run; any other write error fails that image. After a stop signal the wait is
+        bounded (``DRAIN_SECONDS``): writes still running then get no line either."""
         while len(self.pending) > keep:
             records, futures = self.pending.popleft()
             for rec, fut in zip(records, futures):
+                if not self._finished(fut):
+                    continue
                 try:
                     rec["outputs"] = fut.result()
+                except TreeWriteError as exc:
+                    self.halted = self.halted or exc
+                    continue
                 except Exception as exc:  # noqa: BLE001 - a write error fails one image
                     rec.update(status="failed", outputs={},
                                error=f"cannot write outputs: {_one_line(exc)}")
@@ -570,11 +606,47 @@ class DumpRun:
                         self.report.stopped_early = True
                 self._emit(rec)
 
+    def _salvage(self) -> None:
+        """On the way out of a failed or interrupted loop: the lines of images whose
+        writes are already done (no waiting), so a rerun does not compute them again."""
+        with contextlib.suppress(Exception):
+            while self.pending:
+                records, futures = self.pending.popleft()
+                for rec, fut in zip(records, futures):
+                    if fut.done() and not fut.cancelled() and fut.exception() is None:
+                        rec["outputs"] = fut.result()
+                        self._emit(rec)
+
+    def _finished(self, fut: Future) -> bool:
+        """Wait for one write: without limit, or until the deadline once a stop signal
+        came (polled, so a signal that arrives meanwhile starts the deadline)."""
+        while True:
+            if self.stop.requested and self.drain_until is None:
+                self.drain_until = time.monotonic() + DRAIN_SECONDS
+            left = None if self.drain_until is None else self.drain_until - time.monotonic()
+            if left is not None and left <= 0:
+                return fut.done()
+            wait([fut], timeout=0.5 if left is None else min(left, 0.5))
+            if fut.done():
+                return True
+
     def finish(self, started: float, started_at: str) -> None:
+        """Compact the manifest and write ``run.json``. After a write failure that halted
+        the run only ``run.json`` is tried (compaction needs room for a second copy of
+        the manifest; the appended one is whole, and the next run compacts it)."""
         self.report.seconds = time.perf_counter() - started
-        self.tree.compact_manifest()
+        self.report.interrupted = self.stop.name
+        try:
+            if self.halted is None:
+                self.tree.compact_manifest()
+            self.tree.write_json(self.tree.run_json_path, self.run_info(started_at))
+        except TreeWriteError as exc:
+            self.halted = self.halted or exc
+
+    def run_info(self, started_at: str) -> dict[str, Any]:
+        """What ``run.json`` says about this run."""
         cfg = self.cfg
-        self.tree.write_json(self.tree.run_json_path, {
+        return {
             "schema": MANIFEST_SCHEMA,
             **({"shard": str(self.shard)} if self.shard else {}),
             "command": list(cfg.command),
@@ -600,7 +672,9 @@ class DumpRun:
             "counts": {"ok": self.report.ok, "failed": self.report.failed,
                        "skipped": self.report.skipped},
             "stopped_early": self.report.stopped_early,
-        })
+            "interrupted": self.stop.name,  # "SIGINT" / "SIGTERM", or null
+            "error": str(self.halted) if self.halted is not None else None,
+        }
 
 
 class _MapOf:
@@ -746,19 +820,29 @@ def versions() -> dict[str, str]:
 
 
 def run(cfg: RunConfig, reporter: Reporter | None = None, stdin: Any = None) -> RunReport:
-    """Run a dump. Raises UsageError / SetupError before anything is written."""
+    """Run a dump. Raises UsageError / SetupError before anything is written;
+    :class:`fgcli.writer.TreeWriteError` (:class:`fgcli.writer.DiskFullError`) when the
+    tree could no longer be written, after keeping what was finished;
+    :class:`fgcli.signals.Interrupted` for a stop signal before the run loop or a second
+    one. A first SIGINT / SIGTERM in the loop ends it early: ``report.interrupted``.
+    Signal handlers are installed only for the call (main thread only)."""
     reporter = reporter or SilentReporter()
-    started = time.perf_counter()
-    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    state = DumpRun(cfg, reporter, stdin if stdin is not None else sys.stdin)
-    state.setup()
-    try:
-        reporter.started({"model": cfg.model, "weights": state.loaded.weights,
-                          "device": str(state.device), "batch_size": state.batch_size,
-                          "workers": state.workers, "out": cfg.out})
-        state.execute()
-        state.finish(started, started_at)
-    finally:
-        state.tree.release()
+    with stop_signals() as stop:
+        started = time.perf_counter()
+        started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        state = DumpRun(cfg, reporter, stdin if stdin is not None else sys.stdin)
+        state.stop = stop
+        state.setup()
+        try:
+            reporter.started({"model": cfg.model, "weights": state.loaded.weights,
+                              "device": str(state.device), "batch_size": state.batch_size,
+                              "workers": state.workers, "out": cfg.out})
+            with stop.graceful():
+                state.execute()
+                state.finish(started, started_at)
+        finally:
+            state.tree.release()
+    if state.halted is not None:
+        raise state.halted
     reporter.finished(state.report)
     return state.report

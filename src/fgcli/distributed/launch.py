@@ -29,7 +29,7 @@ def run_dump(cfg: RunConfig, reporter_for: ReporterFactory, stdin: Any = None) -
             "--gallery without decomp in --save: the detail view will have no "
             "decomposition chart (--save heatmap,overlay,map,decomp)")
     report = _engine(cfg, reporter_for, stdin, env)
-    if cfg.gallery and leads:
+    if cfg.gallery and leads and not report.interrupted:
         from fgcli.gallery import GalleryError, build_gallery
 
         try:

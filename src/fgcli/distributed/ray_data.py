@@ -64,7 +64,8 @@ from fgcli.config import RunConfig, replace
 from fgcli.data import Box, Failure, ImageDataset, Item, Sample, collate
 from fgcli.errors import SetupError
 from fgcli.pipeline import Reporter, RunReport, DumpRun, SilentReporter
-from fgcli.writer import check_record
+from fgcli.signals import stop_signals
+from fgcli.writer import TreeWriteError, check_record
 
 MAX_BLOCKS = 10_000  # input blocks (one decoding task each) for very long lists
 
@@ -116,6 +117,20 @@ def _ray_error_line(exc: BaseException) -> str:
     first = text[0] if text else ""
     name = type(exc).__name__
     return f"{name}: {first}" if first and not first.startswith(name) else (first or name)
+
+
+def _tree_error(exc: BaseException) -> TreeWriteError | None:
+    """The TreeWriteError at the root of Ray's wrapped exceptions, if that is the cause."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, TreeWriteError):
+            return TreeWriteError(str(exc), exc.path)
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return None
 
 
 def _quiet_ray(cfg: RunConfig) -> None:
@@ -390,6 +405,9 @@ def _records(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - every Ray failure ends here, one line
+            full = _tree_error(exc)
+            if full is not None:  # an actor could not write the tree (a full disk)
+                raise full from exc
             raise RayRunError(f"Ray: {_ray_error_line(exc)} (finished images are kept: "
                               "rerun the same command to resume)") from exc
         yield json.loads(row["record"])
@@ -403,7 +421,10 @@ def write_records(state: DumpRun, records: Iterable[dict[str, Any]]) -> int:
     seen: set[tuple[str, int | None]] = set()
     dropped = 0
     bad: list[str] = []
+    stop = getattr(state, "stop", None)
     for rec in records:
+        if stop is not None and stop.requested:  # a stop signal: take no more (Ray stops
+            break  # its actors at shutdown)
         reason = check_record(rec)
         if reason is not None:
             bad.append(reason)
@@ -411,7 +432,11 @@ def write_records(state: DumpRun, records: Iterable[dict[str, Any]]) -> int:
         if not fresh(rec, seen):
             dropped += 1
             continue
-        state.write_record(rec)
+        try:
+            state.write_record(rec)
+        except TreeWriteError as exc:  # the manifest cannot be written: stop, keep it whole
+            state.halted = exc
+            break
         if rec["status"] == "failed" and state.cfg.fail_fast:
             state.report.stopped_early = True
             break
@@ -434,7 +459,14 @@ def _configure_data_context(cfg: RunConfig) -> None:
 
 def run_ray(cfg: RunConfig, reporter: Reporter) -> RunReport:
     """A dump on Ray (see the module docstring). Raises SetupError before Ray starts when
-    the model, the output tree or the cluster address is wrong."""
+    the model, the output tree or the cluster address is wrong. A first SIGINT / SIGTERM
+    stops taking records: those already back are written, ``run.json`` says
+    ``interrupted``, and the images still in the actors are done again by a rerun."""
+    with stop_signals() as stop:
+        return _run_ray(cfg, reporter, stop)
+
+
+def _run_ray(cfg: RunConfig, reporter: Reporter, stop: Any) -> RunReport:
     ray = _import_ray()
     _quiet_ray(cfg)
     started = time.perf_counter()
@@ -442,6 +474,7 @@ def run_ray(cfg: RunConfig, reporter: Reporter) -> RunReport:
     cwd = os.getcwd()
     driver_cfg = replace(cfg, device="cpu")  # the driver only checks the model and writes
     state = DumpRun(driver_cfg, reporter, sys.stdin)
+    state.stop = stop
     state.check_options()
     state.lock()  # a locked --out is refused before the model loads
     owned = False
@@ -452,6 +485,7 @@ def run_ray(cfg: RunConfig, reporter: Reporter) -> RunReport:
                 state.prepare()
                 if _explicit_address(cfg) is not None:  # a wrong address fails before any line
                     owned = connect(cfg)
+                    stop.reclaim()  # ray.init installs its own SIGTERM handler
                 state.open_tree()
             except BaseException:
                 state.unlock()
@@ -460,20 +494,24 @@ def run_ray(cfg: RunConfig, reporter: Reporter) -> RunReport:
                 reporter.started({"model": cfg.model, "weights": state.loaded.weights,
                                   "device": "ray", "batch_size": state.batch_size,
                                   "workers": 0, "out": cfg.out})
-                items = _todo(state)
-                if items and not state.report.stopped_early:  # else Ray is not needed
-                    if not ray.is_initialized():
-                        owned = connect(cfg)
-                    how = _compute(state, items, cfg, cwd, reporter)
-                state.report.device = how.device if how else state.report.device
-                state.report.extra = {"engine": "ray", "actors": how.actors if how else 0}
-                state.finish(started, started_at)
-                _note_engine(state, how)
+                with stop.graceful():
+                    items = _todo(state)
+                    if items and not state.halting():  # else Ray is not needed
+                        if not ray.is_initialized():
+                            owned = connect(cfg)
+                            stop.reclaim()
+                        how = _compute(state, items, cfg, cwd, reporter)
+                    state.report.device = how.device if how else state.report.device
+                    state.report.extra = {"engine": "ray", "actors": how.actors if how else 0}
+                    state.finish(started, started_at)
+                    _note_engine(state, how)
             finally:
                 state.tree.release()
         finally:
             if owned:
                 ray.shutdown()
+    if state.halted is not None:
+        raise state.halted
     reporter.finished(state.report)
     return state.report
 

@@ -10,8 +10,9 @@ given an output directory that every node sees (NFS, Lustre, ...).
 Finishing: every rank posts its counts (or its error) in the store. Rank 0 waits for all
 of them, merges the shard manifests (unless a rank failed: its shard then stays for a
 rerun) and posts the outcome; the other ranks wait for that one key, so the store's load
-does not grow with the square of the ranks. Then a barrier, and every rank exits with the
-run-wide exit code (so torchrun's own status agrees). Waiting is bounded by progress,
+does not grow with the square of the ranks. Every rank then reads the totals and says
+goodbye (a ``bye`` key; rank 0, which may host the store, leaves last, once every rank has
+said it), and exits with the run-wide exit code (so torchrun's own status agrees). Waiting is bounded by progress,
 not by the run's length: each rank beats a heartbeat key every few seconds while its
 main thread finishes batches (or waits), and a rank whose heartbeat stops for
 ``--dist-timeout`` seconds is given up on with one clear line; what it finished is kept,
@@ -19,6 +20,13 @@ and rerunning the same command resumes its shard. (torchrun itself stops all ran
 one process dies; the heartbeat covers hung ranks and nodes that vanish.) A rank that
 cannot start (its shard locked, a bad option) posts its error at once, but the others
 finish their shards before the job ends with that error.
+
+Signals: a rank stopped by SIGINT / SIGTERM (torchrun forwards them, a terminal's Ctrl-C
+reaches every rank) stops as a single run does (:mod:`fgcli.signals`), posts its counts
+marked ``interrupted`` and leaves at once with 130 / 143, waiting for nobody; it says
+goodbye even when stopped while waiting. Rank 0 then does not merge (the shards stay for
+the rerun, which resumes each), and a rank 0 that is stopped posts that outcome, so no
+rank waits for a merge that will not come.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from fgcli.config import RunConfig, UsageError, replace
 from fgcli.distributed.shards import Shard, merge
 from fgcli.errors import SetupError
 from fgcli.pipeline import RunReport, run
+from fgcli.signals import Interrupted
 
 BEAT_SECONDS = 2.0
 PREFIX = "fgcli/"
@@ -192,42 +201,20 @@ def run_rank(cfg: RunConfig, env: RankEnv, reporter_for: Any) -> RunReport:
     # decoding workers and writer threads follow the rank's share of the node's cores
     # (pipeline.cores_per_process reads LOCAL_WORLD_SIZE)
     rank_cfg = replace(cfg, shard=str(shard), device=device)
-    report = RunReport(out=cfg.out, device=device)
-    error: str | None = None
-    raised: BaseException | None = None
     ranks = list(range(env.world))
     try:
-        try:
-            report = run(rank_cfg, reporter)
-        except (SetupError, UsageError) as exc:
-            error = str(exc)
-        except BaseException as exc:  # noqa: BLE001 - posted, the protocol finished, raised
-            error = ("interrupted" if isinstance(exc, KeyboardInterrupt) else
-                     f"internal error: {type(exc).__name__}: {exc}".splitlines()[0])
-            raised = exc
+        report, error, raised = _run_shard(rank_cfg, reporter, cfg.out, device)
+        stopped = report.interrupted or (raised.name if isinstance(raised, Interrupted)
+                                         else None)
         store.set(f"{prefix}done/{env.rank}", json.dumps({
             "ok": report.ok, "failed": report.failed, "skipped": report.skipped,
             "seconds": report.seconds, "stopped_early": report.stopped_early,
-            "error": error}))
-        if lead:  # only rank 0 watches every rank (the others watch rank 0 alone)
-            _wait_for(store, {r: f"{prefix}done/{r}" for r in ranks}, cfg.dist_timeout,
-                      "every rank to finish its shard", prefix, beat)
-            errors = _errors(store, prefix, ranks)
-            outcome = "merge failed: rank 0 stopped while merging"
-            try:
-                if not errors:
-                    for line in merge(cfg.out, list(cfg.command)).warnings:
-                        reporter.warn(line)
-                outcome = "ok"
-            except SetupError as exc:
-                outcome = f"merge failed: {exc}"
-            finally:  # the others wait for this key, whatever happened
-                store.set(f"{prefix}merged", outcome)
-        else:
-            _wait_for(store, {0: f"{prefix}merged"}, cfg.dist_timeout,
-                      "rank 0 to merge the shards", prefix, beat)
-        dist.barrier()  # everyone is here: rank 0 has merged
-        total = _total(store, prefix, ranks, cfg.out, device)
+            "error": error, "interrupted": stopped}))
+        if stopped:  # a stop signal: leave at once, the others do not wait for this rank
+            if raised is not None:
+                raise raised
+            return report
+        total = _agree(store, prefix, ranks, cfg, device, beat, lead, reporter.warn)
         if lead:
             reporter.release(total)
         if raised is not None:
@@ -243,6 +230,7 @@ def run_rank(cfg: RunConfig, env: RankEnv, reporter_for: Any) -> RunReport:
             raise SetupError(outcome)
         return total
     finally:
+        _leave(store, prefix, env.rank, lead)
         beat.close()
         try:
             dist.destroy_process_group()
@@ -250,13 +238,78 @@ def run_rank(cfg: RunConfig, env: RankEnv, reporter_for: Any) -> RunReport:
             pass
 
 
+def _run_shard(cfg: RunConfig, reporter: Any, out: str, device: str
+               ) -> tuple[RunReport, str | None, BaseException | None]:
+    """This rank's shard: (report, error line to post, exception to raise after the
+    finish); a stop signal before the loop or a second one comes back as ``raised``."""
+    try:
+        return run(cfg, reporter), None, None
+    except (SetupError, UsageError) as exc:
+        return RunReport(out=out, device=device), str(exc), None
+    except BaseException as exc:  # noqa: BLE001 - posted, the protocol finished, raised
+        if isinstance(exc, Interrupted):
+            error = f"interrupted by {exc.name}"
+        elif isinstance(exc, KeyboardInterrupt):
+            error = "interrupted"
+        else:
+            error = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]
+        return RunReport(out=out, device=device), error, exc
+
+
+def _agree(store: Any, prefix: str, ranks: list[int], cfg: RunConfig, device: str,
+           beat: _Heartbeat, lead: bool, warn: Any) -> RunReport:
+    """Rank 0 waits for every rank's counts, merges (unless a rank failed or stopped;
+    the merge's warnings go to ``warn``) and posts the outcome; the others wait for that. Then every rank reads the totals;
+    rank 0 leaves last (it may host the store), once each rank has said goodbye."""
+    if lead:  # only rank 0 watches every rank (the others watch rank 0 alone)
+        _wait_for(store, {r: f"{prefix}done/{r}" for r in ranks}, cfg.dist_timeout,
+                  "every rank to finish its shard", prefix, beat)
+        errors = _errors(store, prefix, ranks)
+        outcome = "merge failed: rank 0 stopped while merging"
+        try:
+            if not errors:
+                for line in merge(cfg.out, list(cfg.command)).warnings:
+                    warn(line)
+            outcome = "ok"
+        except SetupError as exc:
+            outcome = f"merge failed: {exc}"
+        finally:  # the others wait for this key, whatever happened
+            store.set(f"{prefix}merged", outcome)
+    else:
+        _wait_for(store, {0: f"{prefix}merged"}, cfg.dist_timeout,
+                  "rank 0 to merge the shards", prefix, beat)
+    total = _total(store, prefix, ranks, cfg.out, device)
+    if lead:  # instead of a barrier: a rank that was stopped by a signal has said goodbye
+        _wait_for(store, {r: f"{prefix}bye/{r}" for r in ranks[1:]}, cfg.dist_timeout,
+                  "every rank to read the outcome", prefix, beat)
+    return total
+
+
+def _leave(store: Any, prefix: str, rank: int, lead: bool) -> None:
+    """Say goodbye (rank 0 waits for it, not for a barrier a stopped rank never reaches);
+    rank 0 leaving without an outcome (a stop signal) posts one, so nobody waits."""
+    try:
+        if lead and not store.check([f"{prefix}merged"]):
+            store.set(f"{prefix}merged", "rank 0 was interrupted; finished images are kept "
+                                         "in their shards: rerun the same command")
+        store.set(f"{prefix}bye/{rank}", "1")
+    except Exception:  # noqa: BLE001 - the store is gone: the job is ending anyway
+        pass
+
+
 def _posted(store: Any, prefix: str, ranks: list[int]) -> list[dict[str, Any]]:
     return [json.loads(store.get(f"{prefix}done/{r}")) for r in ranks]
 
 
 def _errors(store: Any, prefix: str, ranks: list[int]) -> list[str]:
-    return [f"rank {r}: {p['error']}" for r, p in zip(ranks, _posted(store, prefix, ranks))
-            if p["error"]]
+    """Ranks that failed or were stopped by a signal (their shards are not merged)."""
+    found = []
+    for r, p in zip(ranks, _posted(store, prefix, ranks)):
+        error = p["error"] or (f"interrupted by {p['interrupted']}"
+                               if p.get("interrupted") else None)
+        if error:
+            found.append(f"rank {r}: {error}")
+    return found
 
 
 def _total(store: Any, prefix: str, ranks: list[int], out: str, device: str) -> RunReport:
@@ -297,7 +350,7 @@ class _RankReporter:
         self.inner.record(record, line, image_done)
 
     def finished(self, report: RunReport) -> None:
-        if not self.lead:
+        if not self.lead or report.interrupted:  # an interrupted rank 0 is not summed up
             self.inner.finished(report)  # quiet on other ranks: closes nothing but a bar
 
     def release(self, total: RunReport) -> None:

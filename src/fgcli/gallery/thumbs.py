@@ -9,6 +9,7 @@ so a killed build leaves whole files only. JPEG sources are decoded at a reduced
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -19,6 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from fgcli.names import display
+from fgcli.writer import write_all
 
 THUMB = 256
 QUALITY = 82
@@ -54,10 +56,14 @@ def make_thumb(source: Path, dest: Path, size: int = THUMB) -> None:
         img = img.convert("RGB")
         img.thumbnail((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    encoded = io.BytesIO()  # not into the file: Pillow's writes to a descriptor ignore
+    img.save(encoded, "JPEG", quality=QUALITY)  # short writes (a full disk)
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=dest.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, "JPEG", quality=QUALITY)
+        try:
+            write_all(fd, encoded.getbuffer())  # every byte, or an error
+        finally:
+            os.close(fd)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,112 @@
+"""SIGINT and SIGTERM during a dump: stop taking batches, keep what is finished, exit.
+
+While a run is in its loop (:meth:`StopSignals.graceful`), the first SIGINT or SIGTERM
+only asks it to stop: no new batch starts, the writes in flight finish (bounded), their
+manifest lines are appended, ``run.json`` records ``"interrupted": "SIGINT"`` (or
+``"SIGTERM"``), and the command exits 130 (143). Outside the loop (loading the model)
+and for a second signal, :class:`Interrupted` is raised at once; the manifest stays
+whole either way (every line is one checked write), and a rerun resumes.
+
+Handlers are installed only from the main thread, only for signals that are not
+ignored (a job started in the background with SIGINT ignored keeps it so), and the
+previous handlers come back when the run ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+
+class Interrupted(BaseException):
+    """A signal that stops the run at once (before its loop, or a second signal).
+
+    Not a KeyboardInterrupt: code that reports a user model's own KeyboardInterrupt as
+    the model's failure must let this one through."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(self.name, 130)
+
+
+class StopSignals:
+    """What the handlers saw: ``name`` of the first stop signal, None until one came."""
+
+    def __init__(self, installed: bool) -> None:
+        self.installed = installed
+        self.name: str | None = None
+        self._graceful = 0
+        self.signals: list[int] = []  # the signals whose handler is ours
+
+    def reclaim(self) -> None:
+        """Install the handlers again after a library replaced them (``ray.init`` sets
+        its own SIGTERM handler); the ones from before the run still come back at its end."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                signal.signal(sig, self.handle)
+
+    @property
+    def requested(self) -> bool:
+        return self.name is not None
+
+    @contextlib.contextmanager
+    def graceful(self) -> Iterator[None]:
+        """Within: the first signal only sets :attr:`name`; the run polls it."""
+        self._graceful += 1
+        try:
+            yield
+        finally:
+            self._graceful -= 1
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        first = self.name is None
+        if first:
+            self.name = signal.Signals(signum).name
+        if not (first and self._graceful):
+            raise Interrupted(self.name or signal.Signals(signum).name)
+
+
+_active: StopSignals | None = None
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[StopSignals]:
+    """Install the stop handlers for the duration (nested calls share the outer ones;
+    outside the main thread nothing is installed and nothing is ever requested)."""
+    global _active
+    if _active is not None:
+        yield _active
+        return
+    if threading.current_thread() is not threading.main_thread():
+        yield StopSignals(installed=False)
+        return
+    stop = StopSignals(installed=True)
+    previous: dict[int, object] = {}
+    try:
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, stop.handle)
+                stop.signals.append(sig)
+        _active = stop
+        yield stop
+    finally:
+        _active = None
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group, and a
+    worker that dies of it would fail the batch; the main process decides instead."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
