@@ -34,7 +34,7 @@ import torchvision
 from torch import nn
 
 from fgcli.config import UsageError
-from fgcli.errors import SetupError  # noqa: F401 - re-exported (fgcli.models.SetupError)
+from fgcli.errors import SetupError  # also re-exported (fgcli.models.SetupError)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -396,7 +396,10 @@ def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
     categories, labels_from = built.categories, built.labels_from
     if labels:
         categories, labels_from = read_labels(labels), f"--labels {labels}"
-    n_classes = built.num_classes or head_size(model)
+    n_classes = built.num_classes if built.num_classes is not None else head_size(model)
+    if n_classes is not None and n_classes < 1:
+        raise SetupError(f"--model {name}: the model has no classes (its head has "
+                         f"{n_classes} outputs)")
     if categories is not None and n_classes is not None and len(categories) != n_classes:
         where = f"--labels: {labels}" if labels else labels_from
         raise UsageError(f"{where}: {len(categories)} class names for a model "

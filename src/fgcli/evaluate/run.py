@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fgcli.config import UsageError, parse_model_args
+from fgcli.config import UsageError, check_normalisation, parse_model_args
 from fgcli.errors import SetupError
 
 METRICS = ("perturbation", "deletion", "insertion")
@@ -75,6 +75,7 @@ class EvalConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        check_normalisation(self.mean, self.std)
 
 
 @dataclass
