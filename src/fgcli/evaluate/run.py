@@ -205,10 +205,8 @@ def run_eval(cfg: EvalConfig, progress: Callable[[int, int], None] | None = None
         if progress:
             progress(done, len(items))
     if len(evaluated) < 2:
-        first = f" ({len(failed)} failed; the first: {failed[0][0]}: {failed[0][1]})" \
-            if failed else ""
-        raise UsageError(f"eval needs at least two evaluated images for a standard error; "
-                         f"got {len(evaluated)}{first}")
+        raise UsageError(f"eval needs at least two readable images for a standard error; "
+                         f"got {len(evaluated)}")
     results = {m: {k: summarise(np.concatenate(v)) for k, v in per.items()}
                for m, per in values.items()}
     curve_stats = {m: {k: summarise(np.concatenate(c)) for k, c in per.items()}
