@@ -344,3 +344,26 @@ def test_in_place_input_changes_in_eval(imgs, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert len(data["images"]) == 4 and not data["failed"]
+
+
+def test_a_real_ctrl_c_while_importing_is_an_interrupt(imgs, tmp_path):
+    """A SIGINT that really arrives while the model file is imported is the user's Ctrl-C
+    (exit 130, "interrupted"), not the model's failure."""
+    import signal
+
+    spec = model_file(tmp_path, """
+    import os, signal, time
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+    def build():
+        return Net()
+    """)
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler here")
+    try:
+        result = dump(imgs, tmp_path / "out", spec)
+    finally:
+        SIGNALLED.clear()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.stderr and "exited" not in result.stderr

@@ -607,8 +607,8 @@ def checked_logits(out: Any, n: int) -> torch.Tensor:
     class, floating point. Raises TypeError / ValueError saying what came instead."""
     logits = extract_logits(out)
     if logits.dim() != 2 or logits.shape[0] != n:
-        raise ValueError(f"the model returned {describe_output(out)} for a batch of {n}; "
-                         "expected (N, classes) logits")
+        raise ValueError(
+            f"the model's output has shape {tuple(logits.shape)}; expected ({n}, classes)")
     if not logits.is_floating_point():
         raise TypeError(f"the model returned {logits.dtype} logits of shape "
                         f"{tuple(logits.shape)}; expected floating-point logits")

@@ -33,7 +33,9 @@ import importlib.util
 import inspect
 import io
 import math
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -70,6 +72,27 @@ def _exit_code(exc: SystemExit) -> str:
 
 
 @contextlib.contextmanager
+def _marking_sigint() -> Iterator[None]:
+    """Under Python's default SIGINT handler, a real Ctrl-C also sets SIGNALLED, so that
+    :func:`user_code` tells it from a KeyboardInterrupt the model raised itself (a run's
+    own handler, where one is installed, sets SIGNALLED itself)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        SIGNALLED.set(signum)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@contextlib.contextmanager
 def user_code(who: str, doing: str, hint: str, argv0: str | None = None,
               capture: bool = False) -> Iterator[None]:
     """Run the user's model code so that it cannot end fullgrad as if it were fullgrad.
@@ -87,7 +110,8 @@ def user_code(who: str, doing: str, hint: str, argv0: str | None = None,
     try:
         if argv0 is not None:
             sys.argv = [argv0]
-        with contextlib.redirect_stderr(held) if held is not None else contextlib.nullcontext():
+        with _marking_sigint(), \
+                contextlib.redirect_stderr(held) if held is not None else contextlib.nullcontext():
             yield
     except SystemExit as exc:
         replay = False
@@ -291,7 +315,8 @@ def probe(model: nn.Module, size: tuple[int, int], spec: str) -> int:
     logits with at least one class. Returns the class count; raises SetupError naming the
     model otherwise (also when the forward raises, exits or raises KeyboardInterrupt).
     Non-finite logits are not an error here: each image they reach fails on its own."""
-    from fgcli.engine.decompose import checked_logits, frozen_eval
+    from fgcli.engine.decompose import (checked_logits, describe_output, extract_logits,
+                                        frozen_eval)
 
     x = torch.zeros(2, 3, *size)
     param = next(model.parameters(), None)
@@ -307,6 +332,10 @@ def probe(model: nn.Module, size: tuple[int, int], spec: str) -> int:
         raise SetupError(f"--model {spec}: the model fails on a (2, 3, {size[0]}, {size[1]}) "
                          f"batch ({_one_line(exc)})") from exc
     try:
+        logits = extract_logits(out)
+        if logits.dim() != 2 or logits.shape[0] != 2:
+            raise SetupError(f"--model {spec}: the model returned {describe_output(out)} for "
+                             "a batch of 2; expected (N, classes) logits")
         return int(checked_logits(out, 2).shape[1])
     except (TypeError, ValueError) as exc:
         raise SetupError(f"--model {spec}: {exc}") from exc
