@@ -197,7 +197,7 @@ def test_eval_leaves_non_finite_images_out_and_writes_strict_json(imgs, tmp_path
     data = json.loads((out / "eval.json").read_text(), parse_constant=_no_constant)
     assert [Path(p).name for p in data["images"]] == ["a.png", "b.png", "c.png"]
     assert [(Path(f["input"]).name, f["error"]) for f in data["failed"]] == [
-        ("white.png", "non-finite logit from the model")]
+        ("white.png", "non-finite logit (nan) from the model")]
     for per in data["results"].values():
         for summary in per.values():
             assert summary["n"] == 3
@@ -211,7 +211,7 @@ def test_eval_nan_model_everywhere(imgs, tmp_path):
     assert result.exit_code == 2, result.output
     lines = result.stderr.splitlines()
     assert len(lines) == 5 and "Traceback" not in result.output
-    assert all(line.endswith(": non-finite logit from the model") for line in lines[:4])
+    assert all(line.endswith(": non-finite logit (nan) from the model") for line in lines[:4])
     assert lines[4].startswith("fullgrad: error: eval needs at least two") and "got 0" in lines[4]
 
 

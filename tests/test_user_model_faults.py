@@ -56,7 +56,8 @@ def imgs(tmp_path: Path) -> Path:
     root.mkdir()
     rng = np.random.default_rng(0)
     for name in ("a", "b", "c"):
-        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f"{name}.png")
+        noise = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(root / f"{name}.png")
     Image.new("RGB", (20, 20), (255, 255, 255)).save(root / "white.png")
     return root
 

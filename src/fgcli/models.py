@@ -414,7 +414,10 @@ def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
         raise UsageError(f"--size: {built.name} takes {built.size[0]}x{built.size[1]} inputs "
                          f"only, not {side[0]}x{side[1]}")
     if built.randomise:  # batch norms calibrated at the size the model will see
-        randomise_weights(model, calibration=calibration_batch(side))
+        from fgcli.sources.usercode import FORWARD_HINT, user_code
+
+        with user_code(f"model {name}", "calibrating random weights", FORWARD_HINT):
+            randomise_weights(model, calibration=calibration_batch(side))
     proc = Preprocessing(side, round(min(side) / built.crop_fraction), crop,
                          tuple(mean or built.mean), tuple(std or built.std),
                          built.interpolation)

@@ -249,8 +249,9 @@ def _score_batch(cfg: EvalConfig, model: Any, methods: dict[str, Any], x: Any,
     with torch.no_grad():
         logits = extract_logits(model(x))
     for j, bad in enumerate(_nonfinite_rows(logits)):
-        if bad:
-            reasons[j] = "non-finite logit from the model"
+        if bad:  # as dump says it: the first such value
+            row = logits[j].detach().float()
+            reasons[j] = f"non-finite logit ({row[~torch.isfinite(row)][0].item()}) from the model"
     keep = [j for j, r in enumerate(reasons) if r is None]
     maps: dict[str, Any] = {}
     for name, method in methods.items():
