@@ -22,6 +22,15 @@ neighbours, also lazily; relative imports need a package: use ``package.module:f
 ``package.module`` is imported with the working directory on ``sys.path``, as ``python -m``
 would. The resume fingerprint holds the factory's file (size, modification time), the
 ``--model-arg`` values and a hash of the built model's weights.
+
+Your code cannot end fullgrad as if it were fullgrad: ``sys.exit`` (argparse too) or a
+``KeyboardInterrupt`` it raises itself, at import, in the factory, while unpickling or in
+the forward pass, is the model's failure: exit 2 and one line naming the file. While the
+file is imported and the factory called, ``sys.argv`` is ``[the file]`` (argparse at import
+with optional arguments only then parses cleanly). One probe forward of two zero images
+checks the output before any image: (N, classes) floating-point logits, at least one class.
+A forward that modifies its input in place works (the engine passes it a copy). Logits that
+are NaN or infinite fail only the images they reach (see ``fgcli.pipeline``).
 """
 
 from __future__ import annotations
