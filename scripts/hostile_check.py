@@ -14,7 +14,6 @@ tmpfs (needs root; skipped otherwise).
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import shutil

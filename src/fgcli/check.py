@@ -5,6 +5,7 @@ Knows neither typer nor rich; returns rows the CLI prints.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -38,6 +39,16 @@ class ImageCheck:
     def ok(self) -> bool:
         alone = self.alone is None or (self._within(self.alone) and self.alone_agrees)
         return self._within(self.residual) and alone
+
+    @property
+    def nonfinite(self) -> str | None:
+        """Why completeness cannot hold at all: a NaN or infinite logit or residual
+        (NaN weights, a model that overflows); None when both are finite numbers."""
+        if not math.isfinite(self.logit):
+            return f"non-finite logit ({self.logit}) from the model"
+        if not math.isfinite(self.residual):
+            return f"non-finite completeness residual ({self.residual})"
+        return None
 
     @property
     def worst(self) -> float:
@@ -145,7 +156,11 @@ def check_model(spec: str, weights: str = "random", device: torch.device | str =
         x, labels = torch.stack(batch), [display(p) for p in images]  # printable
     else:
         x, labels = random_inputs(proc.size)
-    result = check_batch(loaded.model.to(device), loaded.name, x.to(device), labels, alone)
+    from fgcli.sources.usercode import FORWARD_HINT, user_code
+
+    with user_code(f"model {spec}", "being checked", FORWARD_HINT):
+        result = check_batch(loaded.model.to(device), loaded.name, x.to(device), labels,
+                             alone)
     result.weights = loaded.weights
     return result
 

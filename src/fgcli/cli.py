@@ -672,6 +672,9 @@ def _run_check(images: list[str], models: list[str], weights: str, model_args: d
                 alone += " (logit differs)"
             typer.echo(f"{im.name[-32:]:32s} {im.target:6d} {im.logit:14.6f} {im.total:14.6f} "
                        f"{im.residual:11.2e} {alone:>11s}  {'yes' if im.ok else 'NO'}")
+        for im in result.images:
+            if im.nonfinite:  # NaN weights or an overflow: say so, not just NO
+                err.print(f"fullgrad: failed: {im.name}: {im.nonfinite}", markup=False)
         typer.echo(f"bias-carrying ops: {sum(result.kinds.values())} "
                    f"({kind_summary(result.kinds)})")
         typer.echo(f"layers in the map ({len(result.map_layers)}): "

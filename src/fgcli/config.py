@@ -9,6 +9,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -123,12 +124,7 @@ class RunConfig:
             if not ok:
                 raise UsageError(message)
         parse_model_args(self.model_args)  # malformed key=value pairs fail here, early
-        for name in ("mean", "std"):
-            value = getattr(self, name)
-            if value is not None and len(value) != 3:
-                raise UsageError(f"--{name} takes three numbers (R,G,B), got {value!r}")
-        if self.std is not None and min(self.std) <= 0:
-            raise UsageError("--std values must be > 0")
+        check_normalisation(self.mean, self.std)
         if self.topk is not None and self.target != "pred":
             raise UsageError("--topk and --target exclude each other")
         if self.psi not in PSI_NAMES:
@@ -190,6 +186,21 @@ def check_not_blank(values: Mapping[str, str | None]) -> None:
         if value is not None and not value.strip():
             hint = _BLANK_HINTS.get(option, "give a value")
             raise UsageError(f"{option}: empty value; {hint}")
+
+
+def check_normalisation(mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
+    """--mean / --std: three finite numbers each, every std > 0 (a NaN or a zero std
+    would make every image's input, and so its map, NaN or infinite)."""
+    for name, value in (("mean", mean), ("std", std)):
+        if value is None:
+            continue
+        if len(value) != 3:
+            raise UsageError(f"--{name} takes three numbers (R,G,B), got {value!r}")
+        if not all(math.isfinite(v) for v in value):
+            raise UsageError(f"--{name}: {','.join(str(v) for v in value)} holds a "
+                             "non-finite number; give three finite numbers (R,G,B)")
+    if std is not None and min(std) <= 0:
+        raise UsageError("--std values must be > 0")
 
 
 def parse_model_args(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:

@@ -27,7 +27,6 @@ import difflib
 import fnmatch
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ import torchvision
 from torch import nn
 
 from fgcli.config import UsageError
-from fgcli.errors import SetupError  # noqa: F401 - re-exported (fgcli.models.SetupError)
+from fgcli.errors import SetupError  # also re-exported (fgcli.models.SetupError)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -423,7 +422,10 @@ def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
     categories, labels_from = built.categories, built.labels_from
     if names is not None:
         categories, labels_from = names, f"--labels {labels}"
-    n_classes = built.num_classes or head_size(model)
+    n_classes = built.num_classes if built.num_classes is not None else head_size(model)
+    if n_classes is not None and n_classes < 1:
+        raise SetupError(f"--model {name}: the model has no classes (its head has "
+                         f"{n_classes} outputs)")
     if categories is not None and n_classes is not None and len(categories) != n_classes:
         where = f"--labels: {labels}" if labels else labels_from
         raise UsageError(f"{where}: {len(categories)} class names for a model "
@@ -438,7 +440,10 @@ def load_model(name: str, weights: str = "DEFAULT", *, size: int | None = None,
         raise UsageError(f"--size: {built.name} takes {built.size[0]}x{built.size[1]} inputs "
                          f"only, not {side[0]}x{side[1]}")
     if built.randomise:  # batch norms calibrated at the size the model will see
-        randomise_weights(model, calibration=calibration_batch(side))
+        from fgcli.sources.usercode import FORWARD_HINT, user_code
+
+        with user_code(f"model {name}", "calibrating random weights", FORWARD_HINT):
+            randomise_weights(model, calibration=calibration_batch(side))
     proc = Preprocessing(side, round(min(side) / built.crop_fraction), crop,
                          tuple(mean or built.mean), tuple(std or built.std),
                          built.interpolation)

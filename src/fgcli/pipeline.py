@@ -259,7 +259,9 @@ class DumpRun:
         if layers is not None:  # a pattern that matches no layer: say so before any image
             probe = torch.zeros(1, 3, *self.loaded.preprocessing.size, device=self.device)
             try:
-                self.engine.map_layers(METHODS["fullgrad"](model).explain(probe).layers)
+                with _model_code(cfg.model, "computing a probe batch"):
+                    explained = METHODS["fullgrad"](model).explain(probe)
+                self.engine.map_layers(explained.layers)
             except ValueError as exc:
                 raise UsageError(f"--layers: {exc}") from exc
         self.batch_size = cfg.batch_size or (32 if self.device.type == "cuda" else 8)
@@ -328,12 +330,18 @@ class DumpRun:
                 self.reporter.warn(line)
 
     def _probe_classes(self, model: torch.nn.Module) -> int:
-        """Class count from one eval forward, for models whose head is not a plain layer."""
-        from fgcli.engine.decompose import extract_logits, frozen_eval
+        """Class count from one eval forward, for models whose head is not a plain layer
+        (the output is checked as user models' is: see ``fgcli.sources.usercode.probe``)."""
+        from fgcli.engine.decompose import checked_logits, frozen_eval
 
         probe = torch.zeros(1, 3, *self.loaded.preprocessing.size, device=self.device)
-        with frozen_eval(model), torch.no_grad():
-            return int(extract_logits(model(probe)).shape[-1])
+        with _model_code(self.cfg.model, "computing a probe batch"), frozen_eval(model), \
+                torch.no_grad():
+            out = model(probe)
+        try:
+            return int(checked_logits(out, 1).shape[1])
+        except (TypeError, ValueError) as exc:
+            raise SetupError(f"--model {self.cfg.model}: {exc}") from exc
 
     # -- records -----------------------------------------------------------------------
     def _emit(self, record: dict[str, Any]) -> None:
@@ -521,14 +529,28 @@ class DumpRun:
             for sample in batch.samples:
                 self._fail(todo[sample.index], str(exc))
             return
+        except SetupError:  # the model exited: the batches before keep their lines
+            self._drain(0)
+            raise
         finally:
             self.reporter.progress()
-        seconds = (time.perf_counter() - start) / len(batch.samples)
+        self._submit(todo, batch, results, (time.perf_counter() - start) / len(batch.samples))
 
+    def _submit(self, todo: list[Item], batch: Batch, results: list[tuple[Any, dict]],
+                seconds: float) -> None:
+        """Records and writer jobs of a computed batch; an image with a non-finite result
+        gets one failed line instead (and no files), the others are written."""
+        cfg = self.cfg
+        bad = _first_reasons([host["nonfinite"] for _, host in results])
+        for j, sample in enumerate(batch.samples):
+            if bad[j] is not None:  # one failed line per image, whatever --topk says
+                self._fail(todo[sample.index], bad[j])
         records: list[dict[str, Any]] = []
         futures: list[Future] = []
         for rank, host in results:
             for j, sample in enumerate(batch.samples):
+                if bad[j] is not None:
+                    continue
                 item = todo[sample.index]
                 cls = int(host["target"][j])
                 rec = self._base(item)
@@ -562,7 +584,7 @@ class DumpRun:
                      for i in range(0, len(x), step)]
             return _concat(parts)
         try:
-            with self._autocast():
+            with self._autocast(), _model_code(self.cfg.model, "computing a batch"):
                 return self.engine.explain(x, target, compact="decomp" in self.cfg.save)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
             if not _is_oom(exc):
@@ -677,6 +699,14 @@ class DumpRun:
         }
 
 
+def _model_code(spec: str, doing: str) -> Any:
+    """The model's forward as user code: its sys.exit / own KeyboardInterrupt is the
+    model's failure (SetupError, exit 2), see ``fgcli.sources.usercode.user_code``."""
+    from fgcli.sources.usercode import FORWARD_HINT, user_code
+
+    return user_code(f"model {spec}", doing, FORWARD_HINT)
+
+
 class _MapOf:
     """One image's map from a :class:`DeviceMaps`, materialised in the writer thread."""
 
@@ -748,11 +778,55 @@ class DeviceMaps:
         return self.host[j, 0].numpy()
 
 
+def _first_reasons(per_rank: list[list[str | None]]) -> list[str | None]:
+    """Per image, the first reason any rank (``--topk``) gave for failing it."""
+    return [next((r for r in reasons if r is not None), None) for reasons in zip(*per_rank)]
+
+
+def _nonfinite(exp: Any, prob: torch.Tensor) -> list[str | None]:
+    """Per image of a batch, why its results are not finite numbers (None: all finite).
+
+    A NaN or infinite logit, class probability, completeness residual, map or
+    decomposition term makes that image fail: JSON has no NaN, and an all-NaN heatmap
+    is no result. Other images of the batch are not affected.
+    """
+    n = len(exp.target)
+    logits = exp.logits.detach().float().cpu()
+    rows = torch.isfinite(logits).all(1).tolist()
+    residual = exp.residual.detach().cpu()
+    maps_ok = torch.isfinite(exp.maps.detach()).reshape(n, -1).all(1).cpu().tolist()
+    prob_ok = torch.isfinite(prob.detach()).cpu().tolist()
+    terms_ok = [True] * n
+    if exp.compact is not None:
+        parts = [exp.compact.input, *exp.compact.layers.values(), *exp.compact.offgrid.values()]
+        for part in parts:
+            ok = torch.isfinite(part.detach()).reshape(n, -1).all(1).cpu().tolist()
+            terms_ok = [a and b for a, b in zip(terms_ok, ok)]
+    reasons: list[str | None] = []
+    for j in range(n):
+        if not rows[j]:
+            value = logits[j][~torch.isfinite(logits[j])][0].item()
+            reasons.append(f"non-finite logit ({value}) from the model")
+        elif not bool(torch.isfinite(residual[j])):
+            reasons.append(f"non-finite completeness residual ({residual[j].item()})")
+        elif not maps_ok[j]:
+            reasons.append("non-finite saliency map")
+        elif not prob_ok[j]:
+            reasons.append("non-finite class probability")
+        elif not terms_ok[j]:
+            reasons.append("non-finite decomposition term")
+        else:
+            reasons.append(None)
+    return reasons
+
+
 def _to_host(exp: Any) -> dict[str, Any]:
-    """Scores (small, synchronous) and maps (asynchronous on CUDA) for one batch."""
+    """Scores (small, synchronous) and maps (asynchronous on CUDA) for one batch, and
+    per image why it has no finite result (``nonfinite``: None when it has one)."""
     logit = exp.logit
     prob = torch.softmax(exp.logits.float(), dim=1).gather(1, exp.target[:, None])[:, 0]
     host: dict[str, Any] = {
+        "nonfinite": _nonfinite(exp, prob),
         "maps": DeviceMaps(exp.maps),
         "target": exp.target.cpu().numpy(),
         "logit": logit.double().cpu().numpy(),

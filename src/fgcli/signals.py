@@ -20,6 +20,8 @@ import threading
 from collections.abc import Iterator
 from types import FrameType
 
+from fgcli.errors import SIGNALLED
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -70,6 +72,7 @@ class StopSignals:
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         first = self.name is None
+        SIGNALLED.set(signum)  # a KeyboardInterrupt from user code now is the user's
         if first:
             self.name = signal.Signals(signum).name
         if not (first and self._graceful):
@@ -91,6 +94,7 @@ def stop_signals() -> Iterator[StopSignals]:
         yield StopSignals(installed=False)
         return
     stop = StopSignals(installed=True)
+    SIGNALLED.clear()  # a signal of an earlier run in this process is not this run's
     previous: dict[int, object] = {}
     try:
         for sig in STOP_SIGNALS:

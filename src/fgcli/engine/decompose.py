@@ -602,11 +602,19 @@ def describe_output(out: Any) -> str:
     return f"a {type(out).__name__}"
 
 
-def _checked_logits(out: Any, n: int) -> torch.Tensor:
+def checked_logits(out: Any, n: int) -> torch.Tensor:
+    """The logits of a model output for a batch of ``n``: (n, classes) with at least one
+    class, floating point. Raises TypeError / ValueError saying what came instead."""
     logits = extract_logits(out)
     if logits.dim() != 2 or logits.shape[0] != n:
         raise ValueError(
             f"the model's output has shape {tuple(logits.shape)}; expected ({n}, classes)")
+    if not logits.is_floating_point():
+        raise TypeError(f"the model returned {logits.dtype} logits of shape "
+                        f"{tuple(logits.shape)}; expected floating-point logits")
+    if logits.shape[1] < 1:
+        raise ValueError(f"the model has no classes: it returned logits of shape "
+                         f"{tuple(logits.shape)} for a batch of {n}")
     return logits
 
 
@@ -614,7 +622,7 @@ def eval_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Plain eval-mode logits (no tracing, no graph), model state restored."""
     x = check_input(model, x)
     with frozen_eval(model), torch.no_grad():
-        return _checked_logits(model(x), x.shape[0])
+        return checked_logits(model(x), x.shape[0])
 
 
 def run_pass(model: nn.Module, x: torch.Tensor, target: Any, sink: Sink) -> PassResult:
@@ -623,12 +631,16 @@ def run_pass(model: nn.Module, x: torch.Tensor, target: Any, sink: Sink) -> Pass
     n, _, height, width = x.shape
     with traced_model(model) as tracer, torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        setattr(xg, ops.LAYOUT_ATTR, "nchw")
+        # the model gets a non-leaf copy: a forward that modifies its input in place
+        # (x.mul_(2), x += 1) works, its ops are traced like any other, and the input
+        # term stays on the original x (the caller's batch is never changed)
+        xm = xg.clone()
+        setattr(xm, ops.LAYOUT_ATTR, "nchw")
         tracer.begin(n, height, width)
-        tracer.start_images(xg)
+        tracer.start_images(xm)
         with tracer:
-            out = model(xg)
-        logits = _checked_logits(out, n)
+            out = model(xm)
+        logits = checked_logits(out, n)
         if not logits.requires_grad:
             raise ValueError("the model's output does not depend differentiably on its input")
         t = resolve_target(target, logits)

@@ -1,7 +1,8 @@
 """``eval.json``, ``eval.csv``, ``eval.png`` and the terminal table of an :class:`EvalResult`.
 
-``eval.json``: the settings, the images evaluated (and those that failed, with their
-reasons), and per method and metric the mean and standard error over images
+``eval.json`` (strict JSON: no NaN): the settings, the images evaluated (and those that
+failed, with their reasons: also images whose logits, maps or scores are not finite), and
+per method and metric the mean and standard error over images
 (``perturbation``: one value per k; ``deletion`` / ``insertion``: the AUC) plus the mean
 deletion and insertion curves with their standard errors. ``eval.csv``: one row per (method, metric, k) with mean,
 se and n. ``eval.png``: one panel per metric, mean curves with ±1 standard-error bands
@@ -15,6 +16,7 @@ import csv
 import errno
 import io
 import json
+import math
 import os
 import uuid
 from dataclasses import asdict
@@ -75,6 +77,19 @@ def as_json(cfg: EvalConfig, result: EvalResult) -> dict[str, Any]:
     }
 
 
+def strict(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None, so that eval.json is strict
+    JSON (RFC 8259 has no NaN). Images with non-finite scores are left out of the means
+    before this (see ``fgcli.evaluate.run``); this is the last guard, not the rule."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
 def rows(result: EvalResult) -> list[list[Any]]:
     out: list[list[Any]] = []
     for method, per in result.results.items():
@@ -88,7 +103,8 @@ def rows(result: EvalResult) -> list[list[Any]]:
 def write(cfg: EvalConfig, result: EvalResult) -> list[Path]:
     """eval.json, eval.csv and eval.png in ``cfg.out``; returns their paths."""
     out = Path(cfg.out)
-    data = json.dumps(names.clean(as_json(cfg, result)), indent=2, ensure_ascii=False) + "\n"
+    data = json.dumps(strict(names.clean(as_json(cfg, result))), indent=2, ensure_ascii=False,
+                      allow_nan=False) + "\n"
     _atomic_write(out / "eval.json", data.encode("utf-8"))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

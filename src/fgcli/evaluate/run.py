@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fgcli.config import UsageError, check_not_blank, parse_model_args
+from fgcli.config import UsageError, check_normalisation, check_not_blank, parse_model_args
 from fgcli.errors import SetupError
 
 METRICS = ("perturbation", "deletion", "insertion")
@@ -80,6 +80,7 @@ class EvalConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        check_normalisation(self.mean, self.std)
 
 
 @dataclass
@@ -181,14 +182,13 @@ def _too_few(found: int, usable: int, failed: list[tuple[str, str]]) -> None:
 def _evaluate(cfg: EvalConfig, progress: Callable[[int, int], None] | None,
               on_failure: Callable[[str, str], None] | None) -> EvalResult:
     """:func:`run_eval` once the output place is known to be writable."""
-    import torch
 
     from fgcli.data import ImageDataset, collate
-    from fgcli.engine.decompose import extract_logits
     from fgcli.evaluate import metrics as M
     from fgcli.evaluate.methods import build
     from fgcli.models import load_model
     from fgcli.pipeline import resolve_device, resolve_target
+    from fgcli.sources.usercode import FORWARD_HINT, user_code
 
     started = time.perf_counter()
     items, failed = _readable(cfg, on_failure)
@@ -200,6 +200,7 @@ def _evaluate(cfg: EvalConfig, progress: Callable[[int, int], None] | None,
     model = loaded.model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    model.register_forward_pre_hook(_copy_input)
     proc = loaded.preprocessing
     norm = M.Normalisation(tuple(proc.mean), tuple(proc.std))
     dataset = ImageDataset(items, proc.size, proc.crop, proc.resize, proc.mean, proc.std,
@@ -230,30 +231,21 @@ def _evaluate(cfg: EvalConfig, progress: Callable[[int, int], None] | None,
     for batch in batches():
         if batch.x is None:
             continue
-        x = batch.x.to(device)
-        with torch.no_grad():
-            logits = extract_logits(model(x))
-        target = (logits.argmax(1) if fixed is None
-                  else torch.full((len(x),), fixed, dtype=torch.long, device=device))
-        for name, method in methods.items():
-            try:
-                maps = method(model, x, target)
-            except SetupError:
-                raise
-            except RuntimeError as exc:
-                text = str(exc).strip().splitlines()
-                raise SetupError(f"--methods {name}: {text[0] if text else exc}") from exc
-            if "perturbation" in cfg.metrics:
-                values[name]["perturbation"].append(
-                    M.pixel_perturbation(model, x, maps, ks=cfg.ks, norm=norm,
-                                         target=target).cpu().numpy())
-            for metric, fn in (("deletion", M.deletion_auc), ("insertion", M.insertion_auc)):
-                if metric in cfg.metrics:
-                    auc, curve = fn(model, x, maps, norm=norm, target=target, steps=cfg.steps,
-                                    return_curves=True)
-                    values[name][metric].append(auc.cpu().numpy())
-                    curves[name][metric].append(curve.cpu().numpy())
-        evaluated.extend(items[s.index].path for s in batch.samples)
+        paths = [items[s.index].path for s in batch.samples]
+        with user_code(f"model {cfg.model}", "computing a batch", FORWARD_HINT):
+            scores, reasons = _score_batch(cfg, model, methods, batch.x.to(device), fixed,
+                                           norm)
+        for path, reason in zip(paths, reasons):
+            if reason is not None:  # left out, like an unreadable image
+                failed.append((path, reason))
+                if on_failure:
+                    on_failure(path, reason)
+        for name, per in scores.items():
+            for metric, arrays in per.items():
+                values[name][metric].append(arrays[0])
+                if metric in curves[name]:
+                    curves[name][metric].append(arrays[1])
+        evaluated.extend(p for p, r in zip(paths, reasons) if r is None)
         done += len(batch.samples)
         if progress:
             progress(done, len(items))
@@ -268,6 +260,103 @@ def _evaluate(cfg: EvalConfig, progress: Callable[[int, int], None] | None,
                       {m: {k: st.mean for k, st in per.items()} for m, per in curve_stats.items()},
                       {m: {k: st.se for k, st in per.items()} for m, per in curve_stats.items()},
                       seconds=time.perf_counter() - started)
+
+
+def _copy_input(_module: Any, args: tuple) -> tuple:
+    """A forward pre-hook: the model gets a copy of its input, so a forward that modifies
+    its input in place (``x.mul_(2)``) neither changes the batch every method and metric
+    reads nor fails on captum's leaf inputs."""
+    if args and hasattr(args[0], "clone"):
+        return (args[0].clone(), *args[1:])
+    return args
+
+
+def _nonfinite_rows(t: Any) -> list[bool]:
+    """Per image (dim 0): whether any value of ``t`` is NaN or infinite."""
+    import torch
+
+    return (~torch.isfinite(t.detach().float()).reshape(len(t), -1).all(1)).cpu().tolist()
+
+
+def _score_batch(cfg: EvalConfig, model: Any, methods: dict[str, Any], x: Any,
+                 fixed: int | None, norm: Any
+                 ) -> tuple[dict[str, dict[str, tuple[np.ndarray, Any]]], list[str | None]]:
+    """Every method's metric values for one batch: method -> metric -> (per-image values,
+    per-image curves or None), over the images whose reason is None. An image whose
+    logits, any method's map or any score are NaN or infinite gets a reason instead and is
+    left out of every method (so every method is averaged over the same images)."""
+    import torch
+
+    from fgcli.engine.decompose import extract_logits
+
+    reasons: list[str | None] = [None] * len(x)
+    with torch.no_grad():
+        logits = extract_logits(model(x))
+    for j, bad in enumerate(_nonfinite_rows(logits)):
+        if bad:  # as dump says it: the first such value
+            row = logits[j].detach().float()
+            reasons[j] = f"non-finite logit ({row[~torch.isfinite(row)][0].item()}) from the model"
+    keep = [j for j, r in enumerate(reasons) if r is None]
+    maps: dict[str, Any] = {}
+    for name, method in methods.items():
+        if not keep:
+            break
+        sub = x[keep]
+        target = (logits[keep].argmax(1) if fixed is None
+                  else torch.full((len(sub),), fixed, dtype=torch.long, device=x.device))
+        try:
+            maps[name] = method(model, sub, target)
+        except SetupError:
+            raise
+        except RuntimeError as exc:
+            text = str(exc).strip().splitlines()
+            raise SetupError(f"--methods {name}: {text[0] if text else exc}") from exc
+        for i, bad in enumerate(_nonfinite_rows(maps[name])):
+            if bad and reasons[keep[i]] is None:
+                reasons[keep[i]] = f"non-finite {name} map"
+    return _metric_values(cfg, model, x, logits, fixed, norm, maps, keep, reasons), reasons
+
+
+def _metric_values(cfg: EvalConfig, model: Any, x: Any, logits: Any, fixed: int | None,
+                   norm: Any, maps: dict[str, Any], keep: list[int],
+                   reasons: list[str | None]) -> dict[str, dict[str, tuple[np.ndarray, Any]]]:
+    """The metrics of :func:`_score_batch` on the images still kept (``reasons`` None);
+    marks images whose scores are not finite and leaves them out of the values."""
+    import torch
+
+    from fgcli.evaluate import metrics as M
+
+    rows = [i for i, j in enumerate(keep) if reasons[j] is None]  # positions within keep
+    if not rows:
+        return {}
+    images = [keep[i] for i in rows]
+    sub = x[images]
+    target = (logits[images].argmax(1) if fixed is None
+              else torch.full((len(sub),), fixed, dtype=torch.long, device=x.device))
+    out: dict[str, dict[str, tuple[np.ndarray, Any]]] = {}
+    for name, m in maps.items():
+        sal = m[rows]
+        per: dict[str, tuple[np.ndarray, Any]] = {}
+        if "perturbation" in cfg.metrics:
+            per["perturbation"] = (M.pixel_perturbation(
+                model, sub, sal, ks=cfg.ks, norm=norm, target=target).cpu().numpy(), None)
+        for metric, fn in (("deletion", M.deletion_auc), ("insertion", M.insertion_auc)):
+            if metric in cfg.metrics:
+                auc, curve = fn(model, sub, sal, norm=norm, target=target, steps=cfg.steps,
+                                return_curves=True)
+                per[metric] = (auc.cpu().numpy(), curve.cpu().numpy())
+        out[name] = per
+    finite = np.ones(len(images), dtype=bool)
+    for name, per in out.items():
+        for metric, (vals, curve) in per.items():
+            ok = np.isfinite(vals.reshape(len(images), -1)).all(1)
+            if curve is not None:
+                ok &= np.isfinite(curve.reshape(len(images), -1)).all(1)
+            for i in np.flatnonzero(finite & ~ok):
+                reasons[images[i]] = f"non-finite {metric} score ({name})"
+            finite &= ok
+    return {name: {metric: (vals[finite], None if curve is None else curve[finite])
+                   for metric, (vals, curve) in per.items()} for name, per in out.items()}
 
 
 def _layers(text: str | None) -> Any:

@@ -22,15 +22,30 @@ neighbours, also lazily; relative imports need a package: use ``package.module:f
 ``package.module`` is imported with the working directory on ``sys.path``, as ``python -m``
 would. The resume fingerprint holds the factory's file (size, modification time), the
 ``--model-arg`` values and a hash of the built model's weights.
+
+Your code cannot end fullgrad as if it were fullgrad: ``sys.exit`` (argparse too) or a
+``KeyboardInterrupt`` it raises itself, at import, in the factory, while unpickling or in
+the forward pass, is the model's failure: exit 2 and one line naming the file. While the
+file is imported and the factory called, ``sys.argv`` is ``[the file]`` (argparse at import
+with optional arguments only then parses cleanly). One probe forward of two zero images
+checks the output before any image: (N, classes) floating-point logits, at least one class.
+A forward that modifies its input in place works (the engine passes it a copy). Logits that
+are NaN or infinite fail only the images they reach (see ``fgcli.pipeline``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import io
+import math
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -39,7 +54,7 @@ import torch
 from torch import nn
 
 from fgcli.config import UsageError
-from fgcli.errors import SetupError
+from fgcli.errors import SIGNALLED, SetupError
 from fgcli.models import Built, source_of
 from fgcli.sources import checkpoint as ckpt
 
@@ -48,6 +63,80 @@ _INTERPOLATIONS = ("bilinear", "bicubic")
 
 def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {ckpt._first_line(exc)}"
+
+
+IMPORT_HINT = ("it calls sys.exit or parses the command line at import; guard that code "
+               "with if __name__ == \"__main__\"")
+FACTORY_HINT = "it calls sys.exit or parses the command line in the factory"
+FORWARD_HINT = "its forward pass calls sys.exit"
+
+
+def _exit_code(exc: SystemExit) -> str:
+    """``sys.exit()`` -> 0, ``sys.exit(3)`` -> 3, ``sys.exit("msg")`` -> 1 ("msg")."""
+    if exc.code is None:
+        return "0"
+    if isinstance(exc.code, int):
+        return str(exc.code)
+    return f"1 ({ckpt._first_line(exc)!r})"
+
+
+@contextlib.contextmanager
+def _marking_sigint() -> Iterator[None]:
+    """Under Python's default SIGINT handler, a real Ctrl-C also sets SIGNALLED, so that
+    :func:`user_code` tells it from a KeyboardInterrupt the model raised itself (a run's
+    own handler, where one is installed, sets SIGNALLED itself)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        SIGNALLED.set(signum)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@contextlib.contextmanager
+def user_code(who: str, doing: str, hint: str, argv0: str | None = None,
+              capture: bool = False) -> Iterator[None]:
+    """Run the user's model code so that it cannot end fullgrad as if it were fullgrad.
+
+    ``SystemExit`` (``sys.exit``, argparse) and a ``KeyboardInterrupt`` the code raised
+    itself (no SIGINT / SIGTERM arrived: :data:`fgcli.errors.SIGNALLED`) become a
+    SetupError naming ``who`` (exit 2). ``argv0``: ``sys.argv`` is ``[argv0]`` meanwhile,
+    so argparse at import sees none of fullgrad's options. ``capture``: what the code
+    writes to ``sys.stderr`` is held back (argparse's usage would read as fullgrad's); its
+    last line goes into the message on exit, all of it to stderr otherwise.
+    """
+    saved = sys.argv
+    held = io.StringIO() if capture else None
+    replay = True
+    try:
+        if argv0 is not None:
+            sys.argv = [argv0]
+        with _marking_sigint(), \
+                contextlib.redirect_stderr(held) if held is not None else contextlib.nullcontext():
+            yield
+    except SystemExit as exc:
+        replay = False
+        lines = [line for line in (held.getvalue() if held else "").splitlines() if line.strip()]
+        said = f"{lines[-1].strip()!r}; " if lines else ""
+        raise SetupError(f"{who} exited with code {_exit_code(exc)} while {doing} "
+                         f"({said}{hint})") from None
+    except KeyboardInterrupt:
+        if SIGNALLED:
+            raise
+        raise SetupError(f"{who} raised KeyboardInterrupt while {doing} (no interrupt "
+                         "was sent to fullgrad)") from None
+    finally:
+        sys.argv = saved
+        if held is not None and replay and held.getvalue():
+            sys.stderr.write(held.getvalue())
 
 
 def _on_path(folder: str) -> None:
@@ -70,21 +159,27 @@ def _import_file(path: Path, spec: str) -> ModuleType:
     module = importlib.util.module_from_spec(module_spec)
     _on_path(str(path.resolve().parent))
     sys.modules[name] = module
-    try:
-        module_spec.loader.exec_module(module)
-    except BaseException as exc:
-        sys.modules.pop(name, None)
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise SetupError(f"--model {spec}: importing {path} failed ({_one_line(exc)})") \
-            from exc
+    with user_code(f"model file {path}", "being imported", IMPORT_HINT, argv0=str(path),
+                   capture=True):
+        try:
+            module_spec.loader.exec_module(module)
+        except BaseException as exc:
+            sys.modules.pop(name, None)
+            if not isinstance(exc, Exception):  # SystemExit, KeyboardInterrupt, a stop
+                raise  # signal (fgcli.signals.Interrupted): user_code tells them apart
+            raise SetupError(f"--model {spec}: importing {path} failed ({_one_line(exc)})") \
+                from exc
     return module
 
 
 def _import_module(dotted: str, spec: str) -> ModuleType:
     _on_path(str(Path.cwd()))
     try:
-        return importlib.import_module(dotted)
+        with user_code(f"model module {dotted}", "being imported", IMPORT_HINT, argv0=dotted,
+                       capture=True):
+            return importlib.import_module(dotted)
+    except SetupError:
+        raise
     except ModuleNotFoundError as exc:
         if exc.name and dotted.startswith(exc.name):
             raise SetupError(f"--model {spec}: no module named {exc.name!r} (looked in the "
@@ -96,13 +191,25 @@ def _import_module(dotted: str, spec: str) -> ModuleType:
             from exc
 
 
+def _is_file(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or "\\" in where
+
+
+def _who(spec: str) -> str:
+    """How messages name the user's code: ``model file net.py`` or ``model module pkg.mod``."""
+    where = spec.rpartition(":")[0] if source_of(spec) == "code" else spec
+    if source_of(spec) == "code" and not _is_file(where):
+        return f"model module {where}"
+    return f"model file {where}"
+
+
 def _factory(spec: str) -> tuple[Any, ModuleType, str]:
     """The factory function, its module and an identity for the resume fingerprint."""
     where, _, attr = spec.rpartition(":")
     if not where or not attr.isidentifier():
         raise UsageError(f"--model {spec}: expected path/to/file.py:factory or "
                          "package.module:factory")
-    if where.endswith(".py") or "/" in where or "\\" in where:
+    if _is_file(where):
         path = Path(where).expanduser()
         module = _import_file(path, spec)
         identity = f"file:{ckpt.file_identity(path)}:{attr}"
@@ -122,7 +229,7 @@ def _factory(spec: str) -> tuple[Any, ModuleType, str]:
     return factory, module, identity
 
 
-def _call(factory: Any, kwargs: dict[str, Any], spec: str) -> nn.Module:
+def _call(factory: Any, kwargs: dict[str, Any], spec: str, who: str) -> nn.Module:
     try:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as exc:  # missing or unknown keyword arguments
@@ -130,8 +237,13 @@ def _call(factory: Any, kwargs: dict[str, Any], spec: str) -> nn.Module:
                          "--model-arg NAME=VALUE)") from exc
     except ValueError:
         pass  # no signature to read (a builtin): let the call decide
+    name = getattr(factory, "__name__", "factory")
     try:
-        model = factory(**kwargs)
+        with user_code(who, f"calling its factory {name}()", FACTORY_HINT,
+                       argv0=spec.rpartition(":")[0], capture=True):
+            model = factory(**kwargs)
+    except SetupError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the user's factory may raise anything
         raise SetupError(f"--model {spec}: the factory raised {_one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
@@ -171,8 +283,10 @@ def _triple(value: Any, name: str, where: str) -> tuple[float, float, float]:
         out = tuple(float(v) for v in value)
     except (TypeError, ValueError) as exc:
         raise SetupError(f"{where}: {name} must be three numbers, got {value!r}") from exc
-    if len(out) != 3:
-        raise SetupError(f"{where}: {name} must be three numbers, got {value!r}")
+    if len(out) != 3 or not all(math.isfinite(v) for v in out):
+        raise SetupError(f"{where}: {name} must be three finite numbers, got {value!r}")
+    if name == "STD" and min(out) <= 0:
+        raise SetupError(f"{where}: STD must be three numbers > 0, got {value!r}")
     return out  # type: ignore[return-value]
 
 
@@ -206,28 +320,34 @@ def _module_preprocessing(module: ModuleType | None, where: str) -> dict[str, An
 
 
 def probe(model: nn.Module, size: tuple[int, int], spec: str) -> int:
-    """One eval forward of two zero images: the model must give (2, classes) logits.
-    Returns the class count; raises SetupError with what was returned otherwise."""
-    from fgcli.engine.decompose import describe_output, extract_logits, frozen_eval
+    """One eval forward of two zero images: the model must give (2, classes) floating-point
+    logits with at least one class. Returns the class count; raises SetupError naming the
+    model otherwise (also when the forward raises, exits or raises KeyboardInterrupt).
+    Non-finite logits are not an error here: each image they reach fails on its own."""
+    from fgcli.engine.decompose import (checked_logits, describe_output, extract_logits,
+                                        frozen_eval)
 
     x = torch.zeros(2, 3, *size)
     param = next(model.parameters(), None)
     if param is not None:
         x = x.to(param.device)
     try:
-        with frozen_eval(model), torch.no_grad():
+        with user_code(f"model {spec}", "computing a probe batch", FORWARD_HINT), \
+                frozen_eval(model), torch.no_grad():
             out = model(x)
+    except SetupError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
         raise SetupError(f"--model {spec}: the model fails on a (2, 3, {size[0]}, {size[1]}) "
                          f"batch ({_one_line(exc)})") from exc
     try:
         logits = extract_logits(out)
-    except TypeError as exc:
+        if logits.dim() != 2 or logits.shape[0] != 2:
+            raise SetupError(f"--model {spec}: the model returned {describe_output(out)} for "
+                             "a batch of 2; expected (N, classes) logits")
+        return int(checked_logits(out, 2).shape[1])
+    except (TypeError, ValueError) as exc:
         raise SetupError(f"--model {spec}: {exc}") from exc
-    if logits.dim() != 2 or logits.shape[0] != 2 or not logits.is_floating_point():
-        raise SetupError(f"--model {spec}: the model returned {describe_output(out)} for a "
-                         f"batch of 2; expected (N, classes) logits")
-    return int(logits.shape[1])
 
 
 def load(spec: str, weights: str, *, model_args: dict[str, Any] | None = None,
@@ -241,13 +361,14 @@ def load(spec: str, weights: str, *, model_args: dict[str, Any] | None = None,
     module: ModuleType | None = None
     if source_of(spec) == "code":
         factory, module, identity = _factory(spec)
-        model = _call(factory, kwargs, spec)
+        model = _call(factory, kwargs, spec, _who(spec))
         source, where = "code", spec.rpartition(":")[0]
     else:
         if kwargs:
             raise UsageError("--model-arg: a pickled model file takes no arguments")
         path = Path(spec).expanduser()
-        found = ckpt.read_checkpoint(path, trust_pickle=trust_pickle, option="--model")
+        with user_code(_who(spec), "being unpickled", "its pickled code calls sys.exit"):
+            found = ckpt.read_checkpoint(path, trust_pickle=trust_pickle, option="--model")
         if found.module is None:
             raise SetupError(f"--model {spec}: holds a state_dict, not a model; give the "
                              f"architecture with --model NAME (or file.py:factory) and "
@@ -265,7 +386,9 @@ def load(spec: str, weights: str, *, model_args: dict[str, Any] | None = None,
             identity + ":random"
     elif w.lower() not in ("default", "none"):
         path = Path(w).expanduser()
-        found = ckpt.read_checkpoint(path, trust_pickle=trust_pickle)
+        with user_code(f"weights file {path}", "being unpickled",
+                       "its pickled code calls sys.exit"):
+            found = ckpt.read_checkpoint(path, trust_pickle=trust_pickle)
         fitted = ckpt.fit(found, model.state_dict(), spec)
         ckpt.load_into(model, fitted.state, spec, path)
         identity += f":weights:{ckpt.file_identity(path)}"
