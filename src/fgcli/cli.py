@@ -74,8 +74,14 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
         raise UsageError(f"{option}: expected comma-separated numbers, got {text!r}") from exc
 
 
+def _say(message: str) -> None:
+    """One message line on stderr: raw bytes of a path as ``\\xNN``, control characters
+    escaped (:func:`fgcli.names.display`), so a name never splits a line or the console."""
+    err.print(names.display(message), markup=False)
+
+
 def _fail(message: str, code: int) -> None:
-    err.print(f"fullgrad: error: {message}", markup=False)
+    _say(f"fullgrad: error: {message}")
     raise typer.Exit(code)
 
 
@@ -107,7 +113,7 @@ def _exit_codes(debug: bool | None = False, usage: tuple[type[Exception], ...] =
     except (UsageError, SetupError, *usage) as exc:
         _fail(str(exc), EXIT_USAGE)
     except KeyboardInterrupt:
-        err.print("fullgrad: interrupted", markup=False)
+        _say("fullgrad: interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except Exception as exc:  # noqa: BLE001 - the last line of defence
         if policy.debug:
@@ -144,7 +150,7 @@ class ConsoleReporter:
         if self.bar is not None:
             self.bar.write(message, file=sys.stderr)
         else:
-            err.print(message, markup=False)
+            _say(message)
 
     def started(self, info: dict[str, Any]) -> None:
         if not self.quiet and self.lead and sys.stderr.isatty():
@@ -193,9 +199,9 @@ class ConsoleReporter:
         if self.bar is not None:
             self.bar.close()
         if getattr(report, "interrupted", None):  # one line, even with --quiet
-            err.print(f"fullgrad: {self.prefix}interrupted by {report.interrupted} after "
+            _say(f"fullgrad: {self.prefix}interrupted by {report.interrupted} after "
                       f"{report.ok + report.failed} image(s); rerun the same command to "
-                      "resume", markup=False)
+                      "resume")
             return
         if self.quiet or not self.lead:
             return
@@ -213,28 +219,33 @@ class ConsoleReporter:
         err.print(table)
 
 
-def _stoppable(command: Callable[..., None]) -> Callable[..., None]:
-    """Run ``command`` with the stop handlers of :mod:`fgcli.signals` installed from the
-    start (a signal while torch is imported or the model loads is one line too), and
-    restored afterwards (in-process callers keep theirs)."""
+def _stoppable(resume: bool = False) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Run a command with the stop handlers of :mod:`fgcli.signals` installed from the
+    start (a signal while torch is imported or the model loads is one line and exit
+    130 / 143 too), and restored afterwards (in-process callers keep theirs). ``resume``:
+    the line says that a rerun resumes (dump)."""
 
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        from fgcli.signals import Interrupted, stop_signals
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> None:
+            from fgcli.signals import Interrupted, stop_signals
 
-        try:
-            with stop_signals():
-                command(*args, **kwargs)
-        except Interrupted as exc:
-            err.print(f"fullgrad: interrupted by {exc.name}; finished images are kept: "
-                      "rerun the same command to resume", markup=False)
-            raise typer.Exit(exc.exit_code) from None
+            try:
+                with stop_signals():
+                    command(*args, **kwargs)
+            except Interrupted as exc:
+                more = ("; finished images are kept: rerun the same command to resume"
+                        if resume else "")
+                _say(f"fullgrad: interrupted by {exc.name}{more}")
+                raise typer.Exit(exc.exit_code) from None
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
 @app.command()
-@_stoppable
+@_stoppable(resume=True)
 def dump(
     inputs: Annotated[Optional[list[str]], typer.Argument(
         help="Image files, directories (walked recursively) or - for a list of paths on "
@@ -397,7 +408,7 @@ def dump(
         report = run_dump(cfg, reporter_for)
     code = report.exit_code
     if "gallery_error" in report.extra:
-        err.print(f"fullgrad: gallery: {report.extra['gallery_error']}", markup=False)
+        _say(f"fullgrad: gallery: {report.extra['gallery_error']}")
         code = max(code, EXIT_FAILED)
     elif "gallery" in report.extra:
         code = max(code, _report_gallery(report.extra["gallery"], cfg.quiet))
@@ -410,13 +421,13 @@ def _report_gallery(report: Any, quiet: bool) -> int:
     are warnings (one line per file, unless quiet)."""
     if not quiet:
         for line in report.warnings:
-            err.print(f"fullgrad: warning: {line}", markup=False)
+            _say(f"fullgrad: warning: {line}")
     for line in report.thumbs.failed.values():
-        err.print(f"fullgrad: gallery: {line}", markup=False)
+        _say(f"fullgrad: gallery: {line}")
     if not quiet:
-        err.print(f"gallery: {report.index} ({report.images} images, {report.maps} maps, "
+        _say(f"gallery: {report.index} ({report.images} images, {report.maps} maps, "
                   f"{report.failed} failed; thumbnails made {report.thumbs.made}, kept "
-                  f"{report.thumbs.kept}; {report.seconds:.1f}s)", markup=False)
+                  f"{report.thumbs.kept}; {report.seconds:.1f}s)")
     return EXIT_FAILED if report.thumbs.failed else EXIT_OK
 
 
@@ -431,6 +442,7 @@ _Size = Annotated[Optional[int], typer.Option(help="Input size.  [default: the m
 
 
 @app.command()
+@_stoppable()
 def check(
     images: Annotated[Optional[list[str]], typer.Argument(
         help="Images to decompose (default: two seeded photo-like random inputs).",
@@ -464,6 +476,7 @@ def check(
 
 
 @app.command("eval")
+@_stoppable()
 def eval_(
     images: Annotated[list[str], typer.Argument(
         help="Image files or directories (two or more images).", show_default=False)],
@@ -553,7 +566,7 @@ def _run_eval(cfg: Any, quiet: bool) -> None:
     from fgcli.evaluate.run import run_eval
 
     def failure(path: str, reason: str) -> None:
-        err.print(f"fullgrad: failed: {names.display(path)}: {reason}", markup=False)
+        _say(f"fullgrad: failed: {names.display(path)}: {reason}")
 
     with _count_bar(quiet, "img", f"eval {cfg.model}") as progress:
         result = run_eval(cfg, progress, failure)
@@ -583,6 +596,7 @@ def _run_eval(cfg: Any, quiet: bool) -> None:
 
 
 @app.command()
+@_stoppable()
 def merge(
     out: Annotated[str, typer.Argument(help="The output tree of the shards.")],
     debug: _Debug = False,
@@ -597,18 +611,19 @@ def merge(
         check_not_blank({"OUT": out})
         report = merge_tree(out, list(sys.argv))
     for line in report.warnings:  # malformed lines dropped, shards of another count
-        err.print(f"fullgrad: warning: {line}", markup=False)
+        _say(f"fullgrad: warning: {line}")
     if not report.shards:
-        err.print(f"fullgrad: {out}: no shards to merge", markup=False)
+        _say(f"fullgrad: {out}: no shards to merge")
         raise typer.Exit(EXIT_OK)
     counts = report.counts
-    err.print(f"merged {len(report.shards)} shard(s) into {out}/manifest.jsonl: "
+    _say(f"merged {len(report.shards)} shard(s) into {out}/manifest.jsonl: "
               f"{report.records} lines from {report.lines}; images ok {counts['ok']}, "
-              f"skipped {counts['skipped']}, failed {counts['failed']}", markup=False)
+              f"skipped {counts['skipped']}, failed {counts['failed']}")
     raise typer.Exit(EXIT_OK)
 
 
 @app.command("gallery")
+@_stoppable()
 def gallery_(
     out: Annotated[str, typer.Argument(help="The output tree of a dump.")],
     threads: Annotated[Optional[int], typer.Option(
@@ -674,7 +689,7 @@ def _run_check(images: list[str], models: list[str], weights: str, model_args: d
                        f"{im.residual:11.2e} {alone:>11s}  {'yes' if im.ok else 'NO'}")
         for im in result.images:
             if im.nonfinite:  # NaN weights or an overflow: say so, not just NO
-                err.print(f"fullgrad: failed: {im.name}: {im.nonfinite}", markup=False)
+                _say(f"fullgrad: failed: {im.name}: {im.nonfinite}")
         typer.echo(f"bias-carrying ops: {sum(result.kinds.values())} "
                    f"({kind_summary(result.kinds)})")
         typer.echo(f"layers in the map ({len(result.map_layers)}): "
@@ -720,6 +735,7 @@ _REASONS = {
 
 
 @app.command()
+@_stoppable()
 def models(
     pattern: Annotated[Optional[str], typer.Argument(
         help="Shell pattern (resnet*) or substring to filter by; timm/PATTERN lists timm's "
@@ -756,7 +772,25 @@ def _model_rows(pattern: str | None) -> list[tuple[str, str, str]]:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        _leave_now_if_stopped(exc.code)
+        raise
+
+
+def _leave_now_if_stopped(code: Any) -> None:
+    """After a stop signal, exit without waiting for writes the run gave up on (a hung
+    network file system): Python would join those writer threads at exit, unbounded.
+    Only here, in the console entry point: in-process callers keep their process."""
+    import os
+    import threading
+
+    if code in (130, 143) and any(t.name.startswith("fgcli-writer") and t.is_alive()
+                                  for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,8 +25,8 @@ and the key is valid Unicode text where each byte that is not UTF-8 is written `
 lost: the manifest's ``input`` is that text too, and ``input_bytes`` (base64 of the raw
 path) is added for such names only (:func:`fgcli.names.record_fields`). A real
 ``\\xff`` in one name and the byte 0xff in another give the same key: the second fails
-as above. A failure for a taken key is recorded under that key plus ``~dup-`` and a hash
-of its path (:func:`fgcli.names.duplicate_key`): the manifest keeps one line per key, and
+as above. A failure for a taken key (that one, or an unreadable input's) is recorded under
+that key plus ``~dup-`` and a hash of its path (:func:`fgcli.names.duplicate_key`): the manifest keeps one line per key, and
 both images keep theirs.
 """
 
@@ -188,12 +188,11 @@ def discover(inputs: Iterable[str], files_from: str | None = None, null: bool = 
 
     def unique(item: Item) -> Item:
         item = Item(item.path, names.text(item.key), item.error)  # the module docstring
-        if item.error is None:
-            other = used.get(item.key)
-            if other is not None and other != item.path:
-                return Item(item.path, names.duplicate_key(item.key, item.path),
-                            f"output name {item.key!r} is already used by "
-                            f"{names.display(other)}")
+        other = used.get(item.key)
+        if other is not None and other != item.path:  # its line must not replace the other's
+            return Item(item.path, names.duplicate_key(item.key, item.path), item.error or
+                        f"output name {item.key!r} is already used by {names.display(other)}")
+        if item.error is None:  # an input that cannot be read claims no name
             used[item.key] = item.path
         return item
 

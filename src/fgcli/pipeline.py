@@ -612,21 +612,26 @@ class DumpRun:
         the run; any other write error fails that image. After a stop signal the wait is
         bounded (``DRAIN_SECONDS``): writes still running then get no line either."""
         while len(self.pending) > keep:
-            records, futures = self.pending.popleft()
-            for rec, fut in zip(records, futures):
-                if not self._finished(fut):
-                    continue
-                try:
-                    rec["outputs"] = fut.result()
-                except TreeWriteError as exc:
-                    self.halted = self.halted or exc
-                    continue
-                except Exception as exc:  # noqa: BLE001 - a write error fails one image
-                    rec.update(status="failed", outputs={},
-                               error=f"cannot write outputs: {_one_line(exc)}")
-                    if self.cfg.fail_fast:
-                        self.report.stopped_early = True
-                self._emit(rec)
+            records, futures = self.pending[0]
+            while records:  # each record leaves the queue once handled: a second signal
+                if self._finished(futures[0]):  # in the wait leaves it to _salvage
+                    self._settle(records[0], futures[0])
+                del records[0], futures[0]
+            self.pending.popleft()
+
+    def _settle(self, rec: dict[str, Any], fut: Future) -> None:
+        """The manifest line of one image whose writes are done."""
+        try:
+            rec["outputs"] = fut.result()
+        except TreeWriteError as exc:
+            self.halted = self.halted or exc
+            return
+        except Exception as exc:  # noqa: BLE001 - a write error fails one image
+            rec.update(status="failed", outputs={},
+                       error=f"cannot write outputs: {_one_line(exc)}")
+            if self.cfg.fail_fast:
+                self.report.stopped_early = True
+        self._emit(rec)
 
     def _salvage(self) -> None:
         """On the way out of a failed or interrupted loop: the lines of images whose

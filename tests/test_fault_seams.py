@@ -1,0 +1,136 @@
+"""Where #17's fixes meet: stop signals in every command, a second signal while writes
+are drained, an unreadable input that shares a readable one's name, and messages that
+quote raw file names."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ROOT, SQUEEZENET_WEIGHTS
+from fgcli.cli import app
+
+PHOTOS = ROOT / "examples" / "photos"
+DUMP = ["dump", "--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS),
+        "--size", "64", "--workers", "0", "-q", "--save", "map"]
+
+
+def cli(*args: str):
+    result = CliRunner().invoke(app, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def _sigterm(*args, **kwargs):
+    signal.raise_signal(signal.SIGTERM)
+    raise AssertionError("the stop handler should have ended the command")
+
+
+@pytest.mark.parametrize("command", ["eval", "check", "merge", "gallery", "models"])
+def test_every_command_stops_on_sigterm_with_one_line(tmp_path, monkeypatch, command):
+    """SIGTERM (a scheduler's time limit) ends every command with one line and 143, not
+    silently; the handlers are the caller's again afterwards."""
+    import fgcli.cli
+    import fgcli.distributed.shards
+    import fgcli.evaluate.run
+    import fgcli.gallery
+
+    target, args = {
+        "eval": ((fgcli.evaluate.run, "_evaluate"),
+                 ["eval", "--model", "squeezenet1_1", str(PHOTOS / "coffee.png"),
+                  str(PHOTOS / "chelsea.png"), "-o", str(tmp_path / "e")]),
+        "check": ((fgcli.cli, "_run_check"), ["check", "--model", "squeezenet1_1"]),
+        "merge": ((fgcli.distributed.shards, "merge"), ["merge", str(tmp_path)]),
+        "gallery": ((fgcli.gallery, "build_gallery"), ["gallery", str(tmp_path)]),
+        "models": ((fgcli.cli, "_model_rows"), ["models"]),
+    }[command]
+    monkeypatch.setattr(*target, _sigterm)
+
+    def unhandled(signum, frame):  # fgcli's handler missing: fail, don't kill pytest
+        raise RuntimeError("SIGTERM reached the caller's handler")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        result = cli(*args)
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the caller's again
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert result.exit_code == 143, result.output
+    assert result.stderr.strip() == "fullgrad: interrupted by SIGTERM"
+
+
+def test_an_unreadable_input_never_takes_a_readable_ones_line(tmp_path, monkeypatch):
+    """``b/x.png`` (a photo) and ``a/x.png`` (a broken link) share the key ``x.png``: the
+    broken one's failed line gets a key of its own, so the photo's line stays in the
+    compacted manifest and the rerun skips it instead of computing it again forever."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.png").write_bytes((PHOTOS / "chelsea.png").read_bytes())
+    os.symlink(tmp_path / "nowhere.png", tmp_path / "a" / "x.png")
+    for run in range(2):
+        result = cli(*DUMP, "b/x.png", "a/x.png", "-o", "out")
+        assert result.exit_code == 1, result.output
+        records = {r["key"]: r for r in map(json.loads,
+                                            Path("out/manifest.jsonl").read_text().splitlines())}
+        assert len(records) == 2
+        photo = records["x.png"]
+        assert photo["input"] == "b/x.png"
+        assert photo["status"] == ("ok" if run == 0 else "skipped")
+        (broken,) = (r for k, r in records.items() if k != "x.png")
+        assert broken["key"].startswith("x.png~dup-") and broken["status"] == "failed"
+        assert broken["input"] == "a/x.png"
+
+
+def test_a_second_signal_while_draining_keeps_the_lines_of_finished_writes():
+    """The second signal arrives while the drain waits for a write: the records of the
+    writes that did finish still get their lines (by ``_salvage``), none is lost between
+    leaving the queue and reaching the manifest."""
+    from fgcli.pipeline import DumpRun, RunReport
+    from fgcli.signals import Interrupted, StopSignals
+
+    run = object.__new__(DumpRun)
+    run.collected = []  # records kept instead of written (as for a Ray actor)
+    run.report, run.halted, run.drain_until = RunReport(), None, None
+    run.stop = StopSignals(installed=False)
+    done = [Future() for _ in range(3)]
+    for i, fut in enumerate(done):
+        fut.set_result({"map": f"maps/{i}.npy"})
+    hanging: Future = Future()  # a write still running when the second signal comes
+    records = [{"key": str(i), "status": "ok"} for i in range(4)]
+    from collections import deque
+
+    run.pending = deque([(records[:2], done[:2]), (records[2:], [hanging, done[2]])])
+    waits = []
+
+    def finished(fut: Future) -> bool:
+        if fut is hanging:
+            raise Interrupted("SIGINT")
+        waits.append(fut)
+        return True
+
+    run._finished = finished
+    with pytest.raises(Interrupted):
+        run._drain(0)
+    run._salvage()
+    assert [r["key"] for r in run.collected] == ["0", "1", "3"]
+    assert [r["outputs"]["map"] for r in run.collected] == ["maps/0.npy", "maps/1.npy",
+                                                             "maps/2.npy"]
+
+
+def test_messages_quote_raw_names_on_one_line(tmp_path):
+    """A message naming a file whose name is not UTF-8 and holds a newline is one line,
+    the byte written \\xNN and the newline \\n (never a console error, never two lines)."""
+    missing = os.fsdecode(os.fsencode(str(tmp_path)) + b"/list\xff\nx.txt")
+    result = cli(*DUMP, "--files-from", missing, "-o", str(tmp_path / "o"))
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "list\\xff\\nx.txt" in lines[0] and lines[0].startswith("fullgrad: error: ")
