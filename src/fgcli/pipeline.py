@@ -191,7 +191,6 @@ class DumpRun:
         self.tree = OutputTree(cfg.out, self.shard.name if self.shard else None)
         self.created: Path | None = None  # the topmost folder this run made for --out
         self.locked = False
-        self.checked = False
         self.stop = StopSignals(installed=False)  # run() puts the installed handlers here
         self.halted: TreeWriteError | None = None  # the tree cannot be written: stop
         self.drain_until: float | None = None  # deadline for writes in flight once stopping
@@ -212,8 +211,6 @@ class DumpRun:
     # -- setup -----------------------------------------------------------------------
     def check_options(self) -> None:
         """The checks that need no model: --files-from, --colormap, --device."""
-        if self.checked:
-            return
         cfg = self.cfg
         if cfg.files_from is not None and not os.path.isfile(cfg.files_from):
             raise UsageError(f"--files-from: {cfg.files_from}: no such file")
@@ -227,12 +224,11 @@ class DumpRun:
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # streams and events of cuda:N, not cuda:0
         self.report.device = str(self.device)
-        self.checked = True
 
     def prepare(self) -> None:
-        """Model, engine, batch size and fingerprint: everything but the output tree."""
+        """Model, engine, batch size and fingerprint: everything but the output tree
+        (after :meth:`check_options`)."""
         cfg = self.cfg
-        self.check_options()
         self.loaded: LoadedModel = load_model(
             cfg.model, cfg.weights, size=cfg.size, crop=cfg.crop, mean=cfg.mean, std=cfg.std,
             labels=cfg.labels, model_args=parse_model_args(cfg.model_args),
@@ -302,12 +298,10 @@ class DumpRun:
             self.tree.abandon(self.created)
 
     def open_tree(self) -> None:
-        """Lock the tree unless :meth:`lock` did, and index what earlier runs did.
+        """Index what earlier runs did (after :meth:`lock`).
 
         A plain run first folds shards left unmerged into ``manifest.jsonl``.
         """
-        if not self.locked:
-            self.lock()
         if self.shard is None and shard_manifests(self.tree.root):
             try:
                 merged = merge_locked(self.tree)
@@ -662,13 +656,13 @@ class DumpRun:
         the run only ``run.json`` is tried (compaction needs room for a second copy of
         the manifest; the appended one is whole, and the next run compacts it)."""
         self.report.seconds = time.perf_counter() - started
-        self.report.interrupted = self.stop.name
         try:
             if self.halted is None:
                 self.tree.compact_manifest()
             self.tree.write_json(self.tree.run_json_path, self.run_info(started_at))
         except TreeWriteError as exc:
             self.halted = self.halted or exc
+        self.report.interrupted = self.stop.name  # also a signal during these writes
 
     def run_info(self, started_at: str) -> dict[str, Any]:
         """What ``run.json`` says about this run."""

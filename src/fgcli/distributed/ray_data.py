@@ -329,6 +329,7 @@ class EngineActor:
         actor_cfg = replace(cfg, device=device, fail_fast=False, files_from=None,
                             inputs=cfg.inputs or ("-",), workers=0)
         self.state = DumpRun(actor_cfg, SilentReporter(), None)
+        self.state.check_options()
         self.state.prepare()  # not open_tree(): the driver holds the lock
         if self.state.fingerprint != fingerprint:
             import platform
