@@ -431,3 +431,31 @@ def test_merged_run_json_has_no_one_shards_run_fields(tmp_path):
     by_shard = {s["shard"]: s for s in run["shards"]}
     assert by_shard["1/2"]["interrupted"] == "SIGTERM"
     assert by_shard["1/2"]["error"].startswith("no space left")
+
+
+@pytest.mark.parametrize("shard", [None, "0-of-2"])
+def test_a_failed_holder_write_leaks_no_locked_handle(tmp_path, monkeypatch, shard):
+    import fgcli.writer
+
+    opened = []
+
+    class NoRoom:
+        """A lock file whose holder text does not fit (the buffered write bypasses
+        os.write, so faults.py cannot reach it)."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            self.fh = open(*args, **kwargs)  # noqa: SIM115 - closed by the code under test
+            opened.append(self)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def flush(self) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fgcli.writer, "open", NoRoom, raising=False)
+    tree = OutputTree(tmp_path / "out", shard)
+    with pytest.raises(OSError, match="No space"):
+        tree.acquire(["test"])
+    assert opened and all(o.fh.closed for o in opened)
+    assert tree._locks == []
