@@ -397,7 +397,6 @@ def test_ray_actor_full_disk_still_writes_run_json(photos, tmp_path, monkeypatch
                                          "error": "x", "outputs": {}, "input": "cat0.png"})}
             raise RuntimeError("ray wrapped") from full  # as Ray wraps an actor's error
         ray_data.write_records(state, ray_data._records(rows()))
-        return None
 
     monkeypatch.setattr(ray_data, "_import_ray", lambda: FakeRay)
     monkeypatch.setattr(ray_data, "_compute", compute)

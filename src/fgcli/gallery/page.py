@@ -148,7 +148,7 @@ def write_page(root: Path, images: list[Image], run: dict[str, Any],
         name = f"{n:05d}.js"
         names.add(name)
         blob = _js("fgcliChunk", n, chunk)
-        atomic_write(records / name, lambda fh: fh.write(blob))
+        atomic_write(records / name, lambda fh, b=blob: fh.write(b))
     if records.is_dir():
         for old in records.iterdir():
             if old.name not in names:
@@ -156,7 +156,7 @@ def write_page(root: Path, images: list[Image], run: dict[str, Any],
     package = resources.files("fgcli.gallery") / "assets"
     for asset in ASSETS:
         blob = (package / asset).read_bytes()
-        atomic_write(gallery / asset, lambda fh: fh.write(blob))
+        atomic_write(gallery / asset, lambda fh, b=blob: fh.write(b))
     blob = _render_index(title, data, images).encode("utf-8")
     atomic_write(root / "index.html", lambda fh: fh.write(blob))
     return maps
