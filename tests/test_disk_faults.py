@@ -458,3 +458,33 @@ def test_a_failed_holder_write_leaks_no_locked_handle(tmp_path, monkeypatch, sha
         tree.acquire(["test"])
     assert opened and all(o.fh.closed for o in opened)
     assert tree._locks == []
+
+
+def test_ray_driver_parses_actor_lines_strictly():
+    """An actor's record line is a manifest line: bare NaN is refused (a warning, not
+    written), as every reader of a manifest does."""
+    pytest.importorskip("ray")
+    from fgcli.distributed import ray_data
+    from fgcli.pipeline import RunReport
+    from fgcli.signals import StopSignals
+
+    class State:
+        cfg = type("Cfg", (), {"fail_fast": False})()
+        stop = StopSignals(installed=False)
+        halted = None
+        report = RunReport()
+
+        def __init__(self) -> None:
+            self.written: list[dict] = []
+            self.warned: list[str] = []
+            self.reporter = type("R", (), {"warn": lambda _, m: self.warned.append(m)})()
+
+        def write_record(self, rec: dict) -> None:
+            self.written.append(rec)
+
+    state = State()
+    good = '{"key": "a.png", "status": "ok", "rank": null, "outputs": {}}'
+    rows = [{"record": good}, {"record": good.replace("a.png", "b.png")[:-1] + ', "logit": NaN}'}]
+    assert ray_data.write_records(state, ray_data._records(rows)) == 0
+    assert [r["key"] for r in state.written] == ["a.png"]
+    assert len(state.warned) == 1 and "(first: not strict JSON (" in state.warned[0]

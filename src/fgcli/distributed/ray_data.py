@@ -394,7 +394,11 @@ def build_dataset(state: DumpRun, items: list[Item], how: Plan, cwd: str) -> Any
         **kwargs)
 
 
-def _records(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+class NotStrict(str):
+    """A record line from an actor that is not strict JSON: why (never written)."""
+
+
+def _records(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any] | NotStrict]:
     """Parsed records of the output rows; Ray's own errors become one RayRunError line."""
     it = iter(rows)
     while True:
@@ -410,10 +414,14 @@ def _records(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
                 raise full from exc
             raise RayRunError(f"Ray: {_ray_error_line(exc)} (finished images are kept: "
                               "rerun the same command to resume)") from exc
-        yield parse_line(row["record"])
+        try:
+            rec = parse_line(row["record"])  # strict, as every manifest line
+        except ValueError as exc:  # NaN, bad UTF-8: an actor of another version
+            rec = NotStrict(f"not strict JSON ({_one_line(exc)})")
+        yield rec
 
 
-def write_records(state: DumpRun, records: Iterable[dict[str, Any]]) -> int:
+def write_records(state: DumpRun, records: Iterable[dict[str, Any] | NotStrict]) -> int:
     """Append each record once (see :func:`fresh`); stop at a failure under --fail-fast.
     Returns the number of repeats dropped. A malformed record (:func:`check_record`: an
     actor of another version, a non-finite score) is not written: one warning line, and
@@ -434,7 +442,7 @@ def write_records(state: DumpRun, records: Iterable[dict[str, Any]]) -> int:
             break
         if state.stop.requested:  # a stop signal: take no more (Ray stops its actors
             break  # at shutdown)
-        reason = check_record(rec)
+        reason = str(rec) if isinstance(rec, NotStrict) else check_record(rec)
         if reason is not None:
             bad.append(reason)
             continue
