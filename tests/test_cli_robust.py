@@ -94,20 +94,19 @@ def test_writable_dir_probe_leaves_nothing_but_the_folder(tmp_path):
         writable_dir(tmp_path / "f" / "g", "--out")
 
 
-def test_eval_report_write_failure_is_one_line(tmp_path, monkeypatch):
+def test_eval_report_write_failure_is_one_line(tmp_path):
+    from faults import full_disk
+
     from fgcli.errors import SetupError
     from fgcli.evaluate import report
 
     (tmp_path / "file").write_text("taken")
     with pytest.raises(SetupError, match="cannot write eval.json"):
-        report._atomic_write(tmp_path / "file" / "eval.json", b"{}")
+        report._write(tmp_path / "file" / "eval.json", b"{}")
 
-    def full(self, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(Path, "write_bytes", full)
-    with pytest.raises(SetupError, match=r"^no space left on device writing .*eval\.csv$"):
-        report._atomic_write(tmp_path / "eval.csv", b"x")
+    with full_disk(f"{tmp_path}/*"), pytest.raises(
+            SetupError, match=r"^no space left on device writing .*eval\.csv$"):
+        report._write(tmp_path / "eval.csv", b"x")
     assert os.listdir(tmp_path) == ["file"]  # no temporary file left
 
 

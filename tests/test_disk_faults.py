@@ -205,7 +205,7 @@ def test_a_gallery_thumbnail_is_never_moved_in_truncated(tmp_path):
 
     dest = tmp_path / "thumbs" / "cat.jpg"
     with full_disk(f"{dest.parent}/*", after=1000):
-        with pytest.raises(OSError):
+        with pytest.raises(DiskFullError, match=f"^no space left on device writing {dest}$"):
             make_thumb(PHOTO, dest)
     assert not dest.exists()
     assert [p.name for p in dest.parent.iterdir()] == []
@@ -250,3 +250,241 @@ def test_a_merge_on_a_full_disk_loses_nothing(tmp_path):
     assert report.records == 100
     assert len(strict_lines(out / "manifest.jsonl")) == 100
     assert not (out / "shards").exists()
+
+
+# -- the one atomic writer's other users: eval's report, the gallery, Ray, merge --------
+
+def test_eval_report_on_a_full_disk_is_one_line(tmp_path):
+    out = tmp_path / "eval"
+    photos = [str(ROOT / "examples" / "photos" / n) for n in ("coffee.png", "chelsea.png")]
+    with full_disk(f"{out}/*", after=100):
+        result = CliRunner().invoke(app, [
+            "eval", *photos, *SMALL[:6], "--methods", "random", "--steps", "4", "--samples",
+            "1", "--out", str(out), "-q"])
+    assert result.exit_code == 2, result.output
+    assert stderr_lines(result) == [
+        f"fullgrad: error: no space left on device writing {out / 'eval.json'}"]
+    assert sorted(p.name for p in out.iterdir()) == []  # no temporary file left
+
+
+def gallery_files(out: Path) -> list[Path]:
+    """The gallery's files in ``out``; no hidden temporary file anywhere in the tree."""
+    leftovers = [p for p in out.rglob(".*") if p.is_file() and p.name != ".fullgrad.lock"]
+    assert leftovers == []
+    return [p for p in [out / "index.html", *out.rglob("thumbs/*"), *out.rglob("gallery/**/*")]
+            if p.is_file()]
+
+
+def assert_gallery_whole(out: Path, room: Path) -> None:
+    """Every gallery file in ``out`` is whole: a thumbnail decodes, any other file is the
+    one a build with room (``room``, a copy of the same tree) wrote."""
+    from PIL import Image
+
+    for path in gallery_files(out):
+        if path.parent.name == "thumbs":
+            with Image.open(path) as img:
+                img.load()
+        elif path.name != "terms-cache.json":  # holds times: compared as JSON
+            assert path.read_bytes() == (room / path.relative_to(out)).read_bytes(), path
+        else:
+            json.loads(path.read_text("utf-8"))
+
+
+@pytest.fixture(scope="module")
+def dumped(photos, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dumped") / "out"
+    assert dump(photos, out, "--save", "heatmap,overlay,map,decomp").exit_code == 0
+    return out
+
+
+def _sizes(out: Path) -> tuple[int, int]:
+    """Bytes of the thumbnails and of everything else a gallery build writes."""
+    thumbs = sum(p.stat().st_size for p in out.rglob("thumbs/*"))
+    return thumbs, sum(p.stat().st_size for p in gallery_files(out)) - thumbs
+
+
+@pytest.mark.parametrize("where", ["thumbs", "page"])
+def test_gallery_on_a_full_disk_is_one_line_naming_the_file(dumped, tmp_path, where):
+    room, out = tmp_path / "room", tmp_path / "out"
+    shutil.copytree(dumped, room)
+    shutil.copytree(dumped, out)
+    assert CliRunner().invoke(app, ["gallery", str(room), "-q"]).exit_code == 0
+    thumbs, page = _sizes(room)
+    after = thumbs // 2 if where == "thumbs" else thumbs + page // 2
+    with full_disk(f"{out}/*", after=after) as fault:
+        result = CliRunner().invoke(app, ["gallery", str(out), "--threads", "1", "-q"])
+    assert fault.failed
+    assert result.exit_code == 2, result.output
+    lines = stderr_lines(result)
+    assert len(lines) == 1, lines
+    prefix = f"fullgrad: error: no space left on device writing {out}/"
+    assert lines[0].startswith(prefix) and ".tmp" not in lines[0], lines
+    named = out / lines[0][len(prefix) - len(f"{out}/"):].split(" ")[-1]
+    assert named.parent.name == ("thumbs" if where == "thumbs" else "gallery"), named
+    assert_gallery_whole(out, room)
+    assert CliRunner().invoke(app, ["gallery", str(out), "-q"]).exit_code == 0  # room again
+
+
+def test_dump_gallery_on_a_full_disk_keeps_the_dump(photos, tmp_path):
+    out = tmp_path / "out"
+    with full_disk(f"{out}/thumbs/*", after=3000) as fault:
+        result = dump(photos, out, "--gallery", "--save", "heatmap,overlay")
+    assert fault.failed
+    assert result.exit_code == 2, result.output
+    lines = stderr_lines(result)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"fullgrad: error: no space left on device writing "
+                               f"{out}/thumbs/"), lines
+    assert lines[0].endswith("; the gallery is incomplete, the dump's results are whole "
+                             "and kept"), lines
+    assert ".tmp" not in lines[0]
+    recs = strict_lines(out / "manifest.jsonl")
+    assert len(recs) == 6 and {r["status"] for r in recs} == {"ok"}
+    gallery_files(out)  # no temporary file left
+    from PIL import Image
+
+    for thumb in (out / "thumbs").iterdir():
+        with Image.open(thumb) as img:
+            img.load()
+
+
+def test_a_thumbnail_failing_otherwise_stays_one_line_each(dumped, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(dumped, out)
+    with failing_files(f"{out}/thumbs/*", errno.EIO, files=2):
+        result = CliRunner().invoke(app, ["gallery", str(out), "--threads", "1", "-q"])
+    assert result.exit_code == 1, result.output
+    lines = stderr_lines(result)
+    assert len(lines) == 2 and all(
+        line.startswith("fullgrad: gallery: ") and "thumbnail failed" in line
+        and "Input/output error writing " in line for line in lines), lines
+    assert (out / "index.html").is_file()
+    gallery_files(out)
+
+
+def test_gallery_other_errors_than_writes_are_internal(dumped, tmp_path, monkeypatch):
+    import fgcli.gallery
+
+    def broken(*args, **kwargs):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    out = tmp_path / "out"
+    shutil.copytree(dumped, out)
+    monkeypatch.setattr(fgcli.gallery, "collect_images", broken)
+    result = CliRunner().invoke(app, ["gallery", str(out)])
+    assert result.exit_code == 3, result.output
+    assert stderr_lines(result)[0].startswith("fullgrad: error: internal error: OSError")
+
+
+def test_ray_actor_full_disk_still_writes_run_json(photos, tmp_path, monkeypatch):
+    """A full disk an actor reports (TreeWriteError back through Ray) halts the run as a
+    plain run does: run.json records the error, then exit 2. Ray itself is faked: the
+    driver's handling is what is tested (no Ray start)."""
+    pytest.importorskip("ray")
+    from fgcli.distributed import ray_data
+
+    out = tmp_path / "out"
+    full = DiskFullError(out / "overlays" / "cat3.jpg")
+
+    class FakeRay:
+        @staticmethod
+        def is_initialized() -> bool:
+            return True
+
+    def compute(state, items, cfg, cwd, reporter):
+        def rows():
+            yield {"record": json.dumps({"key": "cat0.png", "rank": None, "status": "failed",
+                                         "error": "x", "outputs": {}, "input": "cat0.png"})}
+            raise RuntimeError("ray wrapped") from full  # as Ray wraps an actor's error
+        ray_data.write_records(state, ray_data._records(rows()))
+
+    monkeypatch.setattr(ray_data, "_import_ray", lambda: FakeRay)
+    monkeypatch.setattr(ray_data, "_compute", compute)
+    result = dump(photos, out, "--ray")
+    assert result.exit_code == 2, result.output
+    assert stderr_lines(result) == ["fullgrad: failed: cat0.png: x", f"fullgrad: error: {full}"]
+    run = json.loads((out / "run.json").read_text("utf-8"))
+    assert run["error"] == str(full) and run["engine"] == "ray"
+    assert [r["key"] for r in strict_lines(out / "manifest.jsonl")] == ["cat0.png"]
+
+
+def test_merged_run_json_has_no_one_shards_run_fields(tmp_path):
+    from fgcli.distributed.shards import merge
+
+    out = tmp_path / "out"
+    for index in range(2):
+        shard = OutputTree(out, f"{index}-of-2")
+        shard.acquire(["test"])
+        try:
+            shard.append(_record(f"s{index}/k", time="2026-01-01T00:00:00"))
+            shard.write_json(shard.run_json_path, {
+                "model": "m", "finished": f"2026-01-01T00:00:0{index}", "cwd": "/w",
+                "interrupted": "SIGTERM" if index else None,
+                "error": "no space left on device writing x" if index else None})
+        finally:
+            shard.release()
+    merge(out, ["test"])
+    run = json.loads((out / "run.json").read_text("utf-8"))
+    assert "interrupted" not in run and "error" not in run
+    assert run["model"] == "m" and run["cwd"] == "/w"
+    by_shard = {s["shard"]: s for s in run["shards"]}
+    assert by_shard["1/2"]["interrupted"] == "SIGTERM"
+    assert by_shard["1/2"]["error"].startswith("no space left")
+
+
+@pytest.mark.parametrize("shard", [None, "0-of-2"])
+def test_a_failed_holder_write_leaks_no_locked_handle(tmp_path, monkeypatch, shard):
+    import fgcli.writer
+
+    opened = []
+
+    class NoRoom:
+        """A lock file whose holder text does not fit (the buffered write bypasses
+        os.write, so faults.py cannot reach it)."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            self.fh = open(*args, **kwargs)  # noqa: SIM115 - closed by the code under test
+            opened.append(self)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def flush(self) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fgcli.writer, "open", NoRoom, raising=False)
+    tree = OutputTree(tmp_path / "out", shard)
+    with pytest.raises(OSError, match="No space"):
+        tree.acquire(["test"])
+    assert opened and all(o.fh.closed for o in opened)
+    assert tree._locks == []
+
+
+def test_ray_driver_parses_actor_lines_strictly():
+    """An actor's record line is a manifest line: bare NaN is refused (a warning, not
+    written), as every reader of a manifest does."""
+    pytest.importorskip("ray")
+    from fgcli.distributed import ray_data
+    from fgcli.pipeline import RunReport
+    from fgcli.signals import StopSignals
+
+    class State:
+        cfg = type("Cfg", (), {"fail_fast": False})()
+        stop = StopSignals(installed=False)
+        halted = None
+        report = RunReport()
+
+        def __init__(self) -> None:
+            self.written: list[dict] = []
+            self.warned: list[str] = []
+            self.reporter = type("R", (), {"warn": lambda _, m: self.warned.append(m)})()
+
+        def write_record(self, rec: dict) -> None:
+            self.written.append(rec)
+
+    state = State()
+    good = '{"key": "a.png", "status": "ok", "rank": null, "outputs": {}}'
+    rows = [{"record": good}, {"record": good.replace("a.png", "b.png")[:-1] + ', "logit": NaN}'}]
+    assert ray_data.write_records(state, ray_data._records(rows)) == 0
+    assert [r["key"] for r in state.written] == ["a.png"]
+    assert len(state.warned) == 1 and "(first: not strict JSON (" in state.warned[0]

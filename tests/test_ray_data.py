@@ -151,9 +151,12 @@ def test_a_plain_runs_output_resumes_on_ray_without_work(local_ray, tmp_path):
 class _FakeState:
     def __init__(self, fail_fast: bool = False) -> None:
         from fgcli.pipeline import RunReport
+        from fgcli.signals import StopSignals
 
         self.cfg = RunConfig(inputs=("x",), model="m", fail_fast=fail_fast)
         self.report = RunReport()
+        self.stop = StopSignals(installed=False)  # as DumpRun has
+        self.halted = None
         self.written: list[dict] = []
 
     def write_record(self, rec: dict) -> None:

@@ -636,12 +636,15 @@ def gallery_(
 ) -> None:
     """Write OUT/index.html: a static gallery of the tree's maps that opens from disk
     (no server, no network). Thumbnails go to OUT/thumbs/ once; rerun after a dump to
-    add its new images. Exit 0, 1 when a thumbnail failed, 2 when OUT is not a tree."""
+    add its new images. Exit 0, 1 when a thumbnail failed, 2 when OUT is not a tree or a
+    file of the page cannot be written (a full disk: one line naming the file)."""
     from fgcli.gallery import GalleryError, build_gallery
+    from fgcli.writer import WriteFailed
 
     if threads is not None and threads < 1:
         _fail("--threads must be >= 1", EXIT_USAGE)
-    with _exit_codes(debug, usage=(GalleryError, OSError)):
+    # DiskFullError is a SetupError (exit 2); other OSErrors than a failed write: exit 3
+    with _exit_codes(debug, usage=(GalleryError, WriteFailed)):
         check_not_blank({"OUT": out})
         if os.path.isdir(out):  # else build_gallery says what OUT is not
             from fgcli.writer import writable_dir

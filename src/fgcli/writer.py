@@ -17,7 +17,9 @@ Layout under ``--out``::
 longer than the file system allows (255 bytes) is cut and ends in ``~`` and a hash.
 
 Every file is written to ``.tmp/`` and moved into place with ``os.replace``,
-so a killed run leaves only whole files; the next run clears ``.tmp/``. Every write is
+so a killed run leaves only whole files; the next run clears ``.tmp/``
+(:func:`atomic_write`; eval's report and the gallery use it too, with a hidden temporary
+file beside each destination). Every write is
 checked to the last byte (:func:`write_all`; encoders never get the file descriptor, so a
 short write on a full disk cannot go unnoticed) and the file is closed before it moves.
 A full disk (ENOSPC, EDQUOT) raises :class:`DiskFullError` (the run stops, exit 2);
@@ -93,11 +95,60 @@ class DiskFullError(TreeWriteError):
         return (DiskFullError, (self.path,))
 
 
+class WriteFailed(OSError):
+    """Writing ``path`` failed for a reason other than a full disk (``reason``: the
+    system's words); its text names the file."""
+
+    def __init__(self, code: int | None, reason: str, path: Path) -> None:
+        super().__init__(code, f"{reason} writing {path}")
+        self.reason = reason
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled whole (a Ray actor may raise it)
+        return (WriteFailed, (self.errno, self.reason, self.path))
+
+
 def _named(exc: OSError, path: Path) -> Exception:
     """A full disk as :class:`DiskFullError`; any other write error naming ``path``."""
+    if isinstance(exc, WriteFailed):
+        return exc
     if exc.errno in DISK_FULL:
         return DiskFullError(path)
-    return OSError(exc.errno, f"{exc.strerror or exc} writing {path}")
+    return WriteFailed(exc.errno, str(exc.strerror or exc), path)
+
+
+def atomic_write(dest: Path, write: Callable[[Any], None], scratch: Path | None = None
+                 ) -> None:
+    """``write(sink)`` into a temporary file, checked and closed, then moved to ``dest``:
+    ``dest`` is whole or untouched. The temporary file is in ``scratch`` when given (a
+    tree's ``.tmp/``), else hidden beside ``dest``; it is removed on any failure.
+
+    A full disk raises :class:`DiskFullError`; other ``OSError``s are
+    :class:`WriteFailed`, naming ``dest`` (never the temporary file)."""
+    name = uuid.uuid4().hex
+    tmp = scratch / f"{name}{dest.suffix}" if scratch is not None else (
+        dest.parent / f".{name}{dest.suffix}.tmp")
+    fd = -1
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        sink = _Sink(fd)
+        write(sink)
+        sink.flush()
+        if FSYNC:
+            os.fsync(fd)
+        fd, closing = -1, fd
+        os.close(closing)  # errors surface here on some file systems (NFS)
+        os.replace(tmp, dest)
+    except BaseException as exc:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _named(exc, dest) from exc
+        raise
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -160,6 +211,14 @@ def _holder_text(raw: str) -> str | None:
         return None
 
 
+def _unlock(fh: io.TextIOWrapper) -> None:
+    """Unlock and close a lock file whose holder text could not be written."""
+    with contextlib.suppress(OSError, ValueError):
+        fcntl.lockf(fh.fileno(), fcntl.LOCK_UN)
+    with contextlib.suppress(OSError, ValueError):
+        fh.close()  # closes the descriptor even when flushing the text fails again
+
+
 class OutputTree:
     """Paths, atomic writes, the locks and the manifest of one output directory.
 
@@ -220,11 +279,15 @@ class OutputTree:
                               f"shard {name} by {text}{more}") from exc
         # holding the tree lock (either way) means no plain run is writing: any holder
         # text left in the file is a killed run's
-        tree_fh.seek(0)
-        tree_fh.truncate()
-        if exclusive:
-            tree_fh.write(info)
-            tree_fh.flush()
+        try:
+            tree_fh.seek(0)
+            tree_fh.truncate()
+            if exclusive:
+                tree_fh.write(info)
+                tree_fh.flush()
+        except BaseException:  # e.g. a full disk: give the lock back, leak no handle
+            _unlock(tree_fh)
+            raise
         self._locks.append(tree_fh)
         if not exclusive:
             try:
@@ -254,10 +317,14 @@ class OutputTree:
                 fh.close()
                 raise LockedError(f"shard {self.shard} of {self.root} is in use by "
                                   f"{who}") from exc
-        fh.seek(0)
-        fh.truncate()
-        fh.write(info)
-        fh.flush()
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(info)
+            fh.flush()
+        except BaseException:
+            _unlock(fh)
+            raise
         self._locks.append(fh)
         count = self.shard.rpartition("-of-")[2]
         others = {name: text for name, text in running_shards(self.root, skip=self.shard).items()
@@ -314,32 +381,10 @@ class OutputTree:
         # a name near the file system's limit gets a shortened, hashed one (fgcli.names.fit)
         return self.root / FOLDER[kind] / (names.fit(stem) + SUFFIX[kind])
 
-    def _atomic(self, dest: Path, write: Any) -> None:
-        """``write(sink)`` into a scratch file, checked and closed, then moved to ``dest``.
-
-        A full disk raises :class:`DiskFullError`; other ``OSError``s name ``dest``."""
-        tmp = self.scratch / f"{uuid.uuid4().hex}{dest.suffix}"
-        fd = -1
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-            sink = _Sink(fd)
-            write(sink)
-            sink.flush()
-            if FSYNC:
-                os.fsync(fd)
-            fd, closing = -1, fd
-            os.close(closing)  # errors surface here on some file systems (NFS)
-            os.replace(tmp, dest)
-        except BaseException as exc:
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            if isinstance(exc, OSError):
-                raise _named(exc, dest) from exc
-            raise
+    def _atomic(self, dest: Path, write: Callable[[Any], None]) -> None:
+        """``write(sink)`` into a scratch file in ``.tmp/``, then moved to ``dest``
+        (:func:`atomic_write`)."""
+        atomic_write(dest, write, self.scratch)
 
     def write_palette_png(self, dest: Path, indices: np.ndarray, palette: np.ndarray) -> None:
         """An 8-bit palette PNG: a colormapped heatmap is exactly a table lookup, and this
@@ -687,6 +732,8 @@ class TreeFiles:
         """The first output kind whose path leads out of the tree, or None."""
         return next((kind for kind, rel in outputs.items() if self.state(rel) == "outside"),
                     None)
+
+
 def _whole_lines(fd: int, size: int) -> int:
     """The length of ``fd``'s content up to its last newline (``size`` when it ends in
     one, or when the text after it is a whole JSON record that only lacks the newline:
@@ -705,7 +752,7 @@ def _whole_lines(fd: int, size: int) -> int:
     if end == size:
         return size
     try:
-        complete = isinstance(json.loads(os.pread(fd, size - end, end)), dict)
+        complete = isinstance(parse_line(os.pread(fd, size - end, end)), dict)
     except ValueError:
         complete = False
     if complete:

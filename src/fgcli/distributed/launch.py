@@ -19,7 +19,8 @@ ReporterFactory = Callable[[str, bool], Reporter]
 def run_dump(cfg: RunConfig, reporter_for: ReporterFactory, stdin: Any = None) -> RunReport:
     """Run the dump on its engine; with ``--gallery`` the process that leads (the only
     one, a shard, torchrun's rank 0 after the merge, Ray's driver) then builds the
-    gallery: ``report.extra["gallery"]`` (a GalleryReport) or ``["gallery_error"]``."""
+    gallery: ``report.extra["gallery"]`` (a GalleryReport) or ``["gallery_error"]``
+    (exit 1); a full disk while building it raises TreeWriteError (exit 2)."""
     from fgcli.distributed.torchrun import rank_env
 
     env = rank_env()
@@ -31,10 +32,14 @@ def run_dump(cfg: RunConfig, reporter_for: ReporterFactory, stdin: Any = None) -
     report = _engine(cfg, reporter_for, stdin, env)
     if cfg.gallery and leads and not report.interrupted:
         from fgcli.gallery import GalleryError, build_gallery
+        from fgcli.writer import DiskFullError, TreeWriteError
 
         try:
             report.extra["gallery"] = build_gallery(cfg.out)
-        except (GalleryError, OSError) as exc:
+        except DiskFullError as exc:  # exit 2, one line (the summary is already out)
+            raise TreeWriteError(f"{exc}; the gallery is incomplete, the dump's results "
+                                 "are whole and kept", exc.path) from exc
+        except (GalleryError, OSError) as exc:  # the dump's results stand: exit 1
             report.extra["gallery_error"] = str(exc)
     return report
 

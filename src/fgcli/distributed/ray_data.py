@@ -65,7 +65,7 @@ from fgcli.data import Box, Failure, ImageDataset, Item, Sample, collate
 from fgcli.errors import SetupError
 from fgcli.pipeline import Reporter, RunReport, DumpRun, SilentReporter
 from fgcli.signals import stop_signals
-from fgcli.writer import TreeWriteError, check_record
+from fgcli.writer import TreeWriteError, check_record, parse_line
 
 MAX_BLOCKS = 10_000  # input blocks (one decoding task each) for very long lists
 
@@ -395,7 +395,11 @@ def build_dataset(state: DumpRun, items: list[Item], how: Plan, cwd: str) -> Any
         **kwargs)
 
 
-def _records(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+class NotStrict(str):
+    """A record line from an actor that is not strict JSON: why (never written)."""
+
+
+def _records(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any] | NotStrict]:
     """Parsed records of the output rows; Ray's own errors become one RayRunError line."""
     it = iter(rows)
     while True:
@@ -411,22 +415,35 @@ def _records(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
                 raise full from exc
             raise RayRunError(f"Ray: {_ray_error_line(exc)} (finished images are kept: "
                               "rerun the same command to resume)") from exc
-        yield json.loads(row["record"])
+        try:
+            rec = parse_line(row["record"])  # strict, as every manifest line
+        except ValueError as exc:  # NaN, bad UTF-8: an actor of another version
+            rec = NotStrict(f"not strict JSON ({_one_line(exc)})")
+        yield rec
 
 
-def write_records(state: DumpRun, records: Iterable[dict[str, Any]]) -> int:
+def write_records(state: DumpRun, records: Iterable[dict[str, Any] | NotStrict]) -> int:
     """Append each record once (see :func:`fresh`); stop at a failure under --fail-fast.
     Returns the number of repeats dropped. A malformed record (:func:`check_record`: an
     actor of another version, a non-finite score) is not written: one warning line, and
-    the next run computes its image again."""
+    the next run computes its image again. A tree that cannot be written (the manifest
+    here, or an actor's output files: a full disk) sets ``state.halted`` and takes no
+    more records, as a plain run does: ``finish()`` still writes ``run.json``."""
     seen: set[tuple[str, int | None]] = set()
     dropped = 0
     bad: list[str] = []
-    stop = getattr(state, "stop", None)
-    for rec in records:
-        if stop is not None and stop.requested:  # a stop signal: take no more (Ray stops
-            break  # its actors at shutdown)
-        reason = check_record(rec)
+    it = iter(records)
+    while True:
+        try:
+            rec = next(it)
+        except StopIteration:
+            break
+        except TreeWriteError as exc:  # an actor could not write the tree
+            state.halted = state.halted or exc
+            break
+        if state.stop.requested:  # a stop signal: take no more (Ray stops its actors
+            break  # at shutdown)
+        reason = str(rec) if isinstance(rec, NotStrict) else check_record(rec)
         if reason is not None:
             bad.append(reason)
             continue
@@ -436,7 +453,7 @@ def write_records(state: DumpRun, records: Iterable[dict[str, Any]]) -> int:
         try:
             state.write_record(rec)
         except TreeWriteError as exc:  # the manifest cannot be written: stop, keep it whole
-            state.halted = exc
+            state.halted = state.halted or exc
             break
         if rec["status"] == "failed" and state.cfg.fail_fast:
             state.report.stopped_early = True
@@ -554,4 +571,7 @@ def _note_engine(state: DumpRun, how: Plan | None) -> None:
     if how is not None:
         data["device"] = how.device
         data["workers"] = 0
-    state.tree.write_json(path, data)
+    try:
+        state.tree.write_json(path, data)
+    except TreeWriteError as exc:  # a full disk: run.json stays as finish() wrote it
+        state.halted = state.halted or exc

@@ -204,28 +204,32 @@ def _remove(folder: Path, dirs: list[Path]) -> None:
         folder.rmdir()
 
 
+# run.json's fields that describe one shard's run: in its entry of the merged "shards"
+PER_SHARD = ("shard", "host", "device", "started", "finished", "seconds", "counts",
+             "stopped_early", "interrupted", "error")
+
+
 def _write_merged_run_json(tree: OutputTree, runs: list[dict[str, Any]],
                            counts: dict[str, int]) -> None:
     """``run.json`` after a merge: the newest shard's settings, the merged counts, and
-    what each shard reported (earlier merges' shards kept)."""
+    what each shard reported (earlier merges' shards kept). What one shard's run did
+    (:data:`PER_SHARD`: its times, counts, stop signal, error) is only in its entry."""
     finished = [r for r in runs if r.get("finished")]
     base: dict[str, Any] = {}
     if finished:
         base = dict(max(finished, key=lambda r: str(r.get("finished"))))
-        for name in ("shard", "counts", "seconds", "started", "finished", "stopped_early",
-                     "host", "device"):
+        for name in PER_SHARD:
             base.pop(name, None)
     previous: list[dict[str, Any]] = []
     try:
         old = json.loads((tree.root / RUN_JSON).read_text("utf-8"))
         previous = list(old.get("shards", []))
         if not base:
-            base = {k: v for k, v in old.items() if k not in ("shards", "counts", "merged")}
+            base = {k: v for k, v in old.items()
+                    if k not in ("shards", "counts", "merged", *PER_SHARD)}
     except (OSError, ValueError, AttributeError):
         pass
-    keep = ("shard", "host", "device", "started", "finished", "seconds", "counts",
-            "stopped_early")
-    merged_runs = previous + [{k: r.get(k) for k in keep if k in r} for r in runs]
+    merged_runs = previous + [{k: r.get(k) for k in PER_SHARD if k in r} for r in runs]
     tree.write_json(tree.root / RUN_JSON, {
         "schema": MANIFEST_SCHEMA, **base,
         "merged": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -13,12 +13,9 @@ of pixels changed, with bands too).
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
 import math
-import os
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ from typing import Any
 from fgcli import names
 from fgcli.errors import SetupError
 from fgcli.evaluate.run import EvalConfig, EvalResult
+from fgcli.writer import WriteFailed, atomic_write
 
 WHAT = {
     "perturbation": "pixel perturbation |Δf|/|f| after removing the k% least salient pixels "
@@ -37,23 +35,14 @@ WHAT = {
 }
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all (a temporary file, then ``os.replace``); a
-    failure is a one-line SetupError naming the file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+def _write(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all (:func:`fgcli.writer.atomic_write`): a full
+    disk is its DiskFullError, any other failure a one-line SetupError naming the file."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise SetupError(f"no space left on device writing {path}") from exc
+        atomic_write(path, lambda fh: fh.write(data))
+    except WriteFailed as exc:
         raise SetupError(f"--out {path.parent}: cannot write {path.name} "
-                         f"({exc.strerror or exc})") from exc
+                         f"({exc.reason})") from exc
 
 
 def as_json(cfg: EvalConfig, result: EvalResult) -> dict[str, Any]:
@@ -105,13 +94,13 @@ def write(cfg: EvalConfig, result: EvalResult) -> list[Path]:
     out = Path(cfg.out)
     data = json.dumps(strict(names.clean(as_json(cfg, result))), indent=2, ensure_ascii=False,
                       allow_nan=False) + "\n"
-    _atomic_write(out / "eval.json", data.encode("utf-8"))
+    _write(out / "eval.json", data.encode("utf-8"))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["method", "metric", "k", "mean", "se", "n"])
     writer.writerows(rows(result))
-    _atomic_write(out / "eval.csv", buf.getvalue().encode("utf-8"))
-    _atomic_write(out / "eval.png", plot(result))
+    _write(out / "eval.csv", buf.getvalue().encode("utf-8"))
+    _write(out / "eval.png", plot(result))
     return [out / "eval.json", out / "eval.csv", out / "eval.png"]
 
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fgcli.gallery.collect import TERMS_CACHE, TermsCache, collect_images, read_json
-from fgcli.gallery.page import eval_summary, write_atomic, write_page
+from fgcli.gallery.page import eval_summary, write_page
 from fgcli.gallery.thumbs import ThumbJob, ThumbReport, make_thumbs
-from fgcli.writer import MANIFEST, BadLines, shard_manifests
+from fgcli.writer import MANIFEST, BadLines, atomic_write, shard_manifests
 
 __all__ = ["GalleryError", "GalleryReport", "build_gallery"]
 
@@ -52,7 +52,9 @@ def build_gallery(out: str | Path, threads: int | None = None,
 
     ``threads`` make thumbnails (default: this process's cores); ``progress(done,
     total)`` is called as they are made. Raises :class:`GalleryError` when OUT is not
-    an output tree.
+    an output tree, :class:`fgcli.writer.DiskFullError` when the disk fills up (the
+    build stops; every file written is whole) and :class:`fgcli.writer.WriteFailed`
+    when a file of the page cannot be written.
     """
     start = time.perf_counter()
     root = Path(out)
@@ -100,7 +102,8 @@ def build_gallery(out: str | Path, threads: int | None = None,
     title = f"fullgrad: {run.get('model', root.name)}" if run else f"fullgrad: {root.name}"
     maps = write_page(root, images, run, evaluation, cache, title)
     stems = {e.stem for i in images for e in i.entries if e.stem}
-    write_atomic(cache.path, cache.save(stems))
+    saved = cache.save(stems)
+    atomic_write(cache.path, lambda fh: fh.write(saved))
     return GalleryReport(
         index=root / "index.html", images=len(images), maps=maps,
         failed=sum(1 for i in images if i.status == "failed"), thumbs=thumbs,

@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fgcli.names import href, needs_bytes, text
 from fgcli.gallery.collect import Image, TermsCache
-from fgcli.writer import FOLDER, SUFFIX
+from fgcli.writer import FOLDER, SUFFIX, atomic_write
 
 CHUNK = 200
 ASSETS = ("app.js", "style.css")
@@ -38,18 +36,6 @@ ASSETS = ("app.js", "style.css")
 MASK = {"overlay": 1, "heatmap": 2, "map": 4, "decomp": 8, "thumb": 16}
 RUN_FIELDS = ("model", "weights", "source", "method", "psi", "layers", "target", "topk",
               "overlay", "device", "host", "finished", "merged", "counts")
-
-
-def write_atomic(dest: Path, blob: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sig(x: Any, digits: int) -> float | None:
@@ -154,21 +140,25 @@ def write_page(root: Path, images: list[Image], run: dict[str, Any],
         "originalPrefix": prefix,
         "images": rows,
     }
-    write_atomic(gallery / "data.js", _js_parsed("fgcliData", data))
+    blob = _js_parsed("fgcliData", data)
+    atomic_write(gallery / "data.js", lambda fh: fh.write(blob))
     records = gallery / "records"
     names = set()
     for n, chunk in enumerate(chunks):
         name = f"{n:05d}.js"
         names.add(name)
-        write_atomic(records / name, _js("fgcliChunk", n, chunk))
+        blob = _js("fgcliChunk", n, chunk)
+        atomic_write(records / name, lambda fh, b=blob: fh.write(b))
     if records.is_dir():
         for old in records.iterdir():
             if old.name not in names:
                 old.unlink(missing_ok=True)
     package = resources.files("fgcli.gallery") / "assets"
     for asset in ASSETS:
-        write_atomic(gallery / asset, (package / asset).read_bytes())
-    write_atomic(root / "index.html", _render_index(title, data, images).encode("utf-8"))
+        blob = (package / asset).read_bytes()
+        atomic_write(gallery / asset, lambda fh, b=blob: fh.write(b))
+    blob = _render_index(title, data, images).encode("utf-8")
+    atomic_write(root / "index.html", lambda fh: fh.write(blob))
     return maps
 
 

@@ -2,16 +2,15 @@
 
 Made from the overlay (else the heatmap, else the original image), once: a thumbnail
 newer than its source is kept, so rebuilding the gallery after a resumed dump makes
-only the new ones. Each is written to a temporary name beside it and moved into place,
-so a killed build leaves whole files only. JPEG sources are decoded at a reduced scale
+only the new ones. Each is written to a hidden temporary name beside it and moved into
+place (:func:`fgcli.writer.atomic_write`), so a killed build leaves whole files only; a
+full disk stops the build (:class:`fgcli.writer.DiskFullError`), any other failure costs
+that thumbnail only. JPEG sources are decoded at a reduced scale
 (``Image.draft``), which makes a thumbnail of a large overlay cost a few milliseconds.
 """
 
 from __future__ import annotations
 
-import io
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from fgcli.names import display
-from fgcli.writer import write_all
+from fgcli.writer import DiskFullError, atomic_write
 
 THUMB = 256
 QUALITY = 82
@@ -55,19 +54,7 @@ def make_thumb(source: Path, dest: Path, size: int = THUMB) -> None:
             img.draft("RGB", (size, size))
         img = img.convert("RGB")
         img.thumbnail((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    encoded = io.BytesIO()  # not into the file: Pillow's writes to a descriptor ignore
-    img.save(encoded, "JPEG", quality=QUALITY)  # short writes (a full disk)
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=dest.parent)
-    try:
-        try:
-            write_all(fd, encoded.getbuffer())  # every byte, or an error
-        finally:
-            os.close(fd)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(dest, lambda fh: img.save(fh, "JPEG", quality=QUALITY))
 
 
 def make_thumbs(jobs: Iterable[ThumbJob], threads: int,
@@ -81,9 +68,16 @@ def make_thumbs(jobs: Iterable[ThumbJob], threads: int,
         else:
             todo.append(job)
 
+    full: list[DiskFullError] = []  # a full disk: the jobs not started yet are skipped
+
     def one(job: ThumbJob) -> str | None:
+        if full:
+            return None
         try:
             make_thumb(job.source, job.dest)
+        except DiskFullError as exc:
+            full.append(exc)
+            return None
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             job.dest.unlink(missing_ok=True)  # never show a stale map's thumbnail
@@ -98,4 +92,6 @@ def make_thumbs(jobs: Iterable[ThumbJob], threads: int,
                 report.failed[job.dest] = error
             if progress is not None:
                 progress(1)
+    if full:
+        raise full[0]
     return report
