@@ -134,3 +134,33 @@ def test_messages_quote_raw_names_on_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "list\\xff\\nx.txt" in lines[0] and lines[0].startswith("fullgrad: error: ")
+
+
+def test_a_locked_out_is_refused_before_torch_is_imported(tmp_path):
+    """Another run holds --out: the second dump says so at once, in one line, without
+    importing torch (let alone loading its model); the holder is named."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from fgcli.writer import OutputTree; "
+         "t = OutputTree(sys.argv[1]); t.acquire(['holder-cmd']); print('held', flush=True);"
+         " time.sleep(60)", str(tmp_path / "out")], stdout=subprocess.PIPE, env=env)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        probe = ("import sys\nfrom fgcli.cli import main\n"
+                 "sys.argv = ['fullgrad', 'dump', sys.argv[1], '-o', sys.argv[2], '-q',\n"
+                 "            '--model', 'squeezenet1_1']\n"
+                 "try:\n    main()\nexcept SystemExit as exc:\n"
+                 "    print(exc.code, 'torch' in sys.modules)\n")
+        done = subprocess.run([sys.executable, "-c", probe, str(PHOTOS / "coffee.png"),
+                               str(tmp_path / "out")], capture_output=True, text=True,
+                              env=env, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fullgrad: error: ")
+    assert "is in use by pid" in lines[0] and "holder-cmd" in lines[0]

@@ -219,6 +219,16 @@ class ConsoleReporter:
         err.print(table)
 
 
+def _refuse_if_held(out: str) -> None:
+    """:func:`fgcli.writer.refuse_if_held` as a usage error (exit 2, one line)."""
+    from fgcli.writer import LockedError, refuse_if_held
+
+    try:
+        refuse_if_held(out)
+    except LockedError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def _stoppable(resume: bool = False) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Run a command with the stop handlers of :mod:`fgcli.signals` installed from the
     start (a signal while torch is imported or the model loads is one line and exit
@@ -400,6 +410,7 @@ def dump(
             "debug": debug, "command": tuple(sys.argv),
         }, config)
         policy.debug = cfg.debug
+        _refuse_if_held(cfg.out)  # a locked --out: refused before torch is even imported
         from fgcli.distributed.launch import run_dump
 
         def reporter_for(prefix: str, lead: bool) -> ConsoleReporter:

@@ -219,6 +219,26 @@ def _unlock(fh: io.TextIOWrapper) -> None:
         fh.close()  # closes the descriptor even when flushing the text fails again
 
 
+def refuse_if_held(root: str | Path) -> None:
+    """Refuse at once, before torch and the model load, when a plain run, a merge or a
+    Ray driver holds ``root``'s lock (:class:`LockedError` naming it). Only a probe:
+    :meth:`OutputTree.acquire` takes the lock for real and decides every other case
+    (running shards among them), so this never refuses what it would allow. The file is
+    opened read-only and never created; the probe's shared lock goes with the close."""
+    path = Path(root) / LOCK
+    try:
+        fh = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError:
+        return  # no lock file (a new tree) or unreadable: acquire will say
+    with fh:
+        try:
+            fcntl.lockf(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _holder_text(fh.read().strip()) if _busy(exc) else None
+            if holder is not None:  # an exclusive holder (shards leave no text)
+                raise LockedError(f"{root} is in use by {holder}") from exc
+
+
 class OutputTree:
     """Paths, atomic writes, the locks and the manifest of one output directory.
 
