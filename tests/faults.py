@@ -179,3 +179,25 @@ def assert_tree_whole(out: Path) -> list[str]:
                 json.loads(path.read_text("utf-8"),
                                          parse_constant=_reject_constant)
     return found
+
+
+class DriverState:
+    """What ``fgcli.distributed.ray_data.write_records`` needs of a DumpRun, keeping the
+    records it writes (``written``) and the warnings it gives (``warned``)."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        from fgcli.pipeline import RunReport
+        from fgcli.signals import StopSignals
+
+        self.cfg = SimpleNamespace(fail_fast=False)
+        self.stop = StopSignals(installed=False)  # as DumpRun has
+        self.halted = None
+        self.report = RunReport()
+        self.written: list[dict] = []
+        self.warned: list[str] = []
+        self.reporter = SimpleNamespace(warn=self.warned.append)
+
+    def write_record(self, rec: dict) -> None:
+        self.written.append(rec)

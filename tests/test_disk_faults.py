@@ -16,7 +16,14 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import ROOT, SQUEEZENET_WEIGHTS
-from faults import assert_tree_whole, failing_files, full_disk, strict_lines, tiny_filesystem
+from faults import (
+    DriverState,
+    assert_tree_whole,
+    failing_files,
+    full_disk,
+    strict_lines,
+    tiny_filesystem,
+)
 from fgcli.cli import app
 from fgcli.writer import DiskFullError, OutputTree, TreeWriteError
 
@@ -465,24 +472,7 @@ def test_ray_driver_parses_actor_lines_strictly():
     written), as every reader of a manifest does."""
     pytest.importorskip("ray")
     from fgcli.distributed import ray_data
-    from fgcli.pipeline import RunReport
-    from fgcli.signals import StopSignals
-
-    class State:
-        cfg = type("Cfg", (), {"fail_fast": False})()
-        stop = StopSignals(installed=False)
-        halted = None
-        report = RunReport()
-
-        def __init__(self) -> None:
-            self.written: list[dict] = []
-            self.warned: list[str] = []
-            self.reporter = type("R", (), {"warn": lambda _, m: self.warned.append(m)})()
-
-        def write_record(self, rec: dict) -> None:
-            self.written.append(rec)
-
-    state = State()
+    state = DriverState()
     good = '{"key": "a.png", "status": "ok", "rank": null, "outputs": {}}'
     rows = [{"record": good}, {"record": good.replace("a.png", "b.png")[:-1] + ', "logit": NaN}'}]
     assert ray_data.write_records(state, ray_data._records(rows)) == 0

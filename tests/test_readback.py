@@ -385,21 +385,9 @@ def test_merge_of_one_count_has_no_warning(tree):
 def test_ray_driver_writes_no_malformed_record():
     """Records an actor returns pass the same check before the driver appends them."""
     from fgcli.distributed import ray_data
-    from fgcli.signals import StopSignals
+    from faults import DriverState
 
-    class State:
-        def __init__(self) -> None:
-            self.cfg = type("Cfg", (), {"fail_fast": False})()
-            self.stop = StopSignals(installed=False)  # as DumpRun has
-            self.halted = None
-            self.written: list[dict] = []
-            self.warned: list[str] = []
-            self.reporter = type("R", (), {"warn": lambda _, m: self.warned.append(m)})()
-
-        def write_record(self, rec: dict) -> None:
-            self.written.append(rec)
-
-    state = State()
+    state = DriverState()
     good = {"key": "a.png", "status": "ok", "rank": None, "outputs": {}}
     records = [good, dict(good, key="b.png", logit=float("nan")), dict(good, rank="x"),
                dict(good, key="c.png")]

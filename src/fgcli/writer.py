@@ -219,6 +219,20 @@ def _unlock(fh: io.TextIOWrapper) -> None:
         fh.close()  # closes the descriptor even when flushing the text fails again
 
 
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as None, through dicts, lists and tuples:
+    strict JSON (RFC 8259 has no NaN) for files whose numbers are reports, not results
+    (eval.json, the gallery's data). Manifest lines never need it: a non-finite result
+    fails its image before it is written."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 def refuse_if_held(root: str | Path) -> None:
     """Refuse at once, before torch and the model load, when a plain run, a merge or a
     Ray driver holds ``root``'s lock (:class:`LockedError` naming it). Only a probe:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 from fgcli import names
 from fgcli.errors import SetupError
 from fgcli.evaluate.run import EvalConfig, EvalResult
-from fgcli.writer import WriteFailed, atomic_write
+from fgcli.writer import WriteFailed, atomic_write, finite
 
 WHAT = {
     "perturbation": "pixel perturbation |Δf|/|f| after removing the k% least salient pixels "
@@ -66,19 +65,6 @@ def as_json(cfg: EvalConfig, result: EvalResult) -> dict[str, Any]:
     }
 
 
-def strict(obj: Any) -> Any:
-    """``obj`` with every NaN or infinite float replaced by None, so that eval.json is strict
-    JSON (RFC 8259 has no NaN). Images with non-finite scores are left out of the means
-    before this (see ``fgcli.evaluate.run``); this is the last guard, not the rule."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict(v) for v in obj]
-    return obj
-
-
 def rows(result: EvalResult) -> list[list[Any]]:
     out: list[list[Any]] = []
     for method, per in result.results.items():
@@ -92,7 +78,7 @@ def rows(result: EvalResult) -> list[list[Any]]:
 def write(cfg: EvalConfig, result: EvalResult) -> list[Path]:
     """eval.json, eval.csv and eval.png in ``cfg.out``; returns their paths."""
     out = Path(cfg.out)
-    data = json.dumps(strict(names.clean(as_json(cfg, result))), indent=2, ensure_ascii=False,
+    data = json.dumps(finite(names.clean(as_json(cfg, result))), indent=2, ensure_ascii=False,
                       allow_nan=False) + "\n"
     _write(out / "eval.json", data.encode("utf-8"))
     buf = io.StringIO()
