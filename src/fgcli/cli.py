@@ -7,8 +7,7 @@ Exit codes, the same for every command (:func:`_exit_codes` applies them):
 * 2: usage or setup error, one line: a bad or empty option, an unreadable labels file,
   an unknown model, missing weights, a locked output, the user's model failing
   (SystemExit / argparse / KeyboardInterrupt raised by the model file, zero classes,
-  non-float logits, a model that modifies its input in place), an output place that
-  cannot be written (also a disk that fills up mid-run: "no space left on device
+  non-float logits), an output place that cannot be written (also a disk that fills up mid-run: "no space left on device
   writing PATH").
 * 3: an unexpected internal error: one line; ``--debug`` prints the traceback first
   and still exits 3.
@@ -200,8 +199,7 @@ class ConsoleReporter:
             self.bar.close()
         if getattr(report, "interrupted", None):  # one line, even with --quiet
             _say(f"fullgrad: {self.prefix}interrupted by {report.interrupted} after "
-                      f"{report.ok + report.failed} image(s); rerun the same command to "
-                      "resume")
+                 f"{report.ok + report.failed} image(s); rerun the same command to resume")
             return
         if self.quiet or not self.lead:
             return
