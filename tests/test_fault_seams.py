@@ -164,3 +164,23 @@ def test_a_locked_out_is_refused_before_torch_is_imported(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fullgrad: error: ")
     assert "is in use by pid" in lines[0] and "holder-cmd" in lines[0]
+
+
+def test_a_second_signal_during_worker_shutdown_is_raised_after_it():
+    """Joining the decoding workers happens in a DataLoader iterator's ``__del__``, where
+    an exception is printed and dropped: a second signal there is held until the
+    clean-up ends, then raised (it was a traceback on stderr, and the stop was lost)."""
+    from fgcli.signals import Interrupted, StopSignals
+
+    stop = StopSignals(installed=False)
+    with stop.graceful():
+        stop.handle(signal.SIGINT, None)  # the first signal only asks
+        assert stop.requested
+        finished = []
+        with pytest.raises(Interrupted):
+            with stop.deferred():
+                stop.handle(signal.SIGINT, None)  # the second: not raised in here
+                finished.append(True)
+        assert finished == [True]
+        with pytest.raises(Interrupted):  # outside deferred(): at once
+            stop.handle(signal.SIGINT, None)

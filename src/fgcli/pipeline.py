@@ -460,10 +460,15 @@ class DumpRun:
                     pin_memory=self.device.type == "cuda",
                     prefetch_factor=2 if self.workers > 0 else None,
                     worker_init_fn=ignore_stop_signals if self.workers > 0 else None)
-                for batch in loader:
-                    if self.halting():
-                        break
-                    self._batch(todo, batch)
+                batches = iter(loader)
+                try:
+                    for batch in batches:
+                        if self.halting():
+                            break
+                        self._batch(todo, batch)
+                finally:  # the workers are joined here, where a signal cannot get lost
+                    with self.stop.deferred():
+                        del batches
                 self._drain(0)
                 if self.halting():
                     break

@@ -48,6 +48,8 @@ class StopSignals:
         self.installed = installed
         self.name: str | None = None
         self._graceful = 0
+        self._deferred = 0
+        self._pending = False  # a signal came inside deferred(): raised when it ends
         self.signals: list[int] = []  # the signals whose handler is ours
 
     def reclaim(self) -> None:
@@ -70,13 +72,32 @@ class StopSignals:
         finally:
             self._graceful -= 1
 
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Within: a signal that would raise is raised only when the block ends. For
+        clean-up that runs finalisers (a DataLoader iterator's ``__del__`` joins its
+        workers): an exception raised inside ``__del__`` is printed as a traceback and
+        then ignored, so the signal would be lost and the stop not taken."""
+        self._deferred += 1
+        try:
+            yield
+        finally:
+            self._deferred -= 1
+        if self._pending and not self._deferred:
+            self._pending = False
+            raise Interrupted(self.name or "SIGINT")
+
     def handle(self, signum: int, frame: FrameType | None) -> None:
         first = self.name is None
         SIGNALLED.set(signum)  # a KeyboardInterrupt from user code now is the user's
         if first:
             self.name = signal.Signals(signum).name
-        if not (first and self._graceful):
-            raise Interrupted(self.name or signal.Signals(signum).name)
+        if first and self._graceful:
+            return
+        if self._deferred:
+            self._pending = True
+            return
+        raise Interrupted(self.name or signal.Signals(signum).name)
 
 
 _active: StopSignals | None = None
