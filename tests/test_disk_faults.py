@@ -6,6 +6,7 @@ machine allows, a real 1.2 MB tmpfs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import shutil
@@ -236,18 +237,25 @@ def test_a_real_small_filesystem(photos, tmp_path):
     assert_resumable(photos, moved)
 
 
+@contextlib.contextmanager
+def _shard_of_two(out: Path, index: int):
+    """Shard ``index`` of 2 of the tree ``out``, locked while the block writes to it."""
+    shard = OutputTree(out, f"{index}-of-2")
+    shard.acquire(["test"])
+    try:
+        yield shard
+    finally:
+        shard.release()
+
+
 def test_a_merge_on_a_full_disk_loses_nothing(tmp_path):
     from fgcli.distributed.shards import merge
 
     out = tmp_path / "out"
     for index in range(2):
-        shard = OutputTree(out, f"{index}-of-2")
-        shard.acquire(["test"])
-        try:
+        with _shard_of_two(out, index) as shard:
             for i in range(50):
                 shard.append(_record(f"s{index}/k{i}", time="2026-01-01T00:00:00"))
-        finally:
-            shard.release()
     before = {p: p.read_bytes() for p in out.rglob("manifest.jsonl")}
     with full_disk("*/.tmp/*", after=2000):
         with pytest.raises(DiskFullError, match=f"no space left on device writing {out}"):
@@ -420,16 +428,12 @@ def test_merged_run_json_has_no_one_shards_run_fields(tmp_path):
 
     out = tmp_path / "out"
     for index in range(2):
-        shard = OutputTree(out, f"{index}-of-2")
-        shard.acquire(["test"])
-        try:
+        with _shard_of_two(out, index) as shard:
             shard.append(_record(f"s{index}/k", time="2026-01-01T00:00:00"))
             shard.write_json(shard.run_json_path, {
                 "model": "m", "finished": f"2026-01-01T00:00:0{index}", "cwd": "/w",
                 "interrupted": "SIGTERM" if index else None,
                 "error": "no space left on device writing x" if index else None})
-        finally:
-            shard.release()
     merge(out, ["test"])
     run = json.loads((out / "run.json").read_text("utf-8"))
     assert "interrupted" not in run and "error" not in run
