@@ -7,8 +7,8 @@ Exit codes, the same for every command (:func:`_exit_codes` applies them):
 * 2: usage or setup error, one line: a bad or empty option, an unreadable labels file,
   an unknown model, missing weights, a locked output, the user's model failing
   (SystemExit / argparse / KeyboardInterrupt raised by the model file, zero classes,
-  non-float logits), an output place that cannot be written (also a disk that fills up mid-run: "no space left on device
-  writing PATH").
+  non-float logits), an output place that cannot be written (also a disk that fills
+  up mid-run: "no space left on device writing PATH").
 * 3: an unexpected internal error: one line; ``--debug`` prints the traceback first
   and still exits 3.
 * 130: SIGINT (Ctrl-C), 143: SIGTERM: finished images kept, ``run.json`` says

@@ -26,8 +26,8 @@ lost: the manifest's ``input`` is that text too, and ``input_bytes`` (base64 of 
 path) is added for such names only (:func:`fgcli.names.record_fields`). A real
 ``\\xff`` in one name and the byte 0xff in another give the same key: the second fails
 as above. A failure for a taken key (that one, or an unreadable input's) is recorded under
-that key plus ``~dup-`` and a hash of its path (:func:`fgcli.names.duplicate_key`): the manifest keeps one line per key, and
-both images keep theirs.
+that key plus ``~dup-`` and a hash of its path (:func:`fgcli.names.duplicate_key`): the
+manifest keeps one line per key, and both images keep theirs.
 """
 
 from __future__ import annotations

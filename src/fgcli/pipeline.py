@@ -40,7 +40,6 @@ from fgcli.writer import (
     OutputTree,
     TreeWriteError,
     first_missing,
-    outputs_present,
     remove_created,
     shard_manifests,
     write_outputs,
@@ -390,23 +389,27 @@ class DumpRun:
             rec = self.tree.read_record(where) if where is not None else None
             if (rec is None or rec.get("status") not in ("ok", "skipped")
                     or rec.get("settings") != self.fingerprint or names.path_of(rec) != item.path
-                    or self._leads_out(where[0], rec)
-                    or not outputs_present(self.tree, rec.get("outputs") or {}, self.cfg.save)):
+                    or not self._outputs_whole(where[0], rec)):
                 return None
             found.append(rec)
         return found
 
-    def _leads_out(self, path: Path, rec: dict[str, Any]) -> bool:
-        """True when an output of an earlier record leads out of the tree (a symbolic
-        link): never trusted, the image is computed again (its file replaced). The first
-        one met is reported, in one line."""
-        kind = self.tree.files.outside(rec.get("outputs", {}))
-        if kind is not None and not self.outside_seen:
-            self.outside_seen = True
-            self.reporter.warn(f"{path}: outputs.{kind} of {rec['key']} leads outside the "
-                               "tree: not trusted, the image is computed again (and any "
-                               "other such image)")
-        return kind is not None
+    def _outputs_whole(self, path: Path, rec: dict[str, Any]) -> bool:
+        """Every kind in --save of an earlier record is a file inside the tree (each
+        output looked at once). An output that leads out of the tree (a symbolic link) is
+        never trusted: the image is computed again (its file replaced); the first one met
+        is reported, in one line."""
+        states = {kind: self.tree.files.state(rel)
+                  for kind, rel in (rec.get("outputs") or {}).items()}
+        outside = next((kind for kind, state in states.items() if state == "outside"), None)
+        if outside is not None:
+            if not self.outside_seen:
+                self.outside_seen = True
+                self.reporter.warn(f"{path}: outputs.{outside} of {rec['key']} leads outside "
+                                   "the tree: not trusted, the image is computed again (and "
+                                   "any other such image)")
+            return False
+        return all(states.get(kind) == "file" for kind in self.cfg.save)
 
     # -- main loop ---------------------------------------------------------------------
     def todo_chunks(self) -> Iterator[list[Item]]:

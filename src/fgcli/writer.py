@@ -632,14 +632,6 @@ def parse_line(line: bytes | str) -> Any:
     return _STRICT.decode(line.decode("utf-8-sig") if isinstance(line, bytes) else line)
 
 
-def _unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate
-        return False
-    return True
-
-
 def path_problem(text: Any) -> str | None:
     """Why ``text`` is not a safe path relative to a tree (a record's key or output),
     or None."""
@@ -651,7 +643,7 @@ def path_problem(text: Any) -> str | None:
         return "is an absolute path"
     if ".." in text and ".." in text.split("/"):
         return "has a '..' component"
-    if not text.isascii() and not _unicode(text):
+    if not text.isascii() and names.needs_bytes(text):
         return "is not valid Unicode"
     return None
 
@@ -678,7 +670,7 @@ def check_record(rec: Any) -> str | None:
         return "rank is not a positive integer"
     if rec.get("status") not in STATUSES:
         return "status is not ok, failed or skipped"
-    if "input" in rec and (not isinstance(rec["input"], str) or not _unicode(rec["input"])):
+    if "input" in rec and (not isinstance(rec["input"], str) or names.needs_bytes(rec["input"])):
         return "input is not a string"
     outputs = rec.get("outputs", {})
     if not isinstance(outputs, dict):
@@ -880,11 +872,6 @@ def write_outputs(tree: OutputTree, job: ImageJob, save: tuple[str, ...], colorm
                 tree.write_jpeg(dest, render.overlay_style(overlay, base, heat, indices, alpha))
         written[kind] = dest.relative_to(tree.root).as_posix()
     return written
-
-
-def outputs_present(tree: OutputTree, outputs: dict[str, str], save: tuple[str, ...]) -> bool:
-    """Every ``save`` kind is a file inside the tree (one leading out does not count)."""
-    return all(kind in outputs and tree.files.state(outputs[kind]) == "file" for kind in save)
 
 
 def _now() -> str:

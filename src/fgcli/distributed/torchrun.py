@@ -259,8 +259,9 @@ def _run_shard(cfg: RunConfig, reporter: Any, out: str, device: str
 def _agree(store: Any, prefix: str, ranks: list[int], cfg: RunConfig, device: str,
            beat: _Heartbeat, lead: bool, warn: Any) -> RunReport:
     """Rank 0 waits for every rank's counts, merges (unless a rank failed or stopped;
-    the merge's warnings go to ``warn``) and posts the outcome; the others wait for that. Then every rank reads the totals;
-    rank 0 leaves last (it may host the store), once each rank has said goodbye."""
+    the merge's warnings go to ``warn``) and posts the outcome; the others wait for
+    that. Then every rank reads the totals; rank 0 leaves last (it may host the store),
+    once each rank has said goodbye."""
     if lead:  # only rank 0 watches every rank (the others watch rank 0 alone)
         _wait_for(store, {r: f"{prefix}done/{r}" for r in ranks}, cfg.dist_timeout,
                   "every rank to finish its shard", prefix, beat)
