@@ -31,6 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from conftest import randomise
+
     from fgcli import FullGrad
 
     device = torch.device(args.device)

@@ -154,7 +154,7 @@ def gradcam_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object] 
 
 def end_to_end(args: argparse.Namespace, folder: Path, out: Path) -> float:
     from fgcli.config import RunConfig
-    from fgcli.pipeline import run
+    from fgcli.dump.run import run
 
     cfg = RunConfig(inputs=(str(folder),), model=args.model,
                     weights=args.weights or "none", device=args.device,

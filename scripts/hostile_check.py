@@ -364,7 +364,7 @@ def case_12(w: Path) -> str:
                 stale / "manifest.jsonl")
     m, _, merr = fullgrad(["merge", "t"], w)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys,time; from fgcli.writer import OutputTree; "
+        [sys.executable, "-c", "import sys,time; from fgcli.tree.writer import OutputTree; "
          "t = OutputTree('locked'); t.acquire(['holder']); print('held', flush=True); time.sleep(60)"],
         cwd=w, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     holder.stdout.readline()

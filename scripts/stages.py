@@ -5,13 +5,13 @@
 
 Stages, as ``fullgrad dump`` runs them (see src/fgcli/pipeline.py):
 
-  decode      fgcli.data.decode (Pillow, EXIF orientation, float32 RGB at full resolution)
+  decode      fgcli.data.decode.decode (Pillow, EXIF orientation, float32 RGB at full resolution)
               for JPEG (quality 90), PNG (Pillow's default level) and WebP (quality 90)
               files at 500x375 (ImageNet-typical), 1024x768, 1920x1080 and 4000x3000;
               for comparison: Pillow's decode alone (uint8), Pillow's JPEG draft mode
               (DCT-domain downscale to >= 448 px, enough for a 224 input but not for
               full-resolution outputs) and torchvision.io.decode_jpeg on the CPU.
-  preprocess  fgcli.data.preprocess to 224x224 (antialiased squash, normalise), and the
+  preprocess  fgcli.data.decode.preprocess to 224x224 (antialiased squash, normalise), and the
               uint8 copy of the original the DataLoader worker keeps for the overlay.
   engine      FullGrad(model).explain at batch 8, 224x224, for resnet50 and vgg16_bn
               (torchvision builders, weights=None), side by side with the floor: one
@@ -146,7 +146,7 @@ def tv_decode(path: Path) -> torch.Tensor:
 
 def decode_row(width: int, height: int, by_fmt: dict[str, Path],
                repeats: int) -> dict[str, float]:
-    from fgcli.data import decode
+    from fgcli.data.decode import decode
 
     row: dict[str, float] = {}
     for fmt, path in by_fmt.items():
@@ -171,7 +171,7 @@ def stage_decode(files: dict[str, dict[str, Path]], repeats: int) -> dict[str, d
 
 
 def preprocess_row(rgb: np.ndarray, repeats: int) -> dict[str, float]:
-    from fgcli.data import preprocess
+    from fgcli.data.decode import preprocess
 
     return {
         "preprocess_224_ms": 1e3 * measure(
@@ -182,7 +182,7 @@ def preprocess_row(rgb: np.ndarray, repeats: int) -> dict[str, float]:
 
 
 def stage_preprocess(files: dict[str, dict[str, Path]], repeats: int) -> dict[str, dict]:
-    from fgcli.data import decode
+    from fgcli.data.decode import decode
 
     return {name: preprocess_row(decode(str(by_fmt["jpeg"]), MAX_PIXELS), repeats)
             for name, by_fmt in files.items()}
@@ -268,7 +268,7 @@ def stage_engine(models: list[str], batch: int, repeats: int, threads: int) -> d
 
 def real_map(rgb_u8: np.ndarray) -> np.ndarray:
     """A real 224x224 FullGrad map of the image (SqueezeNet 1.1, shipped ImageNet weights)."""
-    from fgcli.data import preprocess
+    from fgcli.data.decode import preprocess
     from fgcli.engine import FullGrad
 
     model = torchvision.models.squeezenet1_1()
@@ -282,7 +282,7 @@ def encode_row(original: np.ndarray, tree: object, repeats: int) -> dict[str, fl
     from torchvision.io import encode_jpeg
 
     from fgcli import render
-    from fgcli.writer import ImageJob, write_outputs
+    from fgcli.tree.writer import ImageJob, write_outputs
 
     lut = render.colormap_table("inferno")
     h, w = original.shape[:2]
@@ -343,7 +343,7 @@ def encode_row(original: np.ndarray, tree: object, repeats: int) -> dict[str, fl
 
 def stage_encode(files: dict[str, dict[str, Path]], repeats: int,
                  folder: Path) -> dict[str, dict]:
-    from fgcli.writer import OutputTree
+    from fgcli.tree.writer import OutputTree
 
     out = {}
     tree = OutputTree(folder / "out")

@@ -17,7 +17,7 @@ import time
 from fgcli import FullGrad
 from fgcli.check import random_inputs
 from fgcli.engine import decompose
-from fgcli.models import load_model
+from fgcli.models.load import load_model
 
 
 def best_of(fn, repeats: int) -> float:

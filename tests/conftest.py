@@ -61,7 +61,7 @@ def reference_recipe(name: str) -> nn.Module:
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial weights for any architecture (the same recipe as ``--weights random``)."""
-    from fgcli.models import randomise_weights
+    from fgcli.models.base import randomise_weights
 
     return randomise_weights(model, seed)
 

@@ -1,6 +1,6 @@
 """Fault injection for the output tree: writes that fail like a full disk or a bad disk.
 
-Every byte the tree writes goes through ``os.write`` (:func:`fgcli.writer.write_all`),
+Every byte the tree writes goes through ``os.write`` (:func:`fgcli.tree.writer.write_all`),
 so patching ``os.write`` reaches the writer threads too. A write is matched by the path
 of its file descriptor (``/proc/self/fd``), with an fnmatch pattern such as
 ``*/.tmp/*.jpg`` (an overlay on its way into the tree) or ``*/manifest.jsonl``.
@@ -18,9 +18,9 @@ skip with the reason when mounting is not allowed.
 from __future__ import annotations
 
 import contextlib
-import json
 import errno
 import fnmatch
+import json
 import os
 import subprocess
 import threading
@@ -188,7 +188,7 @@ class DriverState:
     def __init__(self) -> None:
         from types import SimpleNamespace
 
-        from fgcli.pipeline import RunReport
+        from fgcli.dump.run import RunReport
         from fgcli.signals import StopSignals
 
         self.cfg = SimpleNamespace(fail_fast=False)

@@ -16,7 +16,7 @@ import re
 import pytest
 
 from fgcli.check import TOLERANCE, check_model
-from fgcli.models import classifier_names
+from fgcli.models.base import classifier_names
 
 # one model per torchvision family and variant (the smallest), run by default
 FAMILY_SUBSET = (

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_images
 from torch import nn
 
-from conftest import random_images
 from fgcli import FullGrad
 from fgcli.engine import decompose
 from fgcli.engine.postprocess import per_image_sum

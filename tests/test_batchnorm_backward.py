@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomise
 from torch import nn
 
-from conftest import randomise
 from fgcli import FullGrad
 
 

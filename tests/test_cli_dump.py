@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import ROOT, SQUEEZENET_WEIGHTS
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import ROOT, SQUEEZENET_WEIGHTS
 from fgcli.cli import app
 
 PHOTOS = ROOT / "examples" / "photos"
@@ -101,7 +101,7 @@ GOOD = ["good.jpg", "one_pixel.png", "sixteen.png", "cmyk.jpg", "palette.png", "
 @pytest.fixture(scope="module")
 def bad_run(tmp_path_factory) -> tuple[Path, Path, object]:
     """One dump over the bad-input tree; the tests below check it row by row."""
-    import fgcli.data
+    import fgcli.data.decode
 
     tmp = tmp_path_factory.mktemp("bad")
     tree = _make_bad_tree(tmp / "in")
@@ -114,12 +114,12 @@ def bad_run(tmp_path_factory) -> tuple[Path, Path, object]:
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    fgcli.data.open = guarded_open
+    fgcli.data.decode.open = guarded_open
     try:
         out = tmp / "out"
         result = invoke([str(tree), "--out", str(out), "--quiet"])
     finally:
-        del fgcli.data.open
+        del fgcli.data.decode.open
     return tree, out, result
 
 
@@ -169,7 +169,7 @@ def test_overlay_colours_are_rgb(tmp_path):
 
 
 def test_image_modes_convert_correctly():
-    from fgcli.data import _to_rgb_float
+    from fgcli.data.decode import _to_rgb_float
 
     white16 = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
     assert np.allclose(_to_rgb_float(white16), 1.0)
@@ -190,7 +190,7 @@ def test_image_modes_convert_correctly():
 
 
 def test_exif_orientation_is_applied(tmp_path):
-    from fgcli.data import decode
+    from fgcli.data.decode import decode
 
     img = Image.new("RGB", (40, 20), (255, 0, 0))
     exif = Image.Exif()
@@ -213,8 +213,8 @@ def test_outputs_manifest_and_run_json(tmp_path, squeezenet):
 
     # the map file is the engine's exact output for that image
     from fgcli import FullGrad
-    from fgcli.data import decode, preprocess
-    from fgcli.models import IMAGENET_MEAN, IMAGENET_STD
+    from fgcli.data.decode import decode, preprocess
+    from fgcli.models.base import IMAGENET_MEAN, IMAGENET_STD
 
     x, _ = preprocess(decode(str(PHOTOS / "coffee.png"), 10**9), (224, 224), False, 256,
                       IMAGENET_MEAN, IMAGENET_STD)
@@ -271,7 +271,7 @@ def test_lock_held_by_another_run(tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from fgcli.writer import OutputTree; "
+         "import sys, time; from fgcli.tree.writer import OutputTree; "
          "tree = OutputTree(sys.argv[1]); tree.acquire(['fullgrad', 'dump', 'elsewhere']); "
          "print('held', flush=True); time.sleep(60)", str(out)],
         stdout=subprocess.PIPE, text=True)

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, SQUEEZENET_WEIGHTS
 from typer.testing import CliRunner
 
-from conftest import ROOT, SQUEEZENET_WEIGHTS
 from fgcli.cli import app
 
 PHOTOS = ROOT / "examples" / "photos"
@@ -45,7 +45,7 @@ def one_error_line(result, *parts: str) -> str:
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if a torchvision model is built (the slow part of a start)."""
-    from fgcli.sources import tvision
+    from fgcli.models.sources import tvision
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -83,7 +83,7 @@ def test_eval_creates_out_and_removes_it_again_when_it_fails(tmp_path, no_model)
 
 def test_writable_dir_probe_leaves_nothing_but_the_folder(tmp_path):
     from fgcli.errors import SetupError
-    from fgcli.writer import remove_created, writable_dir
+    from fgcli.tree.writer import remove_created, writable_dir
 
     created = writable_dir(tmp_path / "a" / "b", "--out")
     assert created == tmp_path / "a" and os.listdir(tmp_path / "a" / "b") == []
@@ -112,7 +112,7 @@ def test_eval_report_write_failure_is_one_line(tmp_path):
 
 def test_gallery_unwritable_out_is_one_line_before_any_thumbnail(tmp_path, monkeypatch):
     import fgcli.gallery
-    import fgcli.writer
+    import fgcli.tree.writer
 
     def denied(*args, **kwargs):  # tests run as root, where chmod does not stop writes
         raise PermissionError(errno.EACCES, "Permission denied")
@@ -120,7 +120,7 @@ def test_gallery_unwritable_out_is_one_line_before_any_thumbnail(tmp_path, monke
     def refuse(*args, **kwargs):
         raise AssertionError("the gallery was built")
 
-    monkeypatch.setattr(fgcli.writer.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(fgcli.tree.writer.tempfile, "mkstemp", denied)
     monkeypatch.setattr(fgcli.gallery, "build_gallery", refuse)
     result = cli("gallery", str(tmp_path))
     assert result.exit_code == 2
@@ -185,7 +185,7 @@ def test_empty_input_and_empty_out_in_the_config_file(tmp_path, no_model):
     ("utf-16-be", b"\xfe\xff", "\n"),
 ])
 def test_labels_in_utf8_with_bom_and_utf16_read_clean(tmp_path, encoding, bom, newline):
-    from fgcli.models import read_labels
+    from fgcli.models.base import read_labels
 
     names = label_names()
     path = tmp_path / "labels.txt"
@@ -246,10 +246,10 @@ def test_labels_count_that_differs_from_the_model_is_one_line(tmp_path):
 def _break(monkeypatch, command: str, error: BaseException) -> list[str]:
     """Make ``command`` raise ``error`` deep inside; returns its arguments."""
     import fgcli.cli
-    import fgcli.distributed.shards
     import fgcli.engine.saliency
     import fgcli.evaluate.run
     import fgcli.gallery
+    import fgcli.tree.shards
 
     def boom(*args, **kwargs):
         raise error
@@ -258,7 +258,7 @@ def _break(monkeypatch, command: str, error: BaseException) -> list[str]:
         "dump": (fgcli.engine.saliency.FullGrad, "explain"),
         "eval": (fgcli.evaluate.run, "_evaluate"),
         "check": (fgcli.cli, "_run_check"),
-        "merge": (fgcli.distributed.shards, "merge"),
+        "merge": (fgcli.tree.shards, "merge"),
         "gallery": (fgcli.gallery, "build_gallery"),
         "models": (fgcli.cli, "_model_rows"),
     }
@@ -326,7 +326,7 @@ def hold(out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from fgcli.writer import OutputTree; "
+         "import sys, time; from fgcli.tree.writer import OutputTree; "
          "tree = OutputTree(sys.argv[1]); tree.acquire(['fullgrad', 'dump', 'elsewhere']); "
          "print('held', flush=True); time.sleep(60)", str(out)],
         stdout=subprocess.PIPE, text=True, env=env)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import ROOT, SQUEEZENET_WEIGHTS, random_images, randomise
 from PIL import Image
 
-from conftest import ROOT, SQUEEZENET_WEIGHTS, random_images, randomise
 from fgcli import FullGrad
 
 MODELS = [

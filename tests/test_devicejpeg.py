@@ -1,4 +1,4 @@
-"""fgcli.devicejpeg on the CPU (torchvision's codecs take CPU tensors); CUDA tests skip
+"""fgcli.data.devicejpeg on the CPU (torchvision's codecs take CPU tensors); CUDA tests skip
 without a GPU."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import torch
 from conftest import ROOT
 from PIL import Image, ImageOps
 
-from fgcli import devicejpeg, render
-from fgcli.data import Box, DecodeError, preprocess
+from fgcli import render
+from fgcli.data import devicejpeg
+from fgcli.data.decode import Box, DecodeError, preprocess
 
 # torchvision 0.29 deprecates its codecs (devicejpeg filters this; pytest resets filters)
 pytestmark = pytest.mark.filterwarnings(
@@ -251,7 +252,6 @@ def test_dump_with_device_jpeg_equals_the_pillow_path(tmp_path, images):
     import json
 
     from PIL import Image
-
     from test_shards import comparable, dump
 
     device, pillow = tmp_path / "device", tmp_path / "pillow"

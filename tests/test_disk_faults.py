@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
 from conftest import ROOT, SQUEEZENET_WEIGHTS
 from faults import (
     DriverState,
@@ -25,8 +23,10 @@ from faults import (
     strict_lines,
     tiny_filesystem,
 )
+from typer.testing import CliRunner
+
 from fgcli.cli import app
-from fgcli.writer import DiskFullError, OutputTree, TreeWriteError
+from fgcli.tree.writer import DiskFullError, OutputTree, TreeWriteError
 
 PHOTO = ROOT / "examples" / "photos" / "chelsea.png"
 SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
@@ -249,7 +249,7 @@ def _shard_of_two(out: Path, index: int):
 
 
 def test_a_merge_on_a_full_disk_loses_nothing(tmp_path):
-    from fgcli.distributed.shards import merge
+    from fgcli.tree.shards import merge
 
     out = tmp_path / "out"
     for index in range(2):
@@ -424,7 +424,7 @@ def test_ray_actor_full_disk_still_writes_run_json(photos, tmp_path, monkeypatch
 
 
 def test_merged_run_json_has_no_one_shards_run_fields(tmp_path):
-    from fgcli.distributed.shards import merge
+    from fgcli.tree.shards import merge
 
     out = tmp_path / "out"
     for index in range(2):
@@ -445,7 +445,7 @@ def test_merged_run_json_has_no_one_shards_run_fields(tmp_path):
 
 @pytest.mark.parametrize("shard", [None, "0-of-2"])
 def test_a_failed_holder_write_leaks_no_locked_handle(tmp_path, monkeypatch, shard):
-    import fgcli.writer
+    import fgcli.tree.writer
 
     opened = []
 
@@ -463,7 +463,7 @@ def test_a_failed_holder_write_leaks_no_locked_handle(tmp_path, monkeypatch, sha
         def flush(self) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fgcli.writer, "open", NoRoom, raising=False)
+    monkeypatch.setattr(fgcli.tree.writer, "open", NoRoom, raising=False)
     tree = OutputTree(tmp_path / "out", shard)
     with pytest.raises(OSError, match="No space"):
         tree.acquire(["test"])

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import torch
-
-from fgcli.data import decode, preprocess
-from fgcli.engine import FullGrad
 from test_cli_dump import PHOTOS, by_key, invoke, squeezenet  # noqa: F401 - fixture
+
+from fgcli.data.decode import decode, preprocess
+from fgcli.engine import FullGrad
 
 
 def _input(size: int = 64) -> torch.Tensor:

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import random_images, randomise
 from torch import nn
 
-from conftest import random_images, randomise
 from fgcli import Decomposition, FullGrad, SimpleFullGrad, SmoothFullGrad
 from fgcli.engine.postprocess import psi_channel_sum
-
 
 # ---------------------------------------------------------------- exactness (float64)
 

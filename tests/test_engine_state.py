@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_images
 from torch import nn
 from torch.overrides import _get_current_function_mode_stack
 
-from conftest import random_images
 from fgcli import METHODS, FullGrad, SmoothFullGrad
 
 

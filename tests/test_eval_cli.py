@@ -6,9 +6,9 @@ import csv
 import json
 
 import pytest
+from conftest import ROOT, SQUEEZENET_WEIGHTS
 from typer.testing import CliRunner
 
-from conftest import ROOT, SQUEEZENET_WEIGHTS
 from fgcli.cli import app
 
 PHOTOS = ROOT / "examples" / "photos"
@@ -95,8 +95,8 @@ def test_fullgrad_perturbation_curve_equals_the_reference_maps_curve(resnet18_re
     of the authors' reference maps (golden fixtures) agree on the same images and model."""
     import numpy as np
     import torch
-
     from conftest import REFERENCE
+
     from fgcli import FullGrad
     from fgcli.evaluate.metrics import IMAGENET, deletion_auc, pixel_perturbation
 
@@ -124,8 +124,8 @@ def test_fullgrad_perturbation_curve_equals_the_reference_maps_curve(resnet18_re
 def test_gradcam_finds_a_grid_layer_in_every_layout(name, kwargs, size, kind):
     import torch
     import torchvision
-
     from conftest import randomise
+
     from fgcli.evaluate.methods import build, last_spatial_module
 
     torch.manual_seed(0)

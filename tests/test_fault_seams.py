@@ -11,9 +11,9 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, SQUEEZENET_WEIGHTS
 from typer.testing import CliRunner
 
-from conftest import ROOT, SQUEEZENET_WEIGHTS
 from fgcli.cli import app
 
 PHOTOS = ROOT / "examples" / "photos"
@@ -38,16 +38,16 @@ def test_every_command_stops_on_sigterm_with_one_line(tmp_path, monkeypatch, com
     """SIGTERM (a scheduler's time limit) ends every command with one line and 143, not
     silently; the handlers are the caller's again afterwards."""
     import fgcli.cli
-    import fgcli.distributed.shards
     import fgcli.evaluate.run
     import fgcli.gallery
+    import fgcli.tree.shards
 
     target, args = {
         "eval": ((fgcli.evaluate.run, "_evaluate"),
                  ["eval", "--model", "squeezenet1_1", str(PHOTOS / "coffee.png"),
                   str(PHOTOS / "chelsea.png"), "-o", str(tmp_path / "e")]),
         "check": ((fgcli.cli, "_run_check"), ["check", "--model", "squeezenet1_1"]),
-        "merge": ((fgcli.distributed.shards, "merge"), ["merge", str(tmp_path)]),
+        "merge": ((fgcli.tree.shards, "merge"), ["merge", str(tmp_path)]),
         "gallery": ((fgcli.gallery, "build_gallery"), ["gallery", str(tmp_path)]),
         "models": ((fgcli.cli, "_model_rows"), ["models"]),
     }[command]
@@ -93,7 +93,7 @@ def test_a_second_signal_while_draining_keeps_the_lines_of_finished_writes():
     """The second signal arrives while the drain waits for a write: the records of the
     writes that did finish still get their lines (by ``_salvage``), none is lost between
     leaving the queue and reaching the manifest."""
-    from fgcli.pipeline import DumpRun, RunReport
+    from fgcli.dump.run import DumpRun, RunReport
     from fgcli.signals import Interrupted, StopSignals
 
     run = object.__new__(DumpRun)
@@ -144,7 +144,7 @@ def test_a_locked_out_is_refused_before_torch_is_imported(tmp_path):
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from fgcli.writer import OutputTree; "
+        [sys.executable, "-c", "import sys, time; from fgcli.tree.writer import OutputTree; "
          "t = OutputTree(sys.argv[1]); t.acquire(['holder-cmd']); print('held', flush=True);"
          " time.sleep(60)", str(tmp_path / "out")], stdout=subprocess.PIPE, env=env)
     try:

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, SQUEEZENET_WEIGHTS
 from faults import assert_tree_whole, strict_lines
+
 from fgcli import signals as fgsignals
 
 PHOTO = ROOT / "examples" / "photos" / "chelsea.png"
@@ -147,7 +147,7 @@ def test_a_signal_while_the_model_loads_is_one_line(tmp_path):
 
 def test_handlers_are_restored_after_a_run(tmp_path):
     from fgcli.config import build_config
-    from fgcli.pipeline import run
+    from fgcli.dump.run import run
 
     before = {s: signal.getsignal(s) for s in fgsignals.STOP_SIGNALS}
     cfg = build_config({"inputs": (str(PHOTO),), "model": "squeezenet1_1",
@@ -212,7 +212,7 @@ def test_the_run_loop_gives_decoding_workers_the_signal_guard(tmp_path, monkeypa
     import torch
 
     from fgcli.config import build_config
-    from fgcli.pipeline import run
+    from fgcli.dump.run import run
 
     seen = []
     real = torch.utils.data.DataLoader
@@ -290,8 +290,8 @@ def test_ray_driver_stops_taking_results_and_a_rerun_finishes(photos, tmp_path):
 def test_writes_in_flight_get_a_bounded_wait_after_a_stop(monkeypatch):
     from concurrent.futures import Future
 
-    from fgcli import pipeline
     from fgcli.config import build_config
+    from fgcli.dump import run as pipeline
 
     cfg = build_config({"inputs": (str(PHOTO),), "model": "squeezenet1_1"}, None)
     state = pipeline.DumpRun(cfg, pipeline.SilentReporter(), None)

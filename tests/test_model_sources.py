@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import ROOT, randomise
 from typer.testing import CliRunner
 
-from conftest import ROOT, randomise
 from fgcli.cli import app
-from fgcli.config import UsageError, parse_model_args
-from fgcli.errors import SetupError
-from fgcli.models import load_model
-from fgcli.sources import checkpoint as ckpt
+from fgcli.config import parse_model_args
+from fgcli.errors import SetupError, UsageError
+from fgcli.models.load import load_model
+from fgcli.models.sources import checkpoint as ckpt
 
 PHOTOS = ROOT / "examples" / "photos"
 PHOTO = str(PHOTOS / "coffee.png")
@@ -549,7 +549,7 @@ def test_timm_default_weights_from_the_cache_offline(tmp_path, monkeypatch):
     from huggingface_hub import constants
     from safetensors.torch import save_file
 
-    from fgcli.sources import timm_source
+    from fgcli.models.sources import timm_source
 
     torch.manual_seed(0)
     model = randomise(timm.create_model("resnet18"))
@@ -692,7 +692,7 @@ def test_weights_a_factory_loads_itself_are_part_of_the_fingerprint(tmp_path, mo
 
 
 def test_source_of_each_model_form():
-    from fgcli.models import source_of
+    from fgcli.models.base import source_of
 
     assert source_of("resnet50") == "torchvision"
     assert source_of("timm/convnext_tiny.fb_in1k") == "timm"
@@ -703,7 +703,7 @@ def test_source_of_each_model_form():
 
 
 def test_a_weights_name_is_not_taken_for_a_file_of_that_name(tmp_path, monkeypatch):
-    from fgcli.sources.tvision import looks_like_file
+    from fgcli.models.sources.tvision import looks_like_file
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "DEFAULT").write_text("not weights")

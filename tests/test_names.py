@@ -20,10 +20,10 @@ from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 import pytest
+from conftest import ROOT, SQUEEZENET_WEIGHTS
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import ROOT, SQUEEZENET_WEIGHTS
 from fgcli import names
 from fgcli.cli import app
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_user_model_faults import imgs, model_file, one_error_line  # noqa: F401 - fixture
 from typer.testing import CliRunner
 
 from fgcli.cli import app
-from test_user_model_faults import imgs, model_file, one_error_line  # noqa: F401 - fixture
 
 
 def run(*args: str):
@@ -151,15 +151,15 @@ def _explanation(n: int = 3, **broken: int) -> SimpleNamespace:
     ("maps", "non-finite saliency map"),
 ])
 def test_each_non_finite_result_names_its_reason(field, reason):
-    from fgcli.pipeline import _to_host
+    from fgcli.dump.run import _to_host
 
     host = _to_host(_explanation(**{field: 1}))
     assert host["nonfinite"] == [None, reason, None]
 
 
 def test_non_finite_decomposition_term():
+    from fgcli.dump.run import _to_host
     from fgcli.engine import CompactDecomposition
-    from fgcli.pipeline import _to_host
 
     exp = _explanation()
     layers = {"conv": torch.zeros(3, 1, 8, 8)}
@@ -216,7 +216,7 @@ def test_eval_nan_model_everywhere(imgs, tmp_path):
 
 
 def test_eval_json_guard_writes_null_for_non_finite():
-    from fgcli.writer import finite as strict
+    from fgcli.tree.writer import finite as strict
 
     data = {"a": [1.0, float("nan")], "b": {"c": float("-inf"), "d": 2}, "e": (float("inf"),)}
     text = json.dumps(strict(data), allow_nan=False)

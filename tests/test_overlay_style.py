@@ -15,9 +15,11 @@ from conftest import ROOT, SQUEEZENET_WEIGHTS
 from PIL import Image
 from typer.testing import CliRunner
 
-from fgcli import devicejpeg, render
+from fgcli import render
 from fgcli.cli import app
-from fgcli.config import OVERLAY_STYLES, RunConfig, UsageError, build_config, replace
+from fgcli.config import OVERLAY_STYLES, RunConfig, build_config, replace
+from fgcli.data import devicejpeg
+from fgcli.errors import UsageError
 
 # torchvision 0.29 deprecates its codecs (devicejpeg filters this; pytest resets filters)
 pytestmark = pytest.mark.filterwarnings(
@@ -221,7 +223,7 @@ def photo(name: str) -> np.ndarray:
 
 
 def test_blend_run_keeps_its_fingerprint(runs):
-    from fgcli.models import load_model
+    from fgcli.models.load import load_model
 
     loaded = load_model("squeezenet1_1", str(SQUEEZENET_WEIGHTS), size=64)
     cfg = RunConfig(model="squeezenet1_1", weights=str(SQUEEZENET_WEIGHTS), size=64,

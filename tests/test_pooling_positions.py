@@ -5,9 +5,9 @@ even when their order is not row-major."""
 from __future__ import annotations
 
 import torch
+from conftest import randomise
 from torch import nn
 
-from conftest import randomise
 from fgcli import FullGrad
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_images
 from torch import nn
 
-from conftest import random_images
 from fgcli import FullGrad
 
 WS = 2  # window size
@@ -151,7 +151,6 @@ def test_swin_batches_and_padded_windows(size, n):
     160: the last stage (5x5) is padded to one 7x7 window; its positions, not its shape,
     place it."""
     import torchvision
-
     from conftest import randomise
 
     torch.manual_seed(0)

@@ -11,9 +11,9 @@ position rule moves sums between pixels and fails.
 from __future__ import annotations
 
 import torch
+from conftest import random_images
 from torch import nn
 
-from conftest import random_images
 from fgcli import FullGrad
 
 N, C, H, W, WS = 2, 4, 4, 4, 2

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, SQUEEZENET_WEIGHTS, one_thread
 from typer.testing import CliRunner
 
-from conftest import ROOT, SQUEEZENET_WEIGHTS, one_thread
 from fgcli.cli import app
 from fgcli.config import RunConfig
 from fgcli.errors import SetupError
@@ -150,7 +150,7 @@ def test_a_plain_runs_output_resumes_on_ray_without_work(local_ray, tmp_path):
 
 class _FakeState:
     def __init__(self, fail_fast: bool = False) -> None:
-        from fgcli.pipeline import RunReport
+        from fgcli.dump.run import RunReport
         from fgcli.signals import StopSignals
 
         self.cfg = RunConfig(inputs=("x",), model="m", fail_fast=fail_fast)

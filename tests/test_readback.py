@@ -13,11 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, SQUEEZENET_WEIGHTS
 from typer.testing import CliRunner
 
-from conftest import ROOT, SQUEEZENET_WEIGHTS
 from fgcli.cli import app
-from fgcli.writer import BadLines, TreeFiles, check_record, iter_manifest, parse_line
+from fgcli.tree.writer import BadLines, TreeFiles, check_record, iter_manifest, parse_line
 
 PHOTOS = ROOT / "examples" / "photos"
 SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
@@ -326,7 +326,7 @@ def test_compaction_keeps_lines_apart_when_the_last_has_no_newline(tree):
     first = json.loads(lines[0])
     again = json.dumps(dict(first, note="again")).encode()
     path.write_bytes(lines[0] + b"\n" + lines[1] + b"\n" + again)  # no final newline
-    from fgcli.writer import OutputTree
+    from fgcli.tree.writer import OutputTree
 
     out = OutputTree(tree)
     out.acquire(["test"])
@@ -384,8 +384,9 @@ def test_merge_of_one_count_has_no_warning(tree):
 
 def test_ray_driver_writes_no_malformed_record():
     """Records an actor returns pass the same check before the driver appends them."""
-    from fgcli.distributed import ray_data
     from faults import DriverState
+
+    from fgcli.distributed import ray_data
 
     state = DriverState()
     good = {"key": "a.png", "status": "ok", "rank": None, "outputs": {}}

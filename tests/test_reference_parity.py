@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import REFERENCE
+
 from fgcli import FullGrad, SimpleFullGrad
 from fgcli.engine.postprocess import layout_of, psi_channel_sum, upsample
 

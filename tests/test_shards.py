@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, SQUEEZENET_WEIGHTS, one_thread
 from typer.testing import CliRunner
 
-from conftest import ROOT, SQUEEZENET_WEIGHTS, one_thread
 from fgcli.cli import app
-from fgcli.distributed.shards import Shard, shard_of
+from fgcli.tree.shards import Shard, shard_of
 
 PHOTOS = ROOT / "examples" / "photos"
 SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
@@ -65,7 +65,7 @@ def hold(out: Path, shard: str | None) -> subprocess.Popen:
     """Another process holding the tree (shard None) or one shard of it."""
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from fgcli.writer import OutputTree; "
+         "import sys, time; from fgcli.tree.writer import OutputTree; "
          "tree = OutputTree(sys.argv[1], sys.argv[2] or None); "
          "tree.acquire(['fullgrad', 'dump', 'holder']); print('held', flush=True); "
          "time.sleep(120)", str(out), shard or ""],
@@ -85,7 +85,7 @@ def test_shard_of_is_a_fixed_function_of_the_key():
     assert [shard_of(k, 7) for k in keys] == expected
     assert [shard_of(k, 7) for k in keys] == [6, 0, 2, 4]
     # the same in another process with another hash seed
-    code = ("from fgcli.distributed.shards import shard_of; "
+    code = ("from fgcli.tree.shards import shard_of; "
             f"print([shard_of(k, 7) for k in {keys!r}])")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True)
@@ -301,7 +301,7 @@ def _line(key: str, status: str, when: str, note: str) -> str:
 
 
 def test_merge_rule_later_line_in_a_file_later_time_across_files(tmp_path):
-    from fgcli.distributed.shards import merge
+    from fgcli.tree.shards import merge
 
     out = tmp_path / "out"
     shard = out / "shards" / "0-of-2"

@@ -14,7 +14,7 @@ timm = pytest.importorskip("timm")
 
 from fgcli import FullGrad  # noqa: E402
 from fgcli.check import TOLERANCE  # noqa: E402
-from fgcli.models import calibration_batch, randomise_weights  # noqa: E402
+from fgcli.models.base import calibration_batch, randomise_weights  # noqa: E402
 
 FAST = [
     "mobilenetv3_small_050", "regnetx_002", "levit_128s", "efficientvit_m0",

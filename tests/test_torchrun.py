@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import one_thread
-from fgcli.distributed.shards import shard_of
+from test_shards import SMALL, assert_same_records, comparable, dump, hold
+
 from fgcli.distributed.torchrun import RankEnv, _wait_for, rank_device, rank_env
 from fgcli.errors import SetupError
-from test_shards import SMALL, assert_same_records, comparable, dump, hold
+from fgcli.tree.shards import shard_of
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
@@ -175,7 +175,7 @@ def test_rank_environment():
     assert rank_env({"RANK": "0", "WORLD_SIZE": "1"}) is None  # one process: a plain run
     assert rank_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
                      "LOCAL_WORLD_SIZE": "4"}) == RankEnv(3, 8, 1)
-    from fgcli.config import UsageError
+    from fgcli.errors import UsageError
 
     with pytest.raises(UsageError, match="outside WORLD_SIZE"):
         rank_env({"RANK": "2", "WORLD_SIZE": "2"})

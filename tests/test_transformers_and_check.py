@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from conftest import ROOT, SQUEEZENET_WEIGHTS, random_images, randomise
 from typer.testing import CliRunner
 
-from conftest import ROOT, SQUEEZENET_WEIGHTS, random_images, randomise
 from fgcli import FullGrad
 from fgcli.cli import app
 
@@ -106,7 +106,7 @@ def test_check_usage_errors():
 @pytest.mark.parametrize("name,size", [("resnet18", 64), ("convnext_tiny", 64), ("vit_b_32", 224),
                                        ("swin_t", 224), ("swin_v2_t", 256), ("maxvit_t", 224)])
 def test_models_map_layout_column_matches_tracing(name, size):
-    from fgcli.models import map_layout
+    from fgcli.models.base import map_layout
 
     torch.manual_seed(0)
     model = randomise(torchvision.models.get_model(name))

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import ROOT
 from fgcli.cli import app
 from fgcli.errors import SIGNALLED, SetupError
 
@@ -200,7 +200,7 @@ def test_keyboard_interrupt_in_forward(imgs, tmp_path):
 def test_a_real_interrupt_stays_an_interrupt():
     """With a signal received (fgcli.errors.SIGNALLED set by the run's handler), a
     KeyboardInterrupt in user code is the user's Ctrl-C, not the model's failure."""
-    from fgcli.sources.usercode import user_code
+    from fgcli.models.sources.usercode import user_code
 
     with pytest.raises(SetupError):
         with user_code("model file x.py", "being imported", "hint"):
@@ -273,7 +273,7 @@ def test_zero_classes(imgs, tmp_path):
 
 
 def test_zero_classes_of_a_torchvision_head():
-    from fgcli.models import load_model
+    from fgcli.models.load import load_model
 
     with pytest.raises(SetupError, match="no classes"):
         load_model("squeezenet1_1", "none", model_args={"num_classes": 0}, size=32)
@@ -316,7 +316,7 @@ def test_in_place_input_changes_work_and_stay_complete(op, imgs, tmp_path):
     result = check_model(spec, "random", alone=True)
     assert result.ok and result.worst < 1e-5, [(i.logit, i.residual) for i in result.images]
     # the caller's batch is not changed, and the input term is taken on it
-    from fgcli.models import load_model
+    from fgcli.models.load import load_model
 
     model = load_model(spec, "random").model
     x = torch.randn(2, 3, 16, 16)

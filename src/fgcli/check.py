@@ -123,7 +123,7 @@ def random_inputs(size: tuple[int, int], n: int = 2, seed: int = 1
                   ) -> tuple[torch.Tensor, list[str]]:
     """The seeded photo-like inputs ``check`` decomposes when given no images (another
     seed than the batch-norm calibration of ``--weights random``)."""
-    from fgcli.models import calibration_batch
+    from fgcli.models.base import calibration_batch
 
     return calibration_batch(size, seed=seed, n=n), [f"random(seed={seed})#{i}" for i in range(n)]
 
@@ -136,9 +136,9 @@ def check_model(spec: str, weights: str = "random", device: torch.device | str =
     on :func:`random_inputs` without them (``alone``: each image on its own too, see
     :func:`check_batch`). Raises UsageError for an image that cannot be read, SetupError /
     UsageError for the model."""
-    from fgcli.config import UsageError
-    from fgcli.data import DecodeError, decode, preprocess
-    from fgcli.models import load_model
+    from fgcli.data.decode import DecodeError, decode, preprocess
+    from fgcli.errors import UsageError
+    from fgcli.models.load import load_model
     from fgcli.names import display
 
     loaded = load_model(spec, weights, size=size, smallest=smallest, model_args=model_args,
@@ -156,7 +156,7 @@ def check_model(spec: str, weights: str = "random", device: torch.device | str =
         x, labels = torch.stack(batch), [display(p) for p in images]  # printable
     else:
         x, labels = random_inputs(proc.size)
-    from fgcli.sources.usercode import FORWARD_HINT, user_code
+    from fgcli.models.sources.usercode import FORWARD_HINT, user_code
 
     with user_code(f"model {spec}", "being checked", FORWARD_HINT):
         result = check_batch(loaded.model.to(device), loaded.name, x.to(device), labels,

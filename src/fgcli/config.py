@@ -16,14 +16,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fgcli.errors import UsageError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-
-
-class UsageError(Exception):
-    """A bad option, file or combination: exit code 2, one line."""
 
 
 class Method(str, enum.Enum):

@@ -30,3 +30,7 @@ class _Signalled:
 
 
 SIGNALLED = _Signalled()
+
+
+class UsageError(Exception):
+    """A bad option, file or combination: exit code 2, one line."""

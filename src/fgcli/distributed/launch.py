@@ -1,7 +1,7 @@
 """Which engine runs a dump: one process, a ``--shard`` of one, torchrun ranks, or Ray.
 
 The CLI calls :func:`run_dump`; everything below it is a
-:class:`fgcli.pipeline.RunReport`.
+:class:`fgcli.dump.run.RunReport`.
 """
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fgcli.config import RunConfig, UsageError
-from fgcli.pipeline import Reporter, RunReport, run
+from fgcli.config import RunConfig
+from fgcli.dump.run import Reporter, RunReport, run
+from fgcli.errors import UsageError
 
 # (failure-line prefix, leads: shows progress and the summary) -> a reporter
 ReporterFactory = Callable[[str, bool], Reporter]
@@ -32,7 +33,7 @@ def run_dump(cfg: RunConfig, reporter_for: ReporterFactory, stdin: Any = None) -
     report = _engine(cfg, reporter_for, stdin, env)
     if cfg.gallery and leads and not report.interrupted:
         from fgcli.gallery import GalleryError, build_gallery
-        from fgcli.writer import DiskFullError, TreeWriteError
+        from fgcli.tree.writer import DiskFullError, TreeWriteError
 
         try:
             report.extra["gallery"] = build_gallery(cfg.out)

@@ -10,7 +10,7 @@ Who does what:
   settings. What is left, paths (as bytes: any name the OS allows) and keys only,
   becomes a Ray dataset (``ray.data.from_items``).
 * **Decoding** runs as Ray tasks (``flat_map``; a fan-out step Ray Data never fuses into
-  the actors), with the very code of a local run (:class:`fgcli.data.ImageDataset`):
+  the actors), with the very code of a local run (:class:`fgcli.data.decode.ImageDataset`):
   each row leaves as the preprocessed tensor (float32, 3 x h x w), the region of the
   original the model saw (uint8, H x W x 3, ragged; empty unless overlays are saved), its
   box, or the one-line error of an image that does not decode.
@@ -61,11 +61,12 @@ from typing import Any
 import numpy as np
 
 from fgcli.config import RunConfig, replace
-from fgcli.data import Box, Failure, ImageDataset, Item, Sample, collate
+from fgcli.data.decode import Box, Failure, ImageDataset, Sample, collate
+from fgcli.data.discover import Item
+from fgcli.dump.run import DumpRun, Reporter, RunReport, SilentReporter
 from fgcli.errors import SetupError
-from fgcli.pipeline import Reporter, RunReport, DumpRun, SilentReporter
 from fgcli.signals import stop_signals
-from fgcli.writer import TreeWriteError, check_record, parse_line
+from fgcli.tree.writer import TreeWriteError, check_record, parse_line
 
 MAX_BLOCKS = 10_000  # input blocks (one decoding task each) for very long lists
 
@@ -293,8 +294,8 @@ def decode_row(row: dict[str, Any], *, params: dict[str, Any]) -> list[dict[str,
 
 
 def batch_of(rows: dict[str, Any], keep_original: bool) -> tuple[list[Item], Any]:
-    """A Ray Data batch (dict of columns) -> the todo items and :class:`fgcli.data.Batch`
-    that :meth:`fgcli.pipeline.DumpRun.compute` takes (item j of the batch is todo[j])."""
+    """A Ray Data batch (dict of columns) -> the todo items and :class:`fgcli.data.decode.Batch`
+    that :meth:`fgcli.dump.run.DumpRun.compute` takes (item j of the batch is todo[j])."""
     import torch
 
     todo: list[Item] = []

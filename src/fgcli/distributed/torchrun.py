@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from fgcli.config import RunConfig, UsageError, replace
-from fgcli.distributed.shards import Shard, merge
-from fgcli.errors import SetupError
-from fgcli.pipeline import RunReport, run
+from fgcli.config import RunConfig, replace
+from fgcli.dump.run import RunReport, run
+from fgcli.errors import SetupError, UsageError
 from fgcli.signals import Interrupted
+from fgcli.tree.shards import Shard, merge
 
 BEAT_SECONDS = 2.0
 PREFIX = "fgcli/"
@@ -59,7 +59,7 @@ class RankEnv:
 def rank_env(environ: Any = None) -> RankEnv | None:
     """The torchrun rank of this process; None outside torchrun or with one process.
     (``LOCAL_WORLD_SIZE``, the ranks on this node, is read where cores are shared out:
-    :func:`fgcli.pipeline.cores_per_process`.)"""
+    :func:`fgcli.dump.run.cores_per_process`.)"""
     environ = os.environ if environ is None else environ
     if "RANK" not in environ or "WORLD_SIZE" not in environ:
         return None

@@ -52,9 +52,8 @@ ops that keep rows of dim 0 or reshape pass it on without any tensor work.
 from __future__ import annotations
 
 import math
-
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch

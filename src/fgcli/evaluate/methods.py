@@ -33,8 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fgcli.engine.decompose import extract_logits
 from fgcli.errors import SetupError
+from fgcli.models.outputs import extract_logits
 
 # name -> what it is (for --help and errors); order = the report's order
 FGCLI_METHODS = {

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from fgcli.config import UsageError, check_normalisation, check_not_blank, parse_model_args
-from fgcli.errors import SetupError
+from fgcli.config import check_normalisation, check_not_blank, parse_model_args
+from fgcli.errors import SetupError, UsageError
 
 METRICS = ("perturbation", "deletion", "insertion")
 DEFAULT_KS = (10.0, 30.0, 50.0, 70.0, 90.0)
@@ -132,7 +132,7 @@ def run_eval(cfg: EvalConfig, progress: Callable[[int, int], None] | None = None
     inputs listed, before the model loads; a folder made for ``cfg.out`` goes again
     when the evaluation fails.
     """
-    from fgcli.writer import remove_created, writable_dir
+    from fgcli.tree.writer import remove_created, writable_dir
 
     created = writable_dir(cfg.out, "--out")
     try:
@@ -146,7 +146,8 @@ def _readable(cfg: EvalConfig, on_failure: Callable[[str, str], None] | None
               ) -> tuple[list[Any], list[tuple[str, str]]]:
     """The inputs' images and the inputs that failed (with reasons); fewer than two
     readable images is a UsageError naming the others and why."""
-    from fgcli.data import DecodeError, decode, discover
+    from fgcli.data.decode import DecodeError, decode
+    from fgcli.data.discover import discover
 
     failed: list[tuple[str, str]] = []
     items = []
@@ -183,12 +184,13 @@ def _evaluate(cfg: EvalConfig, progress: Callable[[int, int], None] | None,
               on_failure: Callable[[str, str], None] | None) -> EvalResult:
     """:func:`run_eval` once the output place is known to be writable."""
 
-    from fgcli.data import ImageDataset, collate
+    from fgcli.data.decode import ImageDataset, collate
     from fgcli.evaluate import metrics as M
     from fgcli.evaluate.methods import build
-    from fgcli.models import load_model
-    from fgcli.pipeline import resolve_device, resolve_target
-    from fgcli.sources.usercode import FORWARD_HINT, user_code
+    from fgcli.models.device import resolve_device
+    from fgcli.models.load import load_model
+    from fgcli.models.sources.usercode import FORWARD_HINT, user_code
+    from fgcli.models.targets import resolve_target
 
     started = time.perf_counter()
     items, failed = _readable(cfg, on_failure)
@@ -287,7 +289,7 @@ def _score_batch(cfg: EvalConfig, model: Any, methods: dict[str, Any], x: Any,
     left out of every method (so every method is averaged over the same images)."""
     import torch
 
-    from fgcli.engine.decompose import extract_logits
+    from fgcli.models.outputs import extract_logits
 
     reasons: list[str | None] = [None] * len(x)
     with torch.no_grad():

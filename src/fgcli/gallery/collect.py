@@ -1,7 +1,7 @@
 """Read an output tree into what the gallery shows: images, their maps, the run, an eval.
 
 Reads only: the merged manifest and any shard manifests (the latest line of each
-(key, rank) by :class:`fgcli.writer.Latest`'s rule, so a gallery of a running or
+(key, rank) by :class:`fgcli.tree.writer.Latest`'s rule, so a gallery of a running or
 sharded dump is a consistent snapshot), ``run.json`` and ``eval.json``. The per-layer
 terms of ``decomp/*.npz`` are summed here (a chart needs one number per layer) and
 cached in ``gallery/terms-cache.json`` by file size and mtime, so a rebuild after a
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from fgcli.names import path_of
-from fgcli.writer import (
+from fgcli.tree.writer import (
     FOLDER,
     MANIFEST,
     RUN_JSON,

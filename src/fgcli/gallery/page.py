@@ -26,9 +26,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fgcli.names import href, needs_bytes, text
 from fgcli.gallery.collect import Image, TermsCache
-from fgcli.writer import FOLDER, SUFFIX, atomic_write, finite
+from fgcli.names import href, needs_bytes, text
+from fgcli.tree.writer import FOLDER, SUFFIX, atomic_write, finite
 
 CHUNK = 200
 ASSETS = ("app.js", "style.css")

@@ -29,13 +29,8 @@ import typer
 from rich.console import Console
 
 from fgcli import __version__, names
-from fgcli.config import (
-    OUTPUT_KINDS,
-    Method,
-    UsageError,
-    build_config,
-    check_not_blank,
-)
+from fgcli.config import OUTPUT_KINDS, Method, build_config, check_not_blank
+from fgcli.errors import UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -218,8 +213,8 @@ class ConsoleReporter:
 
 
 def _refuse_if_held(out: str) -> None:
-    """:func:`fgcli.writer.refuse_if_held` as a usage error (exit 2, one line)."""
-    from fgcli.writer import LockedError, refuse_if_held
+    """:func:`fgcli.tree.writer.refuse_if_held` as a usage error (exit 2, one line)."""
+    from fgcli.tree.writer import LockedError, refuse_if_held
 
     try:
         refuse_if_held(out)
@@ -615,7 +610,7 @@ def merge(
     run; merging twice changes nothing. Exit 0 once merged (failed images are counted,
     not an error here: their shards reported them)."""
     with _exit_codes(debug):
-        from fgcli.distributed.shards import merge as merge_tree
+        from fgcli.tree.shards import merge as merge_tree
 
         check_not_blank({"OUT": out})
         report = merge_tree(out, list(sys.argv))
@@ -648,7 +643,7 @@ def gallery_(
     add its new images. Exit 0, 1 when a thumbnail failed, 2 when OUT is not a tree or a
     file of the page cannot be written (a full disk: one line naming the file)."""
     from fgcli.gallery import GalleryError, build_gallery
-    from fgcli.writer import WriteFailed
+    from fgcli.tree.writer import WriteFailed
 
     if threads is not None and threads < 1:
         _fail("--threads must be >= 1", EXIT_USAGE)
@@ -656,7 +651,7 @@ def gallery_(
     with _exit_codes(debug, usage=(GalleryError, WriteFailed)):
         check_not_blank({"OUT": out})
         if os.path.isdir(out):  # else build_gallery says what OUT is not
-            from fgcli.writer import writable_dir
+            from fgcli.tree.writer import writable_dir
 
             writable_dir(out, "OUT")
         with _count_bar(quiet, "thumb", "thumbnails") as progress:
@@ -672,8 +667,9 @@ def _run_check(images: list[str], models: list[str], weights: str, model_args: d
                trust_pickle: bool, device: str, size: int | None, smallest: bool,
                all_models: bool) -> bool:
     from fgcli.check import TOLERANCE, check_model, kind_summary
-    from fgcli.models import SetupError, classifier_names
-    from fgcli.pipeline import resolve_device
+    from fgcli.errors import SetupError
+    from fgcli.models.base import classifier_names
+    from fgcli.models.device import resolve_device
 
     dev = resolve_device(device)
     if all_models == bool(models):
@@ -771,14 +767,14 @@ def models(
 
 def _model_rows(pattern: str | None) -> list[tuple[str, str, str]]:
     if pattern and pattern.startswith("timm/"):
-        from fgcli.sources.timm_source import default_input_size, list_names
+        from fgcli.models.sources.timm_source import default_input_size, list_names
 
         rows = []
         for name in list_names(pattern[len("timm/"):]):
             side = default_input_size(name)
             rows.append((f"timm/{name}", str(side) if side else "-", "timm"))
         return rows
-    from fgcli.models import input_size, map_layout, matching_models
+    from fgcli.models.base import input_size, map_layout, matching_models
 
     return [(name, str(input_size(name)), map_layout(name)) for name in matching_models(pattern)]
 

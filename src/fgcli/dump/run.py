@@ -10,7 +10,6 @@ number of images.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import itertools
 import os
 import platform
@@ -26,13 +25,19 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from fgcli import __version__, names
-from fgcli.config import Method, RunConfig, UsageError, parse_model_args
-from fgcli.data import Batch, ImageDataset, Item, collate, discover
-from fgcli.distributed.shards import Shard, merge_locked
-from fgcli.models import LoadedModel, SetupError, load_model
+from fgcli import names
+from fgcli.config import Method, RunConfig, parse_model_args
+from fgcli.data.decode import Batch, ImageDataset, collate
+from fgcli.data.discover import Item, discover
+from fgcli.errors import SetupError, UsageError
+from fgcli.models.base import LoadedModel
+from fgcli.models.load import load_model
+from fgcli.models.device import resolve_device
+from fgcli.models.targets import resolve_target
 from fgcli.signals import EXIT_CODES, StopSignals, ignore_stop_signals, stop_signals
-from fgcli.writer import (
+from fgcli.tree.info import versions
+from fgcli.tree.shards import Shard, merge_locked
+from fgcli.tree.writer import (
     MANIFEST_SCHEMA,
     BadLines,
     ImageJob,
@@ -113,60 +118,6 @@ class SilentReporter:
 
     def finished(self, report: RunReport) -> None:
         pass
-
-
-def resolve_device(spec: str) -> torch.device:
-    """auto = cuda if available, else cpu; explicit devices must exist."""
-    spec = spec.strip().lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise UsageError(f"--device: {spec!r} is not a device; use auto, cpu, cuda, cuda:N "
-                         "or mps") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SetupError(f"--device {spec}: no CUDA device is available here")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SetupError(f"--device {spec}: only {torch.cuda.device_count()} CUDA "
-                             "device(s) here")
-    elif device.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise SetupError(f"--device {spec}: MPS is not available here")
-    elif device.type != "cpu":
-        raise UsageError(f"--device: unsupported device {spec!r}")
-    return device
-
-
-def resolve_target(spec: str, categories: tuple[str, ...] | None,
-                   n_classes: int) -> int | None:
-    """``pred`` -> None; an index; or a class name (exact, case-insensitive)."""
-    spec = spec.strip()
-    if spec.lower() == "pred":
-        return None
-    if spec.lstrip("-").isdigit():
-        index = int(spec)
-        if not 0 <= index < n_classes:
-            raise UsageError(f"--target: class {index} is out of range (0..{n_classes - 1})")
-        return index
-    if not categories:
-        raise UsageError(f"--target: {spec!r} is not a class index and the model has no "
-                         "class names (give --labels FILE)")
-    lowered = [c.lower() for c in categories]
-    if spec.lower() in lowered:
-        return lowered.index(spec.lower())
-    # one of a description's comma-separated names (timm's "tabby, tabby cat")
-    alias = [i for i, c in enumerate(lowered) if spec.lower() in (a.strip() for a in c.split(","))]
-    if len(alias) == 1:
-        return alias[0]
-    if alias:
-        raise UsageError(f"--target: {spec!r} names several classes "
-                         f"({', '.join(str(i) for i in alias)}); give the index")
-    close = difflib.get_close_matches(spec.lower(), lowered, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(repr(categories[lowered.index(c)]) for c in close)}?" \
-        if close else ""
-    raise UsageError(f"--target: no class named {spec!r}{hint}")
 
 
 def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
@@ -270,7 +221,7 @@ class DumpRun:
                                                     self.loaded.preprocessing.interpolation)
         self.ranks: list[int | None] = (list(range(1, cfg.topk + 1)) if cfg.topk
                                         else [None])
-        from fgcli import devicejpeg
+        from fgcli.data import devicejpeg
 
         self.device_jpeg = (cfg.device_jpeg if cfg.device_jpeg is not None
                             else devicejpeg.available(self.device))
@@ -324,8 +275,8 @@ class DumpRun:
 
     def _probe_classes(self, model: torch.nn.Module) -> int:
         """Class count from one eval forward, for models whose head is not a plain layer
-        (the output is checked as user models' is: see ``fgcli.sources.usercode.probe``)."""
-        from fgcli.engine.decompose import checked_logits, frozen_eval
+        (the output is checked as user models' is: see ``fgcli.models.sources.usercode.probe``)."""
+        from fgcli.models.outputs import checked_logits, frozen_eval
 
         probe = torch.zeros(1, 3, *self.loaded.preprocessing.size, device=self.device)
         with _model_code(self.cfg.model, "computing a probe batch"), frozen_eval(model), \
@@ -501,7 +452,7 @@ class DumpRun:
 
     def _batch(self, todo: list[Item], batch: Batch) -> None:
         if batch.encoded:  # --device-jpeg: JPEG bytes become model input on the device
-            from fgcli.devicejpeg import decode_into
+            from fgcli.data.devicejpeg import decode_into
 
             proc = self.loaded.preprocessing
             batch = decode_into(batch, self.device, (proc.size, proc.crop, proc.resize,
@@ -708,8 +659,8 @@ class DumpRun:
 
 def _model_code(spec: str, doing: str) -> Any:
     """The model's forward as user code: its sys.exit / own KeyboardInterrupt is the
-    model's failure (SetupError, exit 2), see ``fgcli.sources.usercode.user_code``."""
-    from fgcli.sources.usercode import FORWARD_HINT, user_code
+    model's failure (SetupError, exit 2), see ``fgcli.models.sources.usercode.user_code``."""
+    from fgcli.models.sources.usercode import FORWARD_HINT, user_code
 
     return user_code(f"model {spec}", doing, FORWARD_HINT)
 
@@ -891,18 +842,9 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def versions() -> dict[str, str]:
-    import PIL
-    import torchvision
-
-    return {"fgcli": __version__, "python": platform.python_version(),
-            "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "pillow": PIL.__version__}
-
-
 def run(cfg: RunConfig, reporter: Reporter | None = None, stdin: Any = None) -> RunReport:
     """Run a dump. Raises UsageError / SetupError before anything is written;
-    :class:`fgcli.writer.TreeWriteError` (:class:`fgcli.writer.DiskFullError`) when the
+    :class:`fgcli.tree.writer.TreeWriteError` (:class:`fgcli.tree.writer.DiskFullError`) when the
     tree could no longer be written, after keeping what was finished;
     :class:`fgcli.signals.Interrupted` for a stop signal before the run loop or a second
     one. A first SIGINT / SIGTERM in the loop ends it early: ``report.interrupted``.

@@ -4,18 +4,18 @@ The hash is BLAKE2b of the key's UTF-8 bytes (the relative output path, with ``/
 separators), so an image's shard depends on nothing but its key: not on the order
 of a listing, the machine, the Python process (``hash()`` is salted), or files
 added later. Shards of one count write into one tree side by side (see
-:class:`fgcli.writer.OutputTree`); :func:`merge` folds their manifests into
+:class:`fgcli.tree.writer.OutputTree`); :func:`merge` folds their manifests into
 ``manifest.jsonl``.
 
 Shards of another count (``shards/1-of-3`` left from an earlier run next to
 ``0-of-2`` and ``1-of-2``) are merged too, never dropped: every line is a result of
 the same tree keyed by image key (and rank) and carries its settings fingerprint and
-``time``, so the newest line of each (key, rank) wins by :class:`fgcli.writer.Latest`,
+``time``, so the newest line of each (key, rank) wins by :class:`fgcli.tree.writer.Latest`,
 the rule a resumed run already uses (a shard indexes shards of other counts as earlier
 results, and recomputes an image whose settings differ). So no result is lost, and
 none is mixed up with another image's; the merge names such shards in one warning line.
 
-Lines of any manifest that are malformed (:func:`fgcli.writer.check_record`) are
+Lines of any manifest that are malformed (:func:`fgcli.tree.writer.check_record`) are
 dropped from the merged manifest, one warning line per file.
 """
 
@@ -29,18 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fgcli.config import UsageError
-from fgcli.errors import SetupError
-from fgcli.writer import (
+from fgcli.errors import SetupError, UsageError
+from fgcli.tree.writer import (
     LOCK,
     MANIFEST,
     MANIFEST_SCHEMA,
     RUN_JSON,
     SHARDS,
-    LockedError,
     BadLines,
-    OutputTree,
     Latest,
+    LockedError,
+    OutputTree,
     iter_manifest,
     shard_manifests,
 )
@@ -111,7 +110,7 @@ def merge(out: str | Path, command: list[str]) -> MergeReport:
 def merge_locked(tree: OutputTree) -> MergeReport:
     """Fold every shard manifest into ``manifest.jsonl``; the caller holds the tree's lock.
 
-    One line per (key, rank): the latest by :class:`fgcli.writer.Latest` (within a file
+    One line per (key, rank): the latest by :class:`fgcli.tree.writer.Latest` (within a file
     the later line; across files the later ``time``, ties to the shards). Lines are written
     sorted by key (path components), then rank, so the result does not depend on how
     the images were sharded. The new manifest replaces the old one atomically before

@@ -7,7 +7,7 @@ class names for ImageNet heads from timm's own dataset info
 (``timm.data.ImageNetInfo``). ``--weights``: ``DEFAULT`` = the tag's pretrained
 weights from the Hugging Face cache or the hub; a local checkpoint (timm's training
 checkpoints with ``state_dict`` / ``state_dict_ema``, ``.safetensors``, any container
-:mod:`fgcli.sources.checkpoint` reads; a different head size builds the model with
+:mod:`fgcli.models.sources.checkpoint` reads; a different head size builds the model with
 that many classes); ``none`` (timm's initialisation); ``random``.
 
 A model built for a fixed input size (ViTs and relatives) is built at ``--size`` when
@@ -24,10 +24,9 @@ from typing import Any
 
 from torch import nn
 
-from fgcli.config import UsageError
-from fgcli.errors import SetupError
-from fgcli.models import Built, head_size
-from fgcli.sources import checkpoint as ckpt
+from fgcli.errors import SetupError, UsageError
+from fgcli.models.base import Built, head_size
+from fgcli.models.sources import checkpoint as ckpt
 
 
 def _timm() -> Any:
@@ -207,7 +206,7 @@ def load(name: str, weights: str, *, model_args: dict[str, Any] | None = None,
         identity = f"file:{ckpt.file_identity(path)}"
         checkpoint = ckpt.describe(found, fitted)
     if size is not None:  # a model built for another size may still refuse it
-        from fgcli.sources.usercode import probe
+        from fgcli.models.sources.usercode import probe
 
         probe(model, (size, size), f"timm/{name}")
     config = timm.data.resolve_model_data_config(model)

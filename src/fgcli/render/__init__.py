@@ -83,7 +83,7 @@ def heat_weights(alpha: float) -> np.ndarray:
     Index ``i`` is the normalised saliency ``s = i / 255``; its weight is
     ``round(256 * min(1, 2 * alpha * s))``: 0 at the map's minimum, 256 (the heat alone)
     wherever ``2 * alpha * s >= 1``. One table serves NumPy and the device path
-    (:func:`fgcli.devicejpeg.blend_heat`), so both are bit-identical.
+    (:func:`fgcli.render.device.blend_heat`), so both are bit-identical.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be between 0 and 1, not {alpha!r}")

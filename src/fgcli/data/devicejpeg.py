@@ -1,7 +1,7 @@
 """JPEG decode, preprocessing and overlay encoding on the model's device.
 
 Used by ``fullgrad dump`` when ``--device-jpeg`` is on (by default: on a CUDA device where
-:func:`available` says nvjpeg works): :class:`fgcli.data.ImageDataset` hands JPEGs over as
+:func:`available` says nvjpeg works): :class:`fgcli.data.decode.ImageDataset` hands JPEGs over as
 bytes, :func:`decode_into` turns a batch's bytes into model input on the device, and the
 writer encodes overlays with :func:`encode_overlays`. On a GPU box the CPU stages of a dump
 (Pillow decode, float conversion and resize at full resolution, overlay blend
@@ -10,13 +10,13 @@ and JPEG encode) cost more core-time per image than the engine costs GPU-time
 the GPU with torchvision's nvjpeg bindings:
 
 * DataLoader workers only read file bytes (:func:`file_bytes`), and route files
-  that are not JPEG (:func:`is_jpeg`) to the Pillow path of :mod:`fgcli.data`;
+  that are not JPEG (:func:`is_jpeg`) to the Pillow path of :mod:`fgcli.data.decode`;
 * the main process decodes a batch of JPEGs on the device in one call
   (:func:`decode_batch`), EXIF orientation applied, corrupt files reported one by
   one, with the same ``--max-pixels`` guard as the Pillow path;
 * :func:`preprocess_on_device` resizes and normalises each image on the device and
-  returns the same tensor and :class:`~fgcli.data.Box` as
-  :func:`fgcli.data.preprocess` (same maths: antialiased interpolation of
+  returns the same tensor and :class:`~fgcli.data.decode.Box` as
+  :func:`fgcli.data.decode.preprocess` (same maths: antialiased interpolation of
   ``uint8 / 255`` floats);
 * the uint8 originals stay on the device for the overlays; each writer thread
   sends its image's colormapped heatmap (built on the CPU, as for the heatmap PNG)
@@ -45,7 +45,6 @@ matches only that message. A later move to TorchCodec changes only
 from __future__ import annotations
 
 import functools
-import os
 import re
 import struct
 import warnings
@@ -53,10 +52,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
-from fgcli.data import Batch, Box, DecodeError, resize_normalise
+from fgcli.data.decode import is_jpeg
+from fgcli.data.decode import Batch, Box, DecodeError, resize_normalise
 
 __all__ = [
     "JpegHeader",
@@ -72,7 +71,6 @@ __all__ = [
     "preprocess_on_device",
 ]
 
-JPEG_MAGIC = b"\xff\xd8\xff"
 
 warnings.filterwarnings(
     "ignore", message="The image decoding and encoding capabilities of TorchVision",
@@ -84,30 +82,6 @@ _SOURCE_PREFIX = re.compile(r"^\s*[\w.:]+, \S+:\d+, ")
 
 # ------------------------------------------------------------------------------ inputs
 
-def is_jpeg(source: str | os.PathLike[str] | bytes | bytearray | memoryview | torch.Tensor
-            ) -> bool:
-    """Whether a file (path) or its bytes start with the JPEG magic ``FF D8 FF``.
-
-    The extension is not looked at: a ``.png`` that is really a JPEG is a JPEG. An
-    unreadable path is not a JPEG (the Pillow path then reports why).
-    """
-    if isinstance(source, torch.Tensor):
-        head = bytes(source[:3].cpu().numpy().tobytes()) if source.dtype == torch.uint8 else b""
-    elif isinstance(source, (bytes, bytearray, memoryview)):
-        head = bytes(source[:3])
-    else:
-        try:
-            with open(source, "rb") as fh:
-                head = fh.read(3)
-        except OSError:
-            return False
-    return head == JPEG_MAGIC
-
-
-def file_bytes(path: str | os.PathLike[str]) -> torch.Tensor:
-    """A file's bytes as a 1-D uint8 CPU tensor (what :func:`decode_batch` takes)."""
-    data = np.fromfile(path, dtype=np.uint8)
-    return torch.from_numpy(data)
 
 
 @dataclass(frozen=True)
@@ -269,7 +243,7 @@ def decode_batch(datas: Sequence[torch.Tensor], device: str | torch.device, *,
     Grayscale and CMYK JPEGs come out as RGB. ``max_pixels`` refuses frames larger
     than that from the header, before decoding (``--max-pixels``).
 
-    errors="raise": the first bad file raises :class:`fgcli.data.DecodeError`
+    errors="raise": the first bad file raises :class:`fgcli.data.decode.DecodeError`
     naming its position (``image 3 of 8: corrupt image: ...``). errors="return": a
     bad file's slot holds its DecodeError (one-line reason, same wording as the
     Pillow path) and the other images are returned.
@@ -304,7 +278,7 @@ def decode_batch(datas: Sequence[torch.Tensor], device: str | torch.device, *,
 def preprocess_on_device(img: torch.Tensor, size: tuple[int, int], crop: bool, resize: int,
                          mean: tuple[float, ...], std: tuple[float, ...],
                          interpolation: str = "bilinear") -> tuple[torch.Tensor, Box]:
-    """:func:`fgcli.data.preprocess` for a decoded (3, H, W) uint8 image on any device.
+    """:func:`fgcli.data.decode.preprocess` for a decoded (3, H, W) uint8 image on any device.
 
     The same maths in the same order: ``uint8 / 255`` as float32, antialiased
     ``interpolate`` (squash to ``size``, or shorter side to ``resize`` then a centre
@@ -321,13 +295,13 @@ def decode_into(batch: Batch, device: torch.device, args: tuple[Any, ...],
                 keep_original: bool, max_pixels: int) -> Batch:
     """A batch whose JPEGs are still bytes, as one whose input is all on ``device``.
 
-    ``args`` are :class:`fgcli.data.ImageDataset`'s preprocessing arguments (size, crop,
+    ``args`` are :class:`fgcli.data.decode.ImageDataset`'s preprocessing arguments (size, crop,
     resize, mean, std, interpolation). Samples decoded by Pillow (other formats) join
     the device-decoded ones; a JPEG that does not decode becomes a Failure with its
     one-line reason; originals of device-decoded images stay on the device, (3, H, W),
     for :func:`encode_overlays`.
     """
-    from fgcli.data import Failure, Sample
+    from fgcli.data.decode import Failure, Sample
 
     images = decode_batch([e.data for e in batch.encoded], device, max_pixels=max_pixels,
                           errors="return")
@@ -356,101 +330,6 @@ def decode_into(batch: Batch, device: torch.device, args: tuple[Any, ...],
 
 # ------------------------------------------------------------------------------ overlays
 
-def _chw(image: torch.Tensor | np.ndarray, device: torch.device, what: str) -> torch.Tensor:
-    """(3, H, W) uint8 on ``device`` from a (3, H, W) tensor or an (H, W, 3) array."""
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"{what}: expected an (H, W, 3) uint8 array, got "
-                             f"{image.dtype} {image.shape}")
-        return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)
-    if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
-        raise ValueError(f"{what}: expected a (3, H, W) uint8 tensor, got "
-                         f"{image.dtype} {tuple(image.shape)}")
-    return image.to(device)
-
-
-def blend(original: torch.Tensor, heat: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``(1 - alpha) * original + alpha * heat`` for uint8 tensors of one shape, on their
-    device, bit for bit as :func:`fgcli.render.overlay` (integer 1/256 steps, rounded)."""
-    a = round(alpha * 256)
-    mixed = original.to(torch.int32) * (256 - a) + heat.to(torch.int32) * a + 128
-    return (mixed >> 8).to(torch.uint8)
-
-
-def blend_heat(original: torch.Tensor, heat: torch.Tensor, indices: torch.Tensor,
-               alpha: float) -> torch.Tensor:
-    """``(1 - w) * original + w * heat`` with ``w = min(1, 2 * alpha * indices / 255)`` per
-    pixel, for (3, H, W) uint8 images and (H, W) uint8 colormap indices on one device, bit
-    for bit as :func:`fgcli.render.overlay_heat` (the same 1/256-step weight table)."""
-    from fgcli.render import heat_weights
-
-    table = torch.from_numpy(heat_weights(alpha)).to(original.device)
-    w = table[indices.to(original.device, torch.int64)][None]
-    mixed = original.to(torch.int32) * (256 - w) + heat.to(torch.int32) * w + 128
-    return (mixed >> 8).to(torch.uint8)
-
-
-def _encode_jpegs(images: list[torch.Tensor], quality: int) -> list[torch.Tensor]:
-    """One torchvision call: nvjpeg's batched encode for CUDA tensors."""
-    from torchvision.io import encode_jpeg
-
-    return encode_jpeg([img.contiguous() for img in images], quality=quality)
-
-
-def encode_overlays(originals: Sequence[torch.Tensor | np.ndarray],
-                    heats: Sequence[torch.Tensor | np.ndarray], alpha: float,
-                    quality: int = 90, device: str | torch.device | None = None, *,
-                    style: str = "blend",
-                    indices: Sequence[torch.Tensor | np.ndarray] | None = None
-                    ) -> list[bytes]:
-    """Blend each original with its heatmap and encode the overlays as JPEG bytes.
-
-    originals, heats: uint8 images of equal sizes, each a (3, H, W) tensor (as
-    :func:`decode_batch` returns; any device) or an (H, W, 3) array (as the writer
-    holds them, e.g. ``colormap_table(name)[heatmap_indices(...)]``). They are moved
-    to ``device`` (default: the first original's device), blended there with
-    :func:`blend` and encoded in one batched call (nvjpeg on CUDA). Returns the
-    JPEG files' bytes, in order; quality 90 as ``writer.write_jpeg``.
-
-    style: ``blend`` (:func:`blend`, uniform alpha) or ``heat`` (:func:`blend_heat`, the
-    heat weighted by saliency); ``heat`` needs each image's (H, W) uint8 colormap
-    ``indices`` (:func:`fgcli.render.heatmap_indices`), as arrays or tensors.
-    """
-    from fgcli.config import OVERLAY_STYLES
-
-    if style not in OVERLAY_STYLES:
-        raise ValueError(f"unknown overlay style {style!r}; choose from "
-                         f"{', '.join(OVERLAY_STYLES)}")
-    if style == "heat" and (indices is None or len(indices) != len(originals)):
-        raise ValueError(f"style heat needs one indices map per original, got "
-                         f"{'none' if indices is None else len(indices)} for {len(originals)}")
-    if len(originals) != len(heats):
-        raise ValueError(f"{len(originals)} originals but {len(heats)} heatmaps")
-    if not originals:
-        return []
-    if not 1 <= quality <= 100:
-        raise ValueError(f"JPEG quality must be 1..100, not {quality}")
-    if device is None:
-        first = originals[0]
-        device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
-    overlays = []
-    for i, (original, heat) in enumerate(zip(originals, heats)):
-        o = _chw(original, device, f"original {i}")
-        h = _chw(heat, device, f"heatmap {i}")
-        if o.shape != h.shape:
-            raise ValueError(f"overlay {i}: original is {tuple(o.shape)} but heatmap is "
-                             f"{tuple(h.shape)}")
-        if style == "blend":
-            overlays.append(blend(o, h, alpha))
-            continue
-        idx = indices[i]
-        idx = torch.from_numpy(np.ascontiguousarray(idx)) if isinstance(idx, np.ndarray) else idx
-        if idx.dtype != torch.uint8 or tuple(idx.shape) != tuple(o.shape[1:]):
-            raise ValueError(f"overlay {i}: expected ({o.shape[1]}, {o.shape[2]}) uint8 "
-                             f"indices, got {idx.dtype} {tuple(idx.shape)}")
-        overlays.append(blend_heat(o, h, idx, alpha))
-    return [t.cpu().numpy().tobytes() for t in _encode_jpegs(overlays, quality)]
 
 
 # ------------------------------------------------------------------------------ choice
@@ -478,7 +357,7 @@ def _probe(index: int) -> bool:
         tiny = torch.arange(3 * 16 * 16, dtype=torch.int64).reshape(3, 16, 16) % 251
         data = encode_jpeg(tiny.to(torch.uint8), quality=90)
         (image,) = _decode_jpegs([data], device)
-        encoded = _encode_jpegs([image], 90)[0]
+        encoded = encode_jpeg([image.contiguous()], quality=90)[0]  # the overlays' encode
         return (image.device == device and tuple(image.shape) == (3, 16, 16)
                 and encoded.numel() > 0)
     except Exception:  # noqa: BLE001 - any failure means: use the Pillow path

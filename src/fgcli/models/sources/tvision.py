@@ -16,9 +16,8 @@ from typing import Any
 import torchvision
 from torch import nn
 
-from fgcli.config import UsageError
-from fgcli.errors import SetupError
-from fgcli.models import (
+from fgcli.errors import SetupError, UsageError
+from fgcli.models.base import (
     WEIGHT_FILE_SUFFIXES,
     Built,
     check_model_name,
@@ -27,7 +26,7 @@ from fgcli.models import (
     input_size,
     smallest_input_size,
 )
-from fgcli.sources import checkpoint as ckpt
+from fgcli.models.sources import checkpoint as ckpt
 
 # auxiliary classifiers that a fine-tuned checkpoint may have dropped (aux_logits=False)
 _AUX_PREFIXES = {"inception_v3": ("AuxLogits.",), "googlenet": ("aux1.", "aux2.")}
@@ -84,7 +83,7 @@ def _metadata(built: dict[str, Any], meta: Any, n_classes: int | None) -> None:
 
 def load(name: str, weights: str, *, model_args: dict[str, Any] | None = None,
          trust_pickle: bool = False) -> Built:
-    """Build torchvision's ``name`` with ``weights`` (see :mod:`fgcli.models`)."""
+    """Build torchvision's ``name`` with ``weights`` (see :mod:`fgcli.models.base`)."""
     name = check_model_name(name)
     kwargs = dict(model_args or {})
     spec = weights.strip()

@@ -30,7 +30,7 @@ file is imported and the factory called, ``sys.argv`` is ``[the file]`` (argpars
 with optional arguments only then parses cleanly). One probe forward of two zero images
 checks the output before any image: (N, classes) floating-point logits, at least one class.
 A forward that modifies its input in place works (the engine passes it a copy). Logits that
-are NaN or infinite fail only the images they reach (see ``fgcli.pipeline``).
+are NaN or infinite fail only the images they reach (see ``fgcli.dump.run``).
 """
 
 from __future__ import annotations
@@ -53,10 +53,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fgcli.config import UsageError
-from fgcli.errors import SIGNALLED, SetupError
-from fgcli.models import Built, source_of
-from fgcli.sources import checkpoint as ckpt
+from fgcli.errors import SIGNALLED, SetupError, UsageError
+from fgcli.models.base import Built, source_of
+from fgcli.models.sources import checkpoint as ckpt
 
 _INTERPOLATIONS = ("bilinear", "bicubic")
 
@@ -324,8 +323,12 @@ def probe(model: nn.Module, size: tuple[int, int], spec: str) -> int:
     logits with at least one class. Returns the class count; raises SetupError naming the
     model otherwise (also when the forward raises, exits or raises KeyboardInterrupt).
     Non-finite logits are not an error here: each image they reach fails on its own."""
-    from fgcli.engine.decompose import (checked_logits, describe_output, extract_logits,
-                                        frozen_eval)
+    from fgcli.models.outputs import (
+        checked_logits,
+        describe_output,
+        extract_logits,
+        frozen_eval,
+    )
 
     x = torch.zeros(2, 3, *size)
     param = next(model.parameters(), None)

@@ -861,7 +861,7 @@ def write_outputs(tree: OutputTree, job: ImageJob, save: tuple[str, ...], colorm
             else:
                 heat = lut[indices]
                 if job.original is not None and not isinstance(job.original, np.ndarray):
-                    from fgcli.devicejpeg import encode_overlays  # blend + encode on device
+                    from fgcli.render.device import encode_overlays  # blend + encode on device
 
                     blob = encode_overlays([job.original], [heat], alpha, style=overlay,
                                            indices=[indices])[0]
