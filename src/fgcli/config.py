@@ -14,9 +14,11 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fgcli.errors import UsageError
+
+T = TypeVar("T")
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -318,21 +320,29 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def build_config(cli: Mapping[str, Any], config_file: str | None = None) -> RunConfig:
-    """Defaults, overridden by the config file, overridden by options given on the command line.
+def from_options(cls: type[T], values: Mapping[str, Any], config_file: str | None = None) -> T:
+    """A command's configuration from its options: defaults, overridden by the TOML file,
+    overridden by the options given on the command line.
 
-    ``cli`` holds the command-line values; None means "not given".
+    ``values`` is keyed by long option names with underscores (the configs' field names);
+    None means "not given". The one place a command's parameters become its config: the
+    CLI passes what it parsed, nothing is mapped by hand.
     """
     merged: dict[str, Any] = {}
     if config_file is not None:
         merged.update(read_config_file(config_file))
-    for key, value in cli.items():
+    for key, value in values.items():
         if value is not None:
             merged[key] = value
     try:
-        return RunConfig(**merged)
+        return cls(**merged)
     except TypeError as exc:  # pragma: no cover - programming error
         raise UsageError(str(exc)) from exc
+
+
+def build_config(cli: Mapping[str, Any], config_file: str | None = None) -> RunConfig:
+    """``fullgrad dump``'s configuration (see :func:`from_options`)."""
+    return from_options(RunConfig, cli, config_file)
 
 
 def replace(cfg: RunConfig, **changes: Any) -> RunConfig:
