@@ -331,7 +331,7 @@ def test_closed_form_activation_biases_equal_forward_ad(name, fn):
     """The fast path's phi(u) - phi'(u) u equals the forward-mode AD linearisation."""
     import torch.autograd.forward_ad as fwAD
 
-    from fgcli.engine.ops import fast_implicit_bias
+    from fgcli.engine.implicit import fast_implicit_bias
 
     u = torch.linspace(-9, 9, 2001, dtype=torch.float64).reshape(1, -1)
     out = fn(u)
@@ -344,7 +344,7 @@ def test_closed_form_activation_biases_equal_forward_ad(name, fn):
 
 
 def test_closed_form_products_and_quotients():
-    from fgcli.engine.ops import fast_implicit_bias
+    from fgcli.engine.implicit import fast_implicit_bias
 
     a = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     s = torch.randn(2, 3, 1, 1, dtype=torch.float64, requires_grad=True)

@@ -130,7 +130,7 @@ def test_smooth_and_simple_fullgrad_map_tracked_layers():
 
 
 def test_decomposition_exposes_positions_of_tracked_layers():
-    from fgcli.engine.postprocess import on_grid
+    from fgcli.engine.layout import on_grid
 
     torch.manual_seed(3)
     model = WindowBlock(shift=1).double()

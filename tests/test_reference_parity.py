@@ -24,7 +24,8 @@ import torch
 from conftest import REFERENCE
 
 from fgcli import FullGrad, SimpleFullGrad
-from fgcli.engine.postprocess import layout_of, psi_channel_sum, upsample
+from fgcli.engine.layout import layout_of
+from fgcli.engine.postprocess import psi_channel_sum, upsample
 
 STABLE_RESNET18_IMAGES = [0, 1, 2, 3]
 CHAOS_BOUND = 1e-2

@@ -22,7 +22,7 @@ TRANSFORMER_LAYOUTS = {"tokens", "nhwc", "tracked"}
                                           ("maxvit_t", {"tracked"})])
 def test_transformer_maps_come_from_transformer_layers(name, layouts, monkeypatch):
     from fgcli.engine import decompose
-    from fgcli.engine.postprocess import Layout
+    from fgcli.engine.layout import Layout
 
     torch.manual_seed(0)
     model = randomise(torchvision.models.get_model(name))
@@ -61,7 +61,7 @@ def test_transformer_maps_come_from_transformer_layers(name, layouts, monkeypatc
 
 
 def test_vit_class_token_is_left_out_of_the_grid():
-    from fgcli.engine.postprocess import layout_of
+    from fgcli.engine.layout import layout_of
 
     layout = layout_of((2, 197, 768), 2, 224, 224)
     assert (layout.kind, layout.grid, layout.skip) == ("tokens", (14, 14), 1)

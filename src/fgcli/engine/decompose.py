@@ -22,30 +22,31 @@ All model state touched for the call (training flags, parameters'
 from __future__ import annotations
 
 import contextlib
-import functools
-import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from fgcli.engine import ops
-from fgcli.engine.positions import (
-    IMG_ATTR,
-    POS_ATTR,
-    Positions,
-    PositionTracker,
-    forget,
-    images_of,
-    positions_of,
+from fgcli.engine.images import IMG_ATTR, images_of
+from fgcli.engine.implicit import implicit_biases
+from fgcli.engine.layout import LAYOUT_ATTR, Layout, batch_layout, layout_of, layout_tag
+from fgcli.engine.ops import (
+    CLOSED_FORM_KINDS,
+    closed_form,
+    implicit_category,
+    is_activation,
+    is_inplace,
+    zero_bias,
 )
-from fgcli.engine.postprocess import Layout, batch_layout, compact_index, layout_of
+from fgcli.engine.optable import PASSTHROUGH_RULES, OpRule, rule_of
+from fgcli.engine.positions import POS_ATTR, Positions, positions_of
+from fgcli.engine.postprocess import compact_index
+from fgcli.engine.tracker import PositionTracker, forget
 from fgcli.models.outputs import checked_logits, frozen_eval
 
 
@@ -75,7 +76,7 @@ class LayerInfo:
 
     @property
     def closed_form(self) -> bool:
-        return self.kind in ops.CLOSED_FORM_KINDS
+        return self.kind in CLOSED_FORM_KINDS
 
     @property
     def in_map(self) -> bool:
@@ -143,78 +144,81 @@ class BiasTracer(TorchFunctionMode):
         if self._positions is not None:
             self._positions.start_images(x)
 
-    def _track(self, out: Any, func, name: str, args: Any, kwargs: dict[str, Any],
-               leaves: list[Any]) -> Any:
+    def _track(self, out: Any, func, name: str, row: OpRule, args: Any,
+               kwargs: dict[str, Any], leaves: list[Any]) -> Any:
         if self._positions is not None:
-            self._positions.after(name, func, args, kwargs, leaves, out)
+            self._positions.after(name, row, func, args, kwargs, leaves, out)
         return out
 
     # -- forward ----------------------------------------------------------------
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in ops.PASSTHROUGH:
-            if name == "__setitem__" and args:
+        row = rule_of(name)
+        if row.bias in PASSTHROUGH_RULES:
+            if row.bias == "overwrites" and args:
                 forget(args[0])  # x[i] = y: x's elements at i now come from elsewhere
             return func(*args, **kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        act_idx = [i for i, leaf in enumerate(leaves) if ops.is_activation(leaf)]
+        act_idx = [i for i, leaf in enumerate(leaves) if is_activation(leaf)]
         if not act_idx:
             return func(*args, **kwargs)
-        if ops.zero_bias(name, args, kwargs, leaves):
-            out = self._tagged(func(*args, **kwargs), name, args, kwargs, leaves)
-            return self._track(out, func, name, args, kwargs, leaves)
+        if zero_bias(row, args, kwargs, leaves):
+            out = self._tagged(func(*args, **kwargs), row, args, kwargs, leaves)
+            return self._track(out, func, name, row, args, kwargs, leaves)
 
-        handled, cf = ops.closed_form(name, args, kwargs)
+        handled, cf = closed_form(row, args, kwargs)
         if handled:
-            out = self._tagged(func(*args, **kwargs), name, args, kwargs, leaves)
-            self._track(out, func, name, args, kwargs, leaves)
-            if cf is not None and ops.is_activation(out):
-                self._record(out, name, cf.kind, cf.broadcast(out.dim()))
+            out = self._tagged(func(*args, **kwargs), row, args, kwargs, leaves)
+            self._track(out, func, name, row, args, kwargs, leaves)
+            if cf is not None and is_activation(out):
+                self._record(out, name, row, cf.kind, cf.broadcast(out.dim()))
             return out
 
-        inplace = ops.is_inplace(name, kwargs)
+        inplace = is_inplace(name, kwargs)
         saved = [leaves[i].detach().clone() for i in act_idx] if inplace else None
-        if name in _DENSE_INPUTS:
+        if row.dense_inputs:
             args, kwargs, leaves = _dense_activations(leaves, spec, act_idx)
-        out = self._tagged(func(*args, **kwargs), name, args, kwargs, leaves)
-        self._track(out, func, name, args, kwargs, leaves)
+        out = self._tagged(func(*args, **kwargs), row, args, kwargs, leaves)
+        self._track(out, func, name, row, args, kwargs, leaves)
         out_leaves = pytree.tree_leaves(out)
-        out_idx = [j for j, o in enumerate(out_leaves) if ops.is_activation(o)]
+        out_idx = [j for j, o in enumerate(out_leaves) if is_activation(o)]
         if not out_idx:
             return out
-        kind = ops.implicit_category(name, args, kwargs)
+        kind = implicit_category(row, args, kwargs)
         outs = [out_leaves[j] for j in out_idx]
-        biases = _implicit_biases(func, name, args, kwargs, leaves, spec, act_idx, saved, outs,
-                                  out_idx)
+        biases = implicit_biases(func, name, row, args, kwargs, leaves, spec, act_idx, saved,
+                                 outs, out_idx)
         for o, b in zip(outs, biases):
-            self._record(o, name, kind, b)
+            self._record(o, name, row, kind, b)
         return out
 
     @staticmethod
-    def _tagged(out: Any, name: str, args: Any, kwargs: dict[str, Any], leaves: list[Any]) -> Any:
-        """Mark a 4-D activation output with the layout its op implies (see ops.layout_tag)."""
+    def _tagged(out: Any, row: OpRule, args: Any, kwargs: dict[str, Any],
+                leaves: list[Any]) -> Any:
+        """Mark a 4-D activation output with the layout its op implies (see layout_tag)."""
         if isinstance(out, tuple) and out:  # e.g. max_pool2d_with_indices
-            BiasTracer._tagged(out[0], name, args, kwargs, leaves)
+            BiasTracer._tagged(out[0], row, args, kwargs, leaves)
         elif isinstance(out, torch.Tensor) and out.dim() == 4 and out.requires_grad:
-            tag = ops.layout_tag(name, args, kwargs, leaves, out)
+            tag = layout_tag(row, args, kwargs, leaves, out)
             if tag is not None:
-                setattr(out, ops.LAYOUT_ATTR, tag)
-            elif hasattr(out, ops.LAYOUT_ATTR):
-                delattr(out, ops.LAYOUT_ATTR)  # an in-place op changed what it holds
+                setattr(out, LAYOUT_ATTR, tag)
+            elif hasattr(out, LAYOUT_ATTR):
+                delattr(out, LAYOUT_ATTR)  # an in-place op changed what it holds
         return out
 
-    def _record(self, out: torch.Tensor, op: str, kind: str, bias: torch.Tensor) -> None:
+    def _record(self, out: torch.Tensor, op: str, row: OpRule, kind: str,
+                bias: torch.Tensor) -> None:
         index = len(self.records)
         module = self._stack[-1] if self._stack else ""
         images = images_of(out)
         # plain batch-in-dim-0 indices need no tensor: the shape's leading batch is exact
         lead = self._positions is not None and self._positions.is_lead(images)
         self.records.append(_Record(module, op.strip("_"), kind, tuple(out.shape), bias,
-                                    getattr(out, ops.LAYOUT_ATTR, None), positions_of(out),
+                                    getattr(out, LAYOUT_ATTR, None), positions_of(out),
                                     None if images is None or lead else images.index,
                                     images_lead=lead))
-        fmt = _grad_format(out) if op == "batch_norm" else None
+        fmt = _grad_format(out) if row.grad_format else None
         out.register_hook(lambda grad, i=index, fmt=fmt: self._on_grad(i, grad, fmt))
 
     # -- backward ---------------------------------------------------------------
@@ -345,12 +349,6 @@ def _layout(r: _Record, by_shape: Layout, n: int) -> Layout:
     return Layout("tracked", batch, r.positions.grid)
 
 
-# Composite ops that run matrix products on their inputs as given: nn.MultiheadAttention
-# hands a transposed (L, N, E) view in, and a linear layer on such a view is 4-5x slower
-# than on a dense copy for N > 1 (CPU GEMM), in the op and again in its JVP.
-_DENSE_INPUTS = frozenset({"multi_head_attention_forward"})
-
-
 def _dense_activations(leaves: list[Any], spec: Any, act_idx: list[int]
                        ) -> tuple[Any, dict[str, Any], list[Any]]:
     """The call's arguments with non-contiguous activations copied dense; one copy per
@@ -362,103 +360,12 @@ def _dense_activations(leaves: list[Any], spec: Any, act_idx: list[int]
         if not t.is_contiguous():
             if id(t) not in copies:
                 copies[id(t)] = dense = t.contiguous()
-                for attr in (ops.LAYOUT_ATTR, POS_ATTR, IMG_ATTR):  # same elements, places
+                for attr in (LAYOUT_ATTR, POS_ATTR, IMG_ATTR):  # same elements, places
                     if hasattr(t, attr):
                         setattr(dense, attr, getattr(t, attr))
             leaves[i] = copies[id(t)]
     args, kwargs = pytree.tree_unflatten(leaves, spec)
     return args, kwargs, leaves
-
-
-def _implicit_biases(func, name: str, args: Any, kwargs: dict[str, Any], leaves: list[Any],
-                     spec: Any, act_idx: list[int],
-                     saved: list[torch.Tensor] | None, outs: list[torch.Tensor],
-                     out_idx: list[int]) -> list[torch.Tensor]:
-    """``b = phi(u) - J u`` for each activation output of a generic op.
-
-    The Jacobian-vector product uses the op's own activation inputs as
-    tangents (parameters and constants held fixed). Forward-mode AD first; ops
-    without a forward-mode formula fall back to the double-backward trick.
-    """
-    inplace = saved is not None
-    primals = saved if inplace else [leaves[i].detach() for i in act_idx]
-    if len(outs) == 1:
-        fast = ops.fast_implicit_bias(name, args, kwargs, primals, outs[0])
-        if fast is not None:
-            return [fast]
-    try:
-        tangents = _jvp_forward(func, leaves, spec, act_idx, primals, out_idx,
-                                inplace, "attention" in name)
-    except (NotImplementedError, RuntimeError):
-        tangents = _jvp_double_backward(func, leaves, spec, act_idx, primals, out_idx)
-    return [o.detach() - t if t is not None else o.detach().clone()
-            for o, t in zip(outs, tangents)]
-
-
-def _rebuild(leaves: list[Any], spec: Any, act_idx: Sequence[int], new: Sequence[Any]):
-    leaves = list(leaves)
-    for i, v in zip(act_idx, new):
-        leaves[i] = v
-    return pytree.tree_unflatten(leaves, spec)
-
-
-@functools.cache
-def _load_jvp_decompositions() -> None:
-    """Load torch's forward-AD decompositions once, without the FutureWarning their
-    loading emits (they are built with the deprecated ``torch.jit.script``): a warning
-    about torch's internals on every run's stderr would only alarm cron mail."""
-    load = getattr(fwAD, "_maybe_load_decompositions", None)
-    if load is None:
-        return
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.script")
-        load()
-
-
-def _jvp_forward(func, leaves, spec, act_idx, primals, out_idx, inplace: bool,
-                 attention: bool) -> list[torch.Tensor | None]:
-    _load_jvp_decompositions()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.no_grad())
-        if attention:
-            stack.enter_context(_math_sdpa())
-        stack.enter_context(fwAD.dual_level())
-        # an in-place op writes into its primal and tangent: give it copies of its own
-        duals = [fwAD.make_dual(p.clone() if inplace else p, p.clone() if inplace else p)
-                 for p in primals]
-        args, kwargs = _rebuild(leaves, spec, act_idx, duals)
-        res = pytree.tree_leaves(func(*args, **kwargs))
-        return [fwAD.unpack_dual(res[j]).tangent for j in out_idx]
-
-
-def _jvp_double_backward(func, leaves, spec, act_idx, primals, out_idx
-                         ) -> list[torch.Tensor | None]:
-    """J u = d/dv <J^T v, u> at v = 0, for ops without forward-mode AD."""
-    with torch.enable_grad():
-        ins = [p.clone().requires_grad_(True) for p in primals]
-        args, kwargs = _rebuild(leaves, spec, act_idx, ins)
-        res = pytree.tree_leaves(func(*args, **kwargs))
-        res = [res[j] for j in out_idx]
-        live = [k for k, o in enumerate(res) if o.requires_grad]
-        vs = [torch.zeros_like(res[k], requires_grad=True) for k in live]
-        vjp = torch.autograd.grad([res[k] for k in live], ins, vs, create_graph=True,
-                                  allow_unused=True)
-        pairs = [(g, p) for g, p in zip(vjp, primals) if g is not None and g.requires_grad]
-        jvp = torch.autograd.grad([g for g, _ in pairs], vs, [p for _, p in pairs],
-                                  allow_unused=True) if pairs else [None] * len(vs)
-    tangents: list[torch.Tensor | None] = [None] * len(res)
-    for k, t in zip(live, jvp):
-        tangents[k] = None if t is None else t.detach()
-    return tangents
-
-
-def _math_sdpa() -> contextlib.AbstractContextManager:
-    """Fused attention kernels have no forward-mode AD; the math backend does."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - older torch
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 @contextlib.contextmanager
@@ -565,7 +472,7 @@ def run_pass(model: nn.Module, x: torch.Tensor, target: Any, sink: Sink) -> Pass
         # (x.mul_(2), x += 1) works, its ops are traced like any other, and the input
         # term stays on the original x (the caller's batch is never changed)
         xm = xg.clone()
-        setattr(xm, ops.LAYOUT_ATTR, "nchw")
+        setattr(xm, LAYOUT_ATTR, "nchw")
         tracer.begin(n, height, width)
         tracer.start_images(xm)
         with tracer:

@@ -133,7 +133,7 @@ def last_spatial_module(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, A
     ``tokens`` with the batch first), among the modules of FullGrad's map layers.
     Windowed layers (batch merged with windows) are skipped: no per-image grid."""
     from fgcli.engine import FullGrad
-    from fgcli.engine.postprocess import layout_of
+    from fgcli.engine.layout import layout_of
 
     layers = FullGrad(model).explain(x[:1]).layers
     candidates = list(dict.fromkeys(info.module for info in layers if info.in_map))

@@ -1,0 +1,182 @@
+"""Implicit biases: the linearisation residual ``b = phi(u) - J u`` of a generic op.
+
+For an op ``y = phi(u1, u2, ...)`` with its parameters held fixed, ``J u`` is the
+Jacobian-vector product with the op's own activation inputs as tangents, computed
+with forward-mode AD (double backward for ops without a forward-mode formula). Ops
+whose op-table row names a ``fast`` rule get the same residual in closed form
+instead (elementwise activations, products and quotients of two activations),
+saving that extra pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.utils import _pytree as pytree
+
+from fgcli.engine.ops import is_activation, operands
+from fgcli.engine.optable import OpRule, rule_of
+
+
+def _unary_bias(name: str, u: torch.Tensor, out: torch.Tensor,
+                kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """``phi(u) - phi'(u) u`` in closed form for common elementwise activations.
+
+    ``phi(u)`` is the kernel's own output and ``phi'`` the derivative autograd's
+    backward uses (same conventions at the kinks), so completeness is exactly as
+    with forward-mode AD; only that extra pass is saved. None: no formula here.
+    """
+    base = name.rstrip("_")
+    if base == "silu":
+        # u s - u * s (1 + u (1 - s)) = -u^2 s (1 - s) = out (out - u): two passes, no sigmoid
+        return out * (out - u)
+    if base == "sigmoid":
+        slope = out * (1 - out)
+    elif base == "tanh":
+        slope = 1 - out * out
+    elif base == "hardswish":
+        slope = torch.where(u < -3, 0.0, torch.where(u <= 3, u / 3 + 0.5, 1.0))
+    elif base == "hardsigmoid":
+        slope = torch.where((u > -3) & (u < 3), 1.0 / 6.0, 0.0)
+    elif base == "relu6":
+        slope = ((u > 0) & (u < 6)).to(u.dtype)
+    elif base == "gelu" and kwargs.get("approximate", "none") == "none":
+        cdf = 0.5 * (1 + torch.erf(u * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * u * u) * 0.3989422804014327  # 1 / sqrt(2 pi)
+        slope = cdf + u * pdf
+    else:
+        return None
+    return out - u * slope
+
+
+
+
+def fast_implicit_bias(name: str, args: Sequence[Any], kwargs: dict[str, Any],
+                       acts: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor | None:
+    """Implicit biases with a closed form, else None (use forward-mode AD).
+
+    * an elementwise activation of one activation input: see ``_unary_bias``;
+    * a product of exactly two activations (squeeze-excitation, attention
+      scores): bilinear, so ``J u = 2 out`` and ``b = -out``;
+    * a quotient of two activations: homogeneous of degree 0, ``b = out``.
+
+    ``acts`` are the op's activation inputs as they were before the call.
+    """
+    return _fast_bias(name, rule_of(name), args, kwargs, acts, out)
+
+
+def _fast_bias(name: str, row: OpRule, args: Sequence[Any], kwargs: dict[str, Any],
+               acts: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor | None:
+    """:func:`fast_implicit_bias` by the row's ``fast`` column."""
+    if row.fast == "unary" and len(acts) == 1 and acts[0].shape == out.shape:
+        others = [x for x in list(args[1:]) + list(kwargs.values()) if isinstance(x, torch.Tensor)]
+        if not others:
+            return _unary_bias(name, acts[0], out.detach(), kwargs)
+    if row.fast == "bilinear" and len(acts) == 2:
+        ops = operands(args, kwargs) if row.bias != "einsum" else list(acts)
+        if len(ops) == 2 and all(is_activation(x) for x in ops):
+            return -out.detach()
+    if row.fast == "quotient" and len(acts) == 2 and kwargs.get("rounding_mode") is None:
+        ops = operands(args, kwargs)
+        if len(ops) == 2 and all(is_activation(x) for x in ops):
+            return out.detach().clone()
+    return None
+
+
+def implicit_biases(func, name: str, row: OpRule, args: Any, kwargs: dict[str, Any],
+                    leaves: list[Any], spec: Any, act_idx: list[int],
+                    saved: list[torch.Tensor] | None, outs: list[torch.Tensor],
+                    out_idx: list[int]) -> list[torch.Tensor]:
+    """``b = phi(u) - J u`` for each activation output of a generic op.
+
+    The Jacobian-vector product uses the op's own activation inputs as
+    tangents (parameters and constants held fixed). Forward-mode AD first; ops
+    without a forward-mode formula fall back to the double-backward trick.
+    """
+    inplace = saved is not None
+    primals = saved if inplace else [leaves[i].detach() for i in act_idx]
+    if len(outs) == 1:
+        fast = _fast_bias(name, row, args, kwargs, primals, outs[0])
+        if fast is not None:
+            return [fast]
+    try:
+        tangents = _jvp_forward(func, leaves, spec, act_idx, primals, out_idx,
+                                inplace, "attention" in name)
+    except (NotImplementedError, RuntimeError):
+        tangents = _jvp_double_backward(func, leaves, spec, act_idx, primals, out_idx)
+    return [o.detach() - t if t is not None else o.detach().clone()
+            for o, t in zip(outs, tangents)]
+
+
+def _rebuild(leaves: list[Any], spec: Any, act_idx: Sequence[int], new: Sequence[Any]):
+    leaves = list(leaves)
+    for i, v in zip(act_idx, new):
+        leaves[i] = v
+    return pytree.tree_unflatten(leaves, spec)
+
+
+@functools.cache
+def _load_jvp_decompositions() -> None:
+    """Load torch's forward-AD decompositions once, without the FutureWarning their
+    loading emits (they are built with the deprecated ``torch.jit.script``): a warning
+    about torch's internals on every run's stderr would only alarm cron mail."""
+    load = getattr(fwAD, "_maybe_load_decompositions", None)
+    if load is None:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.script")
+        load()
+
+
+def _jvp_forward(func, leaves, spec, act_idx, primals, out_idx, inplace: bool,
+                 attention: bool) -> list[torch.Tensor | None]:
+    _load_jvp_decompositions()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        if attention:
+            stack.enter_context(_math_sdpa())
+        stack.enter_context(fwAD.dual_level())
+        # an in-place op writes into its primal and tangent: give it copies of its own
+        duals = [fwAD.make_dual(p.clone() if inplace else p, p.clone() if inplace else p)
+                 for p in primals]
+        args, kwargs = _rebuild(leaves, spec, act_idx, duals)
+        res = pytree.tree_leaves(func(*args, **kwargs))
+        return [fwAD.unpack_dual(res[j]).tangent for j in out_idx]
+
+
+def _jvp_double_backward(func, leaves, spec, act_idx, primals, out_idx
+                         ) -> list[torch.Tensor | None]:
+    """J u = d/dv <J^T v, u> at v = 0, for ops without forward-mode AD."""
+    with torch.enable_grad():
+        ins = [p.clone().requires_grad_(True) for p in primals]
+        args, kwargs = _rebuild(leaves, spec, act_idx, ins)
+        res = pytree.tree_leaves(func(*args, **kwargs))
+        res = [res[j] for j in out_idx]
+        live = [k for k, o in enumerate(res) if o.requires_grad]
+        vs = [torch.zeros_like(res[k], requires_grad=True) for k in live]
+        vjp = torch.autograd.grad([res[k] for k in live], ins, vs, create_graph=True,
+                                  allow_unused=True)
+        pairs = [(g, p) for g, p in zip(vjp, primals) if g is not None and g.requires_grad]
+        jvp = torch.autograd.grad([g for g, _ in pairs], vs, [p for _, p in pairs],
+                                  allow_unused=True) if pairs else [None] * len(vs)
+    tangents: list[torch.Tensor | None] = [None] * len(res)
+    for k, t in zip(live, jvp):
+        tangents[k] = None if t is None else t.detach()
+    return tangents
+
+
+def _math_sdpa() -> contextlib.AbstractContextManager:
+    """Fused attention kernels have no forward-mode AD; the math backend does."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
