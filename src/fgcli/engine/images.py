@@ -21,10 +21,9 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from fgcli.engine import positions
 from fgcli.engine.ops import is_activation
 from fgcli.engine.optable import OpRule, dim_arg
-from fgcli.engine.positions import Index, broadcast_index, collapse, dims_of
+from fgcli.engine.positions import Index, broadcast_index, collapse, dims_of, elementwise, follow
 
 IMG_ATTR = "_fgcli_images"
 
@@ -166,7 +165,7 @@ def _per_sample(row: OpRule, func: Any, args: tuple, kwargs: dict[str, Any],
 
 def _elementwise(row: OpRule, func: Any, args: tuple, kwargs: dict[str, Any],
                  leaves: list[Any], out: Any, first: torch.Tensor, x: Any) -> Any:
-    return positions.elementwise(args, kwargs, first, images_of)
+    return elementwise(args, kwargs, first, images_of)
 
 
 def _minmax(row: OpRule, func: Any, args: tuple, kwargs: dict[str, Any],
@@ -242,14 +241,14 @@ def _pad(row: OpRule, func: Any, args: tuple, kwargs: dict[str, Any],
 def _by_positions(row: OpRule, func: Any, args: tuple, kwargs: dict[str, Any],
                   leaves: list[Any], out: Any, first: torch.Tensor, x: Any) -> Any:
     """The op's pixel-position rule, on image indices."""
-    return positions.follow(row.position, row, func, args, kwargs, out, images_of)
+    return follow(row.position, row, func, args, kwargs, out, images_of)
 
 
 def _contract(row: OpRule, func: Any, args: tuple, kwargs: dict[str, Any],
               leaves: list[Any], out: Any, first: torch.Tensor, x: Any) -> Any:
     """The matrix-product position rule (gather & co. get it: it places none of
     their usual calls, whose second argument is not a matrix)."""
-    return positions.follow("contract", row, func, args, kwargs, out, images_of)
+    return follow("contract", row, func, args, kwargs, out, images_of)
 
 
 def _unfold(row: OpRule, func: Any, args: tuple, kwargs: dict[str, Any],

@@ -99,7 +99,7 @@ ROWS: tuple[OpRule, ...] = (
          "detach_ requires_grad_ register_hook __setstate__ __reduce_ex__ __deepcopy__ eq ne "
          "lt le gt ge argmax argmin argsort isnan isinf isfinite sign new_zeros new_ones "
          "new_empty new_full new_tensor zeros_like ones_like empty_like full_like rand_like "
-         "randn_like", bias="passthrough"),
+         "randn_like _assert", bias="passthrough"),
     _row("__setitem__", bias="overwrites"),
     # -- views and moves: zero bias, positions rerun the op
     _row("view view_as reshape reshape_as flatten unflatten", **_STRUCT, layout="moves",
@@ -215,6 +215,9 @@ ROWS: tuple[OpRule, ...] = (
          "floor ceil round trunc frac sgn log2 log10 exp2 atan arctan sinh cosh asinh logit "
          "clamp_min clamp_max", images="elementwise", rows="keep"),
     _row("__ipow__"),
+    # seen in timm models, rightly on the generic path: factories and masks have no
+    # activation input, and ``c ** x`` is not homogeneous
+    _row("zeros arange __invert__ __rpow__"),
 )
 
 UNKNOWN = OpRule(())
