@@ -2,10 +2,11 @@
 
 A forward pass runs under a ``TorchFunctionMode`` (:class:`BiasTracer`) that
 sees every torch function call. For each call whose output depends on the
-input image it decides, in :mod:`fgcli.engine.ops`, whether the op carries a
+input image it reads the op's row in the op table (:mod:`fgcli.engine.optable`),
+decides by its bias rule (:mod:`fgcli.engine.ops`) whether the op carries a
 bias, and if so records the bias (a per-channel vector for conv / linear /
-batch norm, the linearisation residual ``phi(u) - J u`` from forward-mode AD
-for any other op) and registers a tensor hook on the op's output. During the
+batch norm, the linearisation residual ``phi(u) - J u`` for any other op,
+:mod:`fgcli.engine.implicit`) and registers a tensor hook on the op's output. During the
 single backward pass each hook receives ``grad_z f`` for its op and hands
 ``(grad, bias)`` to a *sink*, which does the method's maths right away, so a
 layer's full bias-gradient need not outlive its hook.

@@ -260,7 +260,7 @@ def _unfold(row: OpRule, func: Any, args: tuple, kwargs: dict[str, Any],
 
 RULES: dict[str, ImageRule] = {
     "per_sample": _per_sample, "elementwise": _elementwise, "minmax": _minmax,
-    "reduction": _reduction, "cumulative": _reduction, "cat": _cat, "pad": _pad, "positions": _by_positions,
-    "contract": _contract, "unfold": _unfold,
+    "reduction": _reduction, "cumulative": _reduction, "cat": _cat, "pad": _pad,
+    "positions": _by_positions, "contract": _contract, "unfold": _unfold,
 }
 """The image-index rules, by the op table's ``images`` column."""

@@ -109,7 +109,7 @@ def layout_of(shape: tuple[int, ...], n: int, height: int, width: int,
     """Classify a layer output of ``shape`` for a batch of ``n`` images of (height, width).
 
     ``hint`` is the layout the producing op implies (``nchw`` / ``nhwc``, see
-    :func:`fgcli.engine.ops.layout_tag`); without one, a 4-D shape is read as
+    :func:`layout_tag`); without one, a 4-D shape is read as
     channels-first or channels-last by which pair of dims fits the input's grid,
     and left out of the map when both fit equally well.
     """

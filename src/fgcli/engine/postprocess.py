@@ -27,7 +27,7 @@ def per_image_sum(t: torch.Tensor, layout: Layout, n: int, dtype: torch.dtype,
     """Sum ``t`` over everything but the batch: (n,) in ``dtype``.
 
     ``images`` (broadcastable to ``t``, every entry in [0, n)): the image each element
-    belongs to, followed through the forward pass (fgcli.engine.positions); exact
+    belongs to, followed through the forward pass (fgcli.engine.images); exact
     whatever the layout. Without it the batch dim is read from ``layout``.
     The reduction runs in ``t``'s own precision (torch sums pairwise, so float32
     is accurate to ~1e-7 relative) and only the (n,) result is widened: casting
