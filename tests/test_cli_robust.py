@@ -5,6 +5,7 @@ too-few-images message, and the lock taken before the model loads."""
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import subprocess
@@ -257,10 +258,10 @@ def _break(monkeypatch, command: str, error: BaseException) -> list[str]:
     targets = {
         "dump": (fgcli.engine.saliency.FullGrad, "explain"),
         "eval": (fgcli.evaluate.run, "_evaluate"),
-        "check": (fgcli.cli, "_run_check"),
+        "check": (importlib.import_module("fgcli.cli.app"), "_run_check"),
         "merge": (fgcli.tree.shards, "merge"),
         "gallery": (fgcli.gallery, "build_gallery"),
-        "models": (fgcli.cli, "_model_rows"),
+        "models": (importlib.import_module("fgcli.cli.app"), "_model_rows"),
     }
     monkeypatch.setattr(*targets[command], boom)
     return command

@@ -4,6 +4,7 @@ quote raw file names."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -46,10 +47,10 @@ def test_every_command_stops_on_sigterm_with_one_line(tmp_path, monkeypatch, com
         "eval": ((fgcli.evaluate.run, "_evaluate"),
                  ["eval", "--model", "squeezenet1_1", str(PHOTOS / "coffee.png"),
                   str(PHOTOS / "chelsea.png"), "-o", str(tmp_path / "e")]),
-        "check": ((fgcli.cli, "_run_check"), ["check", "--model", "squeezenet1_1"]),
+        "check": ((importlib.import_module("fgcli.cli.app"), "_run_check"), ["check", "--model", "squeezenet1_1"]),
         "merge": ((fgcli.tree.shards, "merge"), ["merge", str(tmp_path)]),
         "gallery": ((fgcli.gallery, "build_gallery"), ["gallery", str(tmp_path)]),
-        "models": ((fgcli.cli, "_model_rows"), ["models"]),
+        "models": ((importlib.import_module("fgcli.cli.app"), "_model_rows"), ["models"]),
     }[command]
     monkeypatch.setattr(*target, _sigterm)
 
