@@ -1,6 +1,6 @@
 """Fault injection for the output tree: writes that fail like a full disk or a bad disk.
 
-Every byte the tree writes goes through ``os.write`` (:func:`fgcli.tree.writer.write_all`),
+Every byte the tree writes goes through ``os.write`` (:func:`fgcli.tree.atomic.write_all`),
 so patching ``os.write`` reaches the writer threads too. A write is matched by the path
 of its file descriptor (``/proc/self/fd``), with an fnmatch pattern such as
 ``*/.tmp/*.jpg`` (an overlay on its way into the tree) or ``*/manifest.jsonl``.
