@@ -1,6 +1,6 @@
 """Fault injection for the output tree: writes that fail like a full disk or a bad disk.
 
-Every byte the tree writes goes through ``os.write`` (:func:`fgcli.tree.writer.write_all`),
+Every byte the tree writes goes through ``os.write`` (:func:`fgcli.tree.atomic.write_all`),
 so patching ``os.write`` reaches the writer threads too. A write is matched by the path
 of its file descriptor (``/proc/self/fd``), with an fnmatch pattern such as
 ``*/.tmp/*.jpg`` (an overlay on its way into the tree) or ``*/manifest.jsonl``.
@@ -182,8 +182,8 @@ def assert_tree_whole(out: Path) -> list[str]:
 
 
 class DriverState:
-    """What ``fgcli.distributed.ray_data.write_records`` needs of a DumpRun, keeping the
-    records it writes (``written``) and the warnings it gives (``warned``)."""
+    """What ``fgcli.distributed.ray_data.write_records`` needs of the driver's ledger,
+    keeping the records it writes (``written``) and the warnings it gives (``warned``)."""
 
     def __init__(self) -> None:
         from types import SimpleNamespace
@@ -192,7 +192,7 @@ class DriverState:
         from fgcli.signals import StopSignals
 
         self.cfg = SimpleNamespace(fail_fast=False)
-        self.stop = StopSignals(installed=False)  # as DumpRun has
+        self.stop = StopSignals(installed=False)  # as the ledger has
         self.halted = None
         self.report = RunReport()
         self.written: list[dict] = []

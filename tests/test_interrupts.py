@@ -291,14 +291,17 @@ def test_writes_in_flight_get_a_bounded_wait_after_a_stop(monkeypatch):
     from concurrent.futures import Future
 
     from fgcli.config import build_config
-    from fgcli.dump import run as pipeline
+    from fgcli.dump import writeback as pipeline
+    from fgcli.dump.ledger import CollectLedger
+    from fgcli.tree.writer import OutputTree
 
     cfg = build_config({"inputs": (str(PHOTO),), "model": "squeezenet1_1"}, None)
-    state = pipeline.DumpRun(cfg, pipeline.SilentReporter(), None)
+    ledger = CollectLedger(cfg, "", None)
+    state = pipeline.WriteBack(OutputTree(cfg.out), cfg, ledger, writers=2)
     done = Future()
     done.set_result({})
     assert state._finished(done)  # no stop: waits as long as it takes
-    state.stop.name = "SIGTERM"
+    ledger.stop.name = "SIGTERM"
     monkeypatch.setattr(pipeline, "DRAIN_SECONDS", 0.3)
     began = time.monotonic()
     assert not state._finished(Future())  # a write that never ends is given up on

@@ -151,14 +151,14 @@ def _explanation(n: int = 3, **broken: int) -> SimpleNamespace:
     ("maps", "non-finite saliency map"),
 ])
 def test_each_non_finite_result_names_its_reason(field, reason):
-    from fgcli.dump.run import _to_host
+    from fgcli.dump.host import to_host as _to_host
 
     host = _to_host(_explanation(**{field: 1}))
     assert host["nonfinite"] == [None, reason, None]
 
 
 def test_non_finite_decomposition_term():
-    from fgcli.dump.run import _to_host
+    from fgcli.dump.host import to_host as _to_host
     from fgcli.engine import CompactDecomposition
 
     exp = _explanation()

@@ -155,7 +155,7 @@ class _FakeState:
 
         self.cfg = RunConfig(inputs=("x",), model="m", fail_fast=fail_fast)
         self.report = RunReport()
-        self.stop = StopSignals(installed=False)  # as DumpRun has
+        self.stop = StopSignals(installed=False)  # as the ledger has
         self.halted = None
         self.written: list[dict] = []
 

@@ -17,7 +17,7 @@ from conftest import ROOT, SQUEEZENET_WEIGHTS
 from typer.testing import CliRunner
 
 from fgcli.cli import app
-from fgcli.tree.writer import BadLines, TreeFiles, check_record, iter_manifest, parse_line
+from fgcli.tree.manifest import BadLines, TreeFiles, check_record, iter_manifest, parse_line
 
 PHOTOS = ROOT / "examples" / "photos"
 SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
