@@ -245,7 +245,8 @@ def test_labels_count_that_differs_from_the_model_is_one_line(tmp_path):
 
 def _break(monkeypatch, command: str, error: BaseException) -> list[str]:
     """Make ``command`` raise ``error`` deep inside; returns its arguments."""
-    import fgcli.cli
+    import fgcli.cli.check
+    import fgcli.cli.models
     import fgcli.engine.saliency
     import fgcli.evaluate.run
     import fgcli.gallery
@@ -257,10 +258,10 @@ def _break(monkeypatch, command: str, error: BaseException) -> list[str]:
     targets = {
         "dump": (fgcli.engine.saliency.FullGrad, "explain"),
         "eval": (fgcli.evaluate.run, "_evaluate"),
-        "check": (fgcli.cli, "_run_check"),
+        "check": (fgcli.cli.check, "_run_check"),
         "merge": (fgcli.tree.shards, "merge"),
         "gallery": (fgcli.gallery, "build_gallery"),
-        "models": (fgcli.cli, "_model_rows"),
+        "models": (fgcli.cli.models, "_model_rows"),
     }
     monkeypatch.setattr(*targets[command], boom)
     return command

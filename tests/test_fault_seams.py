@@ -37,7 +37,8 @@ def _sigterm(*args, **kwargs):
 def test_every_command_stops_on_sigterm_with_one_line(tmp_path, monkeypatch, command):
     """SIGTERM (a scheduler's time limit) ends every command with one line and 143, not
     silently; the handlers are the caller's again afterwards."""
-    import fgcli.cli
+    import fgcli.cli.check
+    import fgcli.cli.models
     import fgcli.evaluate.run
     import fgcli.gallery
     import fgcli.tree.shards
@@ -46,10 +47,10 @@ def test_every_command_stops_on_sigterm_with_one_line(tmp_path, monkeypatch, com
         "eval": ((fgcli.evaluate.run, "_evaluate"),
                  ["eval", "--model", "squeezenet1_1", str(PHOTOS / "coffee.png"),
                   str(PHOTOS / "chelsea.png"), "-o", str(tmp_path / "e")]),
-        "check": ((fgcli.cli, "_run_check"), ["check", "--model", "squeezenet1_1"]),
+        "check": ((fgcli.cli.check, "_run_check"), ["check", "--model", "squeezenet1_1"]),
         "merge": ((fgcli.tree.shards, "merge"), ["merge", str(tmp_path)]),
         "gallery": ((fgcli.gallery, "build_gallery"), ["gallery", str(tmp_path)]),
-        "models": ((fgcli.cli, "_model_rows"), ["models"]),
+        "models": ((fgcli.cli.models, "_model_rows"), ["models"]),
     }[command]
     monkeypatch.setattr(*target, _sigterm)
 
