@@ -5,7 +5,6 @@ too-few-images message, and the lock taken before the model loads."""
 from __future__ import annotations
 
 import errno
-import importlib
 import json
 import os
 import subprocess
@@ -84,7 +83,7 @@ def test_eval_creates_out_and_removes_it_again_when_it_fails(tmp_path, no_model)
 
 def test_writable_dir_probe_leaves_nothing_but_the_folder(tmp_path):
     from fgcli.errors import SetupError
-    from fgcli.tree.atomic import remove_created, writable_dir
+    from fgcli.tree.writer import remove_created, writable_dir
 
     created = writable_dir(tmp_path / "a" / "b", "--out")
     assert created == tmp_path / "a" and os.listdir(tmp_path / "a" / "b") == []
@@ -113,7 +112,7 @@ def test_eval_report_write_failure_is_one_line(tmp_path):
 
 def test_gallery_unwritable_out_is_one_line_before_any_thumbnail(tmp_path, monkeypatch):
     import fgcli.gallery
-    import fgcli.tree.atomic
+    import fgcli.tree.writer
 
     def denied(*args, **kwargs):  # tests run as root, where chmod does not stop writes
         raise PermissionError(errno.EACCES, "Permission denied")
@@ -121,7 +120,7 @@ def test_gallery_unwritable_out_is_one_line_before_any_thumbnail(tmp_path, monke
     def refuse(*args, **kwargs):
         raise AssertionError("the gallery was built")
 
-    monkeypatch.setattr(fgcli.tree.atomic.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(fgcli.tree.writer.tempfile, "mkstemp", denied)
     monkeypatch.setattr(fgcli.gallery, "build_gallery", refuse)
     result = cli("gallery", str(tmp_path))
     assert result.exit_code == 2
@@ -246,7 +245,8 @@ def test_labels_count_that_differs_from_the_model_is_one_line(tmp_path):
 
 def _break(monkeypatch, command: str, error: BaseException) -> list[str]:
     """Make ``command`` raise ``error`` deep inside; returns its arguments."""
-    import fgcli.cli
+    import fgcli.cli.check
+    import fgcli.cli.models
     import fgcli.engine.saliency
     import fgcli.evaluate.run
     import fgcli.gallery
@@ -258,10 +258,10 @@ def _break(monkeypatch, command: str, error: BaseException) -> list[str]:
     targets = {
         "dump": (fgcli.engine.saliency.FullGrad, "explain"),
         "eval": (fgcli.evaluate.run, "_evaluate"),
-        "check": (importlib.import_module("fgcli.cli.app"), "_run_check"),
+        "check": (fgcli.cli.check, "_run_check"),
         "merge": (fgcli.tree.shards, "merge"),
         "gallery": (fgcli.gallery, "build_gallery"),
-        "models": (importlib.import_module("fgcli.cli.app"), "_model_rows"),
+        "models": (fgcli.cli.models, "_model_rows"),
     }
     monkeypatch.setattr(*targets[command], boom)
     return command
