@@ -83,7 +83,7 @@ def test_eval_creates_out_and_removes_it_again_when_it_fails(tmp_path, no_model)
 
 def test_writable_dir_probe_leaves_nothing_but_the_folder(tmp_path):
     from fgcli.errors import SetupError
-    from fgcli.tree.writer import remove_created, writable_dir
+    from fgcli.tree.atomic import remove_created, writable_dir
 
     created = writable_dir(tmp_path / "a" / "b", "--out")
     assert created == tmp_path / "a" and os.listdir(tmp_path / "a" / "b") == []
@@ -112,7 +112,7 @@ def test_eval_report_write_failure_is_one_line(tmp_path):
 
 def test_gallery_unwritable_out_is_one_line_before_any_thumbnail(tmp_path, monkeypatch):
     import fgcli.gallery
-    import fgcli.tree.writer
+    import fgcli.tree.atomic
 
     def denied(*args, **kwargs):  # tests run as root, where chmod does not stop writes
         raise PermissionError(errno.EACCES, "Permission denied")
@@ -120,7 +120,7 @@ def test_gallery_unwritable_out_is_one_line_before_any_thumbnail(tmp_path, monke
     def refuse(*args, **kwargs):
         raise AssertionError("the gallery was built")
 
-    monkeypatch.setattr(fgcli.tree.writer.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(fgcli.tree.atomic.tempfile, "mkstemp", denied)
     monkeypatch.setattr(fgcli.gallery, "build_gallery", refuse)
     result = cli("gallery", str(tmp_path))
     assert result.exit_code == 2

@@ -94,13 +94,13 @@ def test_a_second_signal_while_draining_keeps_the_lines_of_finished_writes():
     """The second signal arrives while the drain waits for a write: the records of the
     writes that did finish still get their lines (by ``_salvage``), none is lost between
     leaving the queue and reaching the manifest."""
-    from fgcli.dump.run import DumpRun, RunReport
-    from fgcli.signals import Interrupted, StopSignals
+    from fgcli.config import RunConfig
+    from fgcli.dump.ledger import CollectLedger
+    from fgcli.dump.writeback import WriteBack
+    from fgcli.signals import Interrupted
 
-    run = object.__new__(DumpRun)
-    run.collected = []  # records kept instead of written (as for a Ray actor)
-    run.report, run.halted, run.drain_until = RunReport(), None, None
-    run.stop = StopSignals(installed=False)
+    ledger = CollectLedger(RunConfig(inputs=("x",), model="m"), "", None)
+    run = WriteBack(None, ledger.cfg, ledger, writers=1)  # records kept, as for a Ray actor
     done = [Future() for _ in range(3)]
     for i, fut in enumerate(done):
         fut.set_result({"map": f"maps/{i}.npy"})
@@ -119,10 +119,10 @@ def test_a_second_signal_while_draining_keeps_the_lines_of_finished_writes():
 
     run._finished = finished
     with pytest.raises(Interrupted):
-        run._drain(0)
-    run._salvage()
-    assert [r["key"] for r in run.collected] == ["0", "1", "3"]
-    assert [r["outputs"]["map"] for r in run.collected] == ["maps/0.npy", "maps/1.npy",
+        run.drain(0)
+    run.salvage()
+    assert [r["key"] for r in ledger.records] == ["0", "1", "3"]
+    assert [r["outputs"]["map"] for r in ledger.records] == ["maps/0.npy", "maps/1.npy",
                                                              "maps/2.npy"]
 
 
