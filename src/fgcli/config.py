@@ -84,7 +84,7 @@ class ModelSpec:
 SPEC_FIELDS = tuple(f.name for f in fields(ModelSpec))
 
 
-def _spec_property(name: str) -> property:
+def spec_property(name: str) -> property:
     """A read-only view of ``self.spec.<name>`` under the flat option name."""
     return property(lambda self: getattr(self.spec, name),
                     doc=f"``spec.{name}`` (temporary flat name, see :class:`RunConfig`)")
@@ -131,16 +131,16 @@ class RunConfig:
     command: tuple[str, ...] = field(default=(), compare=False)
 
     # temporary flat views of the spec, for dump/, distributed/ and cli/ (go at the merge)
-    model = _spec_property("model")
-    weights = _spec_property("weights")
-    model_args = _spec_property("model_args")
-    trust_pickle = _spec_property("trust_pickle")
-    size = _spec_property("size")
-    crop = _spec_property("crop")
-    mean = _spec_property("mean")
-    std = _spec_property("std")
-    labels = _spec_property("labels")
-    max_pixels = _spec_property("max_pixels")
+    model = spec_property("model")
+    weights = spec_property("weights")
+    model_args = spec_property("model_args")
+    trust_pickle = spec_property("trust_pickle")
+    size = spec_property("size")
+    crop = spec_property("crop")
+    mean = spec_property("mean")
+    std = spec_property("std")
+    labels = spec_property("labels")
+    max_pixels = spec_property("max_pixels")
 
     def __post_init__(self) -> None:
         check_not_blank({"--out": self.out, "--files-from": self.files_from,

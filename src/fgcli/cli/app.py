@@ -29,7 +29,7 @@ import typer
 from rich.console import Console
 
 from fgcli import __version__, names
-from fgcli.config import OUTPUT_KINDS, Method, build_config, check_not_blank
+from fgcli.config import OUTPUT_KINDS, Method, build_config, check_not_blank, from_options
 from fgcli.errors import UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -530,14 +530,14 @@ def eval_(
 
     with _exit_codes(debug):
         try:
-            cfg = EvalConfig(
+            cfg = from_options(EvalConfig, dict(
                 inputs=tuple(images), model=model, weights=weights,
                 model_args=tuple(model_arg or ()), trust_pickle=trust_pickle, device=device,
                 size=size, crop=crop, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
                 labels=labels, target=target, out=out, methods=tuple(parse_methods(methods)),
                 metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
                 ks=_floats(ks, "--ks") or (), steps=steps, batch_size=batch_size,
-                samples=samples, seed=seed, layers=layers, command=tuple(sys.argv))
+                samples=samples, seed=seed, layers=layers, command=tuple(sys.argv)))
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         _run_eval(cfg, quiet)
