@@ -692,7 +692,11 @@ def test_weights_a_factory_loads_itself_are_part_of_the_fingerprint(tmp_path, mo
 
 
 def test_source_of_each_model_form():
-    from fgcli.models.base import source_of
+    import fgcli.models.load  # noqa: F401 - registers the sources
+    from fgcli.models.sources import get_source
+
+    def source_of(spec: str) -> str:
+        return get_source(spec).name
 
     assert source_of("resnet50") == "torchvision"
     assert source_of("timm/convnext_tiny.fb_in1k") == "timm"
