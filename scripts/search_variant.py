@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fgcli.config import ModelSpec
 from fgcli.data.decode import decode, resize_normalise
 from fgcli.engine import FullGrad, SimpleFullGrad, SmoothFullGrad
 from fgcli.evaluate import metrics as M
 from fgcli.evaluate.methods import build, last_spatial_module
-from fgcli.config import ModelSpec
 from fgcli.models.load import load
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ import time
 
 from fgcli import FullGrad
 from fgcli.check import random_inputs
-from fgcli.engine import decompose
 from fgcli.config import ModelSpec
+from fgcli.engine import decompose
 from fgcli.models.load import load
 
 

@@ -3,8 +3,8 @@ round trip through options and TOML (issue 18, item 4)."""
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 from conftest import ROOT
 
 from fgcli.config import (

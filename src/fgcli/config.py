@@ -236,19 +236,32 @@ def check_not_blank(values: Mapping[str, str | None]) -> None:
             raise UsageError(f"{option}: empty value; {hint}")
 
 
+def normalisation_fault(value: tuple[float, ...], positive: bool = False) -> str | None:
+    """What is wrong with a mean or std, if anything: ``"count"`` (not three numbers),
+    ``"finite"`` (a NaN or an infinity) or, with ``positive`` (a std), ``"positive"`` (a
+    value <= 0); None when it is fine. The one check of both ``--mean`` / ``--std`` and a
+    user model's ``MEAN`` / ``STD``; each caller words its own message."""
+    if len(value) != 3:
+        return "count"
+    if not all(math.isfinite(v) for v in value):
+        return "finite"
+    if positive and min(value) <= 0:
+        return "positive"
+    return None
+
+
 def check_normalisation(mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
     """--mean / --std: three finite numbers each, every std > 0 (a NaN or a zero std
     would make every image's input, and so its map, NaN or infinite)."""
     for name, value in (("mean", mean), ("std", std)):
-        if value is None:
-            continue
-        if len(value) != 3:
+        fault = None if value is None else normalisation_fault(value, name == "std")
+        if fault == "count":
             raise UsageError(f"--{name} takes three numbers (R,G,B), got {value!r}")
-        if not all(math.isfinite(v) for v in value):
+        if fault == "finite":
             raise UsageError(f"--{name}: {','.join(str(v) for v in value)} holds a "
                              "non-finite number; give three finite numbers (R,G,B)")
-    if std is not None and min(std) <= 0:
-        raise UsageError("--std values must be > 0")
+        if fault == "positive":
+            raise UsageError("--std values must be > 0")
 
 
 def parse_model_args(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:

@@ -530,7 +530,7 @@ def eval_(
 
     with _exit_codes(debug):
         try:
-            cfg = from_options(EvalConfig, dict(
+            cfg = from_options(EvalConfig, dict(  # noqa: C408 - shim until cli/ is rewritten
                 inputs=tuple(images), model=model, weights=weights,
                 model_args=tuple(model_arg or ()), trust_pickle=trust_pickle, device=device,
                 size=size, crop=crop, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),

@@ -41,7 +41,6 @@ import importlib
 import importlib.util
 import inspect
 import io
-import math
 import re
 import signal
 import sys
@@ -54,6 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fgcli.config import normalisation_fault
 from fgcli.errors import SIGNALLED, SetupError, UsageError
 from fgcli.models.base import WEIGHT_FILE_SUFFIXES, Built
 from fgcli.models.sources import checkpoint as ckpt
@@ -304,9 +304,10 @@ def _triple(value: Any, name: str, where: str) -> tuple[float, float, float]:
         out = tuple(float(v) for v in value)
     except (TypeError, ValueError) as exc:
         raise SetupError(f"{where}: {name} must be three numbers, got {value!r}") from exc
-    if len(out) != 3 or not all(math.isfinite(v) for v in out):
+    fault = normalisation_fault(out, name == "STD")
+    if fault in ("count", "finite"):
         raise SetupError(f"{where}: {name} must be three finite numbers, got {value!r}")
-    if name == "STD" and min(out) <= 0:
+    if fault == "positive":
         raise SetupError(f"{where}: STD must be three numbers > 0, got {value!r}")
     return out  # type: ignore[return-value]
 
