@@ -223,15 +223,15 @@ def photo(name: str) -> np.ndarray:
 
 
 def test_blend_run_keeps_its_fingerprint(runs):
-    from fgcli.models.load import load_model
+    from fgcli.models.load import load
 
-    loaded = load_model("squeezenet1_1", str(SQUEEZENET_WEIGHTS), size=64)
+    loaded = load(ModelSpec("squeezenet1_1", str(SQUEEZENET_WEIGHTS), size=64), "cpu")
     cfg = RunConfig(spec=ModelSpec("squeezenet1_1", str(SQUEEZENET_WEIGHTS), size=64),
                     inputs=("x",))
-    before = cfg.settings_fingerprint(loaded.identity, loaded.preprocessing.interpolation)
+    before = cfg.settings_fingerprint(loaded.config.identity, loaded.config.interpolation)
     assert runs["blend_settings"] == {before}
     heat = replace(cfg, overlay="heat").settings_fingerprint(
-        loaded.identity, loaded.preprocessing.interpolation)
+        loaded.config.identity, loaded.config.interpolation)
     assert runs["heat_settings"] == {heat} and heat != before
     assert runs["blend_run"]["overlay"] == "blend"
     assert json.loads((runs["out"] / "run.json").read_text())["overlay"] == "heat"
