@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from fgcli import render
 from fgcli.cli import app
-from fgcli.config import OVERLAY_STYLES, RunConfig, build_config, replace
+from fgcli.config import OVERLAY_STYLES, ModelSpec, RunConfig, build_config, replace
 from fgcli.data import devicejpeg
 from fgcli.errors import UsageError
 
@@ -29,7 +29,7 @@ PHOTOS = ROOT / "examples" / "photos"
 NAMES = ("grace_hopper.jpg", "rocket.jpg")
 SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
          "--workers", "0", "--quiet"]
-# settings_fingerprint of RunConfig(model="squeezenet1_1", inputs=("x",)) with weights
+# settings_fingerprint of RunConfig(spec=ModelSpec("squeezenet1_1"), inputs=("x",)) with weights
 # identity "w", computed before --overlay existed: default runs must keep resuming
 FINGERPRINT_BEFORE_OVERLAY = "1e0428164f79192e"
 
@@ -133,9 +133,9 @@ def test_encode_overlays_heat_style():
 
 def test_config_validates_and_reads_the_toml_key(tmp_path):
     assert OVERLAY_STYLES == ("blend", "heat")
-    assert RunConfig(model="m", inputs=("x",)).overlay == "blend"
+    assert RunConfig(spec=ModelSpec("m"), inputs=("x",)).overlay == "blend"
     with pytest.raises(UsageError, match=r"^--overlay: unknown 'foo'; choose from blend, heat$"):
-        RunConfig(model="m", inputs=("x",), overlay="foo")
+        RunConfig(spec=ModelSpec("m"), inputs=("x",), overlay="foo")
     toml = tmp_path / "run.toml"
     toml.write_text('model = "m"\ninputs = ["x"]\noverlay = "heat"\n')
     assert build_config({}, str(toml)).overlay == "heat"
@@ -146,7 +146,7 @@ def test_config_validates_and_reads_the_toml_key(tmp_path):
 
 
 def test_fingerprint_changes_only_for_heat():
-    cfg = RunConfig(model="squeezenet1_1", inputs=("x",))
+    cfg = RunConfig(spec=ModelSpec("squeezenet1_1"), inputs=("x",))
     assert cfg.settings_fingerprint("w") == FINGERPRINT_BEFORE_OVERLAY
     assert replace(cfg, overlay="blend").settings_fingerprint("w") == FINGERPRINT_BEFORE_OVERLAY
     assert replace(cfg, overlay="heat").settings_fingerprint("w") != FINGERPRINT_BEFORE_OVERLAY
@@ -223,15 +223,15 @@ def photo(name: str) -> np.ndarray:
 
 
 def test_blend_run_keeps_its_fingerprint(runs):
-    from fgcli.models.load import load_model
+    from fgcli.models.load import load
 
-    loaded = load_model("squeezenet1_1", str(SQUEEZENET_WEIGHTS), size=64)
-    cfg = RunConfig(model="squeezenet1_1", weights=str(SQUEEZENET_WEIGHTS), size=64,
+    loaded = load(ModelSpec("squeezenet1_1", str(SQUEEZENET_WEIGHTS), size=64), "cpu")
+    cfg = RunConfig(spec=ModelSpec("squeezenet1_1", str(SQUEEZENET_WEIGHTS), size=64),
                     inputs=("x",))
-    before = cfg.settings_fingerprint(loaded.identity, loaded.preprocessing.interpolation)
+    before = cfg.settings_fingerprint(loaded.config.identity, loaded.config.interpolation)
     assert runs["blend_settings"] == {before}
     heat = replace(cfg, overlay="heat").settings_fingerprint(
-        loaded.identity, loaded.preprocessing.interpolation)
+        loaded.config.identity, loaded.config.interpolation)
     assert runs["heat_settings"] == {heat} and heat != before
     assert runs["blend_run"]["overlay"] == "blend"
     assert json.loads((runs["out"] / "run.json").read_text())["overlay"] == "heat"

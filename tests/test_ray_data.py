@@ -18,7 +18,7 @@ from conftest import ROOT, SQUEEZENET_WEIGHTS, one_thread
 from typer.testing import CliRunner
 
 from fgcli.cli import app
-from fgcli.config import RunConfig
+from fgcli.config import ModelSpec, RunConfig
 from fgcli.errors import SetupError
 
 ray = pytest.importorskip("ray")
@@ -153,7 +153,7 @@ class _FakeState:
         from fgcli.dump.run import RunReport
         from fgcli.signals import StopSignals
 
-        self.cfg = RunConfig(inputs=("x",), model="m", fail_fast=fail_fast)
+        self.cfg = RunConfig(inputs=("x",), spec=ModelSpec("m"), fail_fast=fail_fast)
         self.report = RunReport()
         self.stop = StopSignals(installed=False)  # as the ledger has
         self.halted = None
@@ -193,7 +193,7 @@ def test_fail_fast_stops_at_the_first_failed_record():
     ({"CPU": 32.0, "GPU": 4.0}, 2, (2, "cuda", 1.0, 1.0, None)),
 ])
 def test_plan(resources, actors, want):
-    cfg = RunConfig(inputs=("x",), model="m", ray=True, ray_actors=actors)
+    cfg = RunConfig(inputs=("x",), spec=ModelSpec("m"), ray=True, ray_actors=actors)
     how = ray_data.plan(cfg, resources)
     assert (how.actors, how.device, how.num_gpus, how.actor_cpus, how.threads) == want
     total = how.actors * how.actor_cpus + how.decode_cpus
@@ -201,7 +201,7 @@ def test_plan(resources, actors, want):
 
 
 def test_plan_cuda_without_gpus_is_a_setup_error():
-    cfg = RunConfig(inputs=("x",), model="m", ray=True, device="cuda")
+    cfg = RunConfig(inputs=("x",), spec=ModelSpec("m"), ray=True, device="cuda")
     with pytest.raises(SetupError, match="no GPUs"):
         ray_data.plan(cfg, {"CPU": 8.0})
 

@@ -273,10 +273,11 @@ def test_zero_classes(imgs, tmp_path):
 
 
 def test_zero_classes_of_a_torchvision_head():
-    from fgcli.models.load import load_model
+    from fgcli.config import ModelSpec
+    from fgcli.models.load import load
 
     with pytest.raises(SetupError, match="no classes"):
-        load_model("squeezenet1_1", "none", model_args={"num_classes": 0}, size=32)
+        load(ModelSpec("squeezenet1_1", "none", ("num_classes=0",), size=32), "cpu")
 
 
 def test_integer_logits(imgs, tmp_path):
@@ -316,9 +317,10 @@ def test_in_place_input_changes_work_and_stay_complete(op, imgs, tmp_path):
     result = check_model(spec, "random", alone=True)
     assert result.ok and result.worst < 1e-5, [(i.logit, i.residual) for i in result.images]
     # the caller's batch is not changed, and the input term is taken on it
-    from fgcli.models.load import load_model
+    from fgcli.config import ModelSpec
+    from fgcli.models.load import load
 
-    model = load_model(spec, "random").model
+    model = load(ModelSpec(spec, "random"), "cpu").model
     x = torch.randn(2, 3, 16, 16)
     before = x.clone()
     dec = FullGrad(model).decompose(x)
