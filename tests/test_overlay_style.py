@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 from fgcli import render
 from fgcli.cli import app
 from fgcli.config import OVERLAY_STYLES, ModelSpec, RunConfig, build_config, replace
-from fgcli.data import devicejpeg
+from fgcli.data import decode, devicejpeg
 from fgcli.errors import UsageError
+from fgcli.render import device as device_render
 
 # torchvision 0.29 deprecates its codecs (devicejpeg filters this; pytest resets filters)
 pytestmark = pytest.mark.filterwarnings(
@@ -99,7 +100,7 @@ def test_numpy_and_torch_heat_are_bit_identical():
     indices = rng.integers(0, 256, (31, 47), dtype=np.uint8)
     chw = (torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(heat).permute(2, 0, 1))
     for alpha in (0.0, 0.1, 0.3, 0.5, 0.77, 1.0):
-        got = devicejpeg.blend_heat(*chw, torch.from_numpy(indices), alpha)
+        got = device_render.blend_heat(*chw, torch.from_numpy(indices), alpha)
         assert got.dtype == torch.uint8
         assert np.array_equal(got.permute(1, 2, 0).numpy(),
                               render.overlay_heat(image, heat, indices, alpha)), alpha
@@ -110,23 +111,23 @@ def test_encode_overlays_heat_style():
     image = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
     heat = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
     indices = rng.integers(0, 256, (24, 32), dtype=np.uint8)
-    (blob,) = devicejpeg.encode_overlays([image], [heat], 0.5, style="heat", indices=[indices])
-    (same,) = devicejpeg.encode_overlays([torch.from_numpy(image).permute(2, 0, 1)], [heat],
+    (blob,) = device_render.encode_overlays([image], [heat], 0.5, style="heat", indices=[indices])
+    (same,) = device_render.encode_overlays([torch.from_numpy(image).permute(2, 0, 1)], [heat],
                                          0.5, style="heat",
                                          indices=[torch.from_numpy(indices)])
     assert blob == same  # array or tensor inputs: one result
     expected = render.overlay_heat(image, heat, indices, 0.5)
-    (direct,) = devicejpeg._encode_jpegs([torch.from_numpy(expected).permute(2, 0, 1)], 90)
+    (direct,) = device_render._encode_jpegs([torch.from_numpy(expected).permute(2, 0, 1)], 90)
     assert blob == direct.numpy().tobytes()  # the encode of exactly the NumPy overlay
     # the existing positional call is still the uniform blend
-    (plain,) = devicejpeg.encode_overlays([image], [heat], 0.5)
+    (plain,) = device_render.encode_overlays([image], [heat], 0.5)
     assert plain != blob
     with pytest.raises(ValueError, match="style heat needs one indices map per original"):
-        devicejpeg.encode_overlays([image], [heat], 0.5, style="heat")
+        device_render.encode_overlays([image], [heat], 0.5, style="heat")
     with pytest.raises(ValueError, match=r"overlay 0: expected \(24, 32\) uint8 indices"):
-        devicejpeg.encode_overlays([image], [heat], 0.5, style="heat", indices=[indices[:3]])
+        device_render.encode_overlays([image], [heat], 0.5, style="heat", indices=[indices[:3]])
     with pytest.raises(ValueError, match="unknown overlay style 'foo'"):
-        devicejpeg.encode_overlays([image], [heat], 0.5, style="foo")
+        device_render.encode_overlays([image], [heat], 0.5, style="foo")
 
 
 # ------------------------------------------------------------------------------ config
@@ -283,7 +284,7 @@ def test_device_jpeg_heat_equals_the_pillow_path(runs):
     for name in NAMES:
         written = decoded(dev / "overlays" / f"{name}.jpg")
         # exact on its own inputs: torchvision's decode of the photo, its heatmap's indices
-        (original,) = devicejpeg.decode_batch([devicejpeg.file_bytes(runs["src"] / name)],
+        (original,) = devicejpeg.decode_batch([decode.file_bytes(runs["src"] / name)],
                                               "cpu")
         expected = heat_formula(original.permute(1, 2, 0).numpy(), dev / "heatmaps" /
                                 f"{name}.png")

@@ -84,12 +84,6 @@ class ModelSpec:
 SPEC_FIELDS = tuple(f.name for f in fields(ModelSpec))
 
 
-def spec_property(name: str) -> property:
-    """A read-only view of ``self.spec.<name>`` under the flat option name."""
-    return property(lambda self: getattr(self.spec, name),
-                    doc=f"``spec.{name}`` (temporary flat name, see :class:`RunConfig`)")
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """Everything ``fullgrad dump`` needs. Field names are the long option names."""
@@ -129,18 +123,6 @@ class RunConfig:
     json: bool = False
     debug: bool = False
     command: tuple[str, ...] = field(default=(), compare=False)
-
-    # temporary flat views of the spec, for dump/, distributed/ and cli/ (go at the merge)
-    model = spec_property("model")
-    weights = spec_property("weights")
-    model_args = spec_property("model_args")
-    trust_pickle = spec_property("trust_pickle")
-    size = spec_property("size")
-    crop = spec_property("crop")
-    mean = spec_property("mean")
-    std = spec_property("std")
-    labels = spec_property("labels")
-    max_pixels = spec_property("max_pixels")
 
     def __post_init__(self) -> None:
         check_not_blank({"--out": self.out, "--files-from": self.files_from,

@@ -81,7 +81,7 @@ def _run_eval(cfg: Any, quiet: bool) -> None:
     def failure(path: str, reason: str) -> None:
         say(f"fullgrad: failed: {names.display(path)}: {reason}")
 
-    with count_bar(quiet, "img", f"eval {cfg.model}") as progress:
+    with count_bar(quiet, "img", f"eval {cfg.spec.model}") as progress:
         result = run_eval(cfg, progress, failure)
     paths = report.write(cfg, result)
     if not quiet:

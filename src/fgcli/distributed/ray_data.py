@@ -391,11 +391,11 @@ def build_dataset(session: Session, items: list[Item], how: Plan, cwd: str) -> A
     """The Ray Data pipeline: items -> decoding tasks -> engine actors -> record rows."""
     import ray.data
 
-    proc = session.loaded.preprocessing
+    proc = session.loaded.config
     keep = "overlay" in session.cfg.save
     params = {"size": tuple(proc.size), "crop": proc.crop, "resize": proc.resize,
               "mean": tuple(proc.mean), "std": tuple(proc.std), "keep_original": keep,
-              "max_pixels": session.cfg.max_pixels, "interpolation": proc.interpolation}
+              "max_pixels": session.cfg.spec.max_pixels, "interpolation": proc.interpolation}
     # paths travel as bytes (Arrow strings must be valid UTF-8; any name the OS allows is
     # not); keys are valid text (fgcli.names)
     rows = [{"path": os.fsencode(it.path), "key": it.key,

@@ -198,7 +198,7 @@ def _execute(dump: Dump, compute: Compute, started: float, started_at: str) -> N
     ``run.json``; a first stop signal ends the computing early."""
     cfg, session = dump.cfg, dump.session
     dump.reporter.started(compute.started(dump, {
-        "model": cfg.model, "weights": session.loaded.weights,
+        "model": cfg.spec.model, "weights": session.loaded.config.weights,
         "device": str(session.device), "batch_size": session.batch_size,
         "workers": session.workers, "out": cfg.out}))
     with dump.stop.graceful():

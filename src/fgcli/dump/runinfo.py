@@ -9,9 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 from fgcli import names
-from fgcli.config import RunConfig, parse_model_args
+from fgcli.config import RunConfig
 from fgcli.dump.ledger import Ledger
 from fgcli.dump.session import Session
+from fgcli.models.base import model_info
 from fgcli.tree.info import versions
 from fgcli.tree.manifest import MANIFEST_SCHEMA
 from fgcli.tree.shards import Shard
@@ -38,20 +39,20 @@ def finish(tree: OutputTree, info: Callable[[], dict[str, Any]], ledger: Ledger,
 def run_info(cfg: RunConfig, session: Session, ledger: Ledger, shard: Shard | None,
              started_at: str) -> dict[str, Any]:
     """What ``run.json`` says about this run."""
-    loaded, report = session.loaded, ledger.report
+    model, report = session.loaded.config, ledger.report
     return {
         "schema": MANIFEST_SCHEMA,
         **({"shard": str(shard)} if shard else {}),
         "command": list(cfg.command),
-        "model": loaded.name,
-        "model_args": parse_model_args(cfg.model_args),
-        "weights": loaded.weights,
-        **loaded.describe(),
+        "model": model.name,
+        "model_args": cfg.spec.arguments,
+        "weights": model.weights,
+        **model_info(model),
         "method": cfg.method.value, "psi": cfg.psi, "layers": cfg.layers,
         "settings": session.fingerprint,
         "target": cfg.target, "topk": cfg.topk,
-        "input_size": list(loaded.preprocessing.size),
-        "crop": cfg.crop, "save": list(cfg.save), "overlay": cfg.overlay,
+        "input_size": list(model.size),
+        "crop": cfg.spec.crop, "save": list(cfg.save), "overlay": cfg.overlay,
         "device": str(session.device), "host": platform.node(),
         # relative inputs are relative to it (the gallery's originals); cwd_bytes too
         # where it is not UTF-8 (fgcli.names)

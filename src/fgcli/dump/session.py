@@ -1,8 +1,8 @@
 """A dump's compute session: device, model, engine, batch sizes, and one batch through
 the engine (autocast for --amp, the batch halved when the device runs out of memory).
 
-Model loading (:meth:`Session.load_model`) and method construction
-(:func:`build_method`) each have one place here.
+The model comes from :func:`fgcli.models.load.load` and the method from
+:func:`fgcli.engine.build`, as for every command.
 """
 
 from __future__ import annotations
@@ -14,24 +14,17 @@ from typing import Any
 
 import torch
 
-from fgcli.config import Method, RunConfig, parse_model_args
+from fgcli.config import RunConfig
 from fgcli.data.decode import Batch, ImageDataset, collate
 from fgcli.data.discover import Item
 from fgcli.dump.host import to_host
 from fgcli.dump.report import Reporter
-from fgcli.errors import SetupError, UsageError
+from fgcli.errors import UsageError
 from fgcli.models.base import LoadedModel
 from fgcli.models.device import resolve_device
-from fgcli.models.load import load_model
+from fgcli.models.load import load
 from fgcli.models.targets import resolve_target
 from fgcli.signals import ignore_stop_signals
-
-
-def build_method(name: str, model: torch.nn.Module, **options: Any) -> Any:
-    """The saliency method ``name`` on ``model`` (the one place a dump builds one)."""
-    from fgcli.engine import METHODS
-
-    return METHODS[name](model, **options)
 
 
 class Session:
@@ -45,23 +38,15 @@ class Session:
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # streams and events of cuda:N, not cuda:0
 
-    def load_model(self) -> LoadedModel:
-        """The model as the options name it (the one place a dump loads one)."""
-        cfg = self.cfg
-        return load_model(
-            cfg.model, cfg.weights, size=cfg.size, crop=cfg.crop, mean=cfg.mean, std=cfg.std,
-            labels=cfg.labels, model_args=parse_model_args(cfg.model_args),
-            trust_pickle=cfg.trust_pickle)
-
     def load(self) -> None:
         """Model, engine, batch size and fingerprint: everything but the output tree."""
         cfg = self.cfg
-        self.loaded = self.load_model()
-        model = self.loaded.model.to(self.device)
+        self.loaded: LoadedModel = load(cfg.spec, self.device)
+        model = self.loaded.model
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.categories = self.loaded.categories
-        self.n_classes = self.loaded.num_classes or self._probe_classes(model)
+        self.categories = self.loaded.config.categories
+        self.n_classes = self.loaded.config.num_classes
         self.fixed_target = resolve_target(cfg.target, self.categories, self.n_classes)
         if cfg.topk is not None and cfg.topk > self.n_classes:
             raise UsageError(f"--topk {cfg.topk}: the model has only {self.n_classes} classes")
@@ -73,8 +58,8 @@ class Session:
         # writer threads encode heatmaps and overlays (Pillow and NumPy release the GIL):
         # the cores left after decoding and the main thread, at least 2
         self.writers = max(2, min(16, cores - self.workers - 1))
-        self.fingerprint = cfg.settings_fingerprint(self.loaded.identity,
-                                                    self.loaded.preprocessing.interpolation)
+        self.fingerprint = cfg.settings_fingerprint(self.loaded.config.identity,
+                                                    self.loaded.config.interpolation)
         self.ranks: list[int | None] = (list(range(1, cfg.topk + 1)) if cfg.topk
                                         else [None])
         from fgcli.data import devicejpeg
@@ -84,49 +69,31 @@ class Session:
 
     def _engine(self, model: torch.nn.Module) -> Any:
         """The --method on ``model``, its --layers checked against the model's layers."""
-        from fgcli.engine import parse_layers
+        from fgcli.engine import build, parse_layers
 
         cfg = self.cfg
         try:
             layers = parse_layers(cfg.layers)
         except (ValueError, TypeError) as exc:
             raise UsageError(f"--layers: {exc}") from exc
-        options: dict[str, Any] = {"psi": cfg.psi, "layers": layers}
-        if cfg.method is Method.smooth:
-            options = {"n_samples": cfg.samples, "sigma": cfg.sigma, "seed": cfg.seed,
-                       **options}
-        engine = build_method(cfg.method.value, model, **options)
+        engine = build(cfg.method.value, model, psi=cfg.psi, layers=layers,
+                       samples=cfg.samples, sigma=cfg.sigma, seed=cfg.seed)
         if layers is not None:  # a pattern that matches no layer: say so before any image
-            probe = torch.zeros(1, 3, *self.loaded.preprocessing.size, device=self.device)
+            probe = torch.zeros(1, 3, *self.loaded.config.size, device=self.device)
             try:
-                with model_code(cfg.model, "computing a probe batch"):
-                    explained = build_method("fullgrad", model).explain(probe)
+                with model_code(cfg.spec.model, "computing a probe batch"):
+                    explained = build("fullgrad", model).explain(probe)
                 engine.map_layers(explained.layers)
             except ValueError as exc:
                 raise UsageError(f"--layers: {exc}") from exc
         return engine
 
-    def _probe_classes(self, model: torch.nn.Module) -> int:
-        """Class count from one eval forward, for models whose head is not a plain layer
-        (the output is checked as user models' is: see ``fgcli.models.sources.usercode.probe``)."""
-        from fgcli.models.outputs import checked_logits, frozen_eval
-
-        probe = torch.zeros(1, 3, *self.loaded.preprocessing.size, device=self.device)
-        with model_code(self.cfg.model, "computing a probe batch"), frozen_eval(model), \
-                torch.no_grad():
-            out = model(probe)
-        try:
-            return int(checked_logits(out, 1).shape[1])
-        except (TypeError, ValueError) as exc:
-            raise SetupError(f"--model {self.cfg.model}: {exc}") from exc
-
-
     # -- batches -----------------------------------------------------------------------
     def dataset(self, todo: list[Item]) -> ImageDataset:
         """Decoding and preprocessing of ``todo`` (item i of the dataset is todo[i])."""
-        proc = self.loaded.preprocessing
+        proc = self.loaded.config
         return ImageDataset(todo, proc.size, proc.crop, proc.resize, proc.mean, proc.std,
-                            "overlay" in self.cfg.save, self.cfg.max_pixels,
+                            "overlay" in self.cfg.save, self.cfg.spec.max_pixels,
                             proc.interpolation, encoded_jpeg=self.device_jpeg)
 
     def loader(self, todo: list[Item]) -> torch.utils.data.DataLoader:
@@ -144,10 +111,10 @@ class Session:
             return batch
         from fgcli.data.devicejpeg import decode_into
 
-        proc = self.loaded.preprocessing
+        proc = self.loaded.config
         return decode_into(batch, self.device, (proc.size, proc.crop, proc.resize,
                                                 proc.mean, proc.std, proc.interpolation),
-                           "overlay" in self.cfg.save, self.cfg.max_pixels)
+                           "overlay" in self.cfg.save, self.cfg.spec.max_pixels)
 
     def compute(self, x: torch.Tensor) -> list[tuple[int | None, dict[str, Any]]]:
         """One batch through the engine, per rank (--topk) its results on the host
@@ -179,7 +146,7 @@ class Session:
                      for i in range(0, len(x), step)]
             return _concat(parts)
         try:
-            with self._autocast(), model_code(self.cfg.model, "computing a batch"):
+            with self._autocast(), model_code(self.cfg.spec.model, "computing a batch"):
                 return self.engine.explain(x, target, compact="decomp" in self.cfg.save)
         except Exception as exc:  # only out-of-memory is handled here
             if not _is_oom(exc):

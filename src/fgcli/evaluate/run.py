@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fgcli.config import ModelSpec, check_not_blank, spec_property
+from fgcli.config import ModelSpec, check_not_blank
 from fgcli.errors import SetupError, UsageError
 
 METRICS = ("perturbation", "deletion", "insertion")
@@ -42,8 +42,6 @@ class EvalConfig:
     seed: int = 0
     layers: str | None = None
     command: tuple[str, ...] = field(default=(), compare=False)
-
-    model = spec_property("model")  # temporary flat view for cli/ (goes at the merge)
 
     def __post_init__(self) -> None:
         from fgcli.evaluate.methods import parse_methods

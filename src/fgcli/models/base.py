@@ -139,35 +139,12 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
                               "std": list(config.std), "interpolation": config.interpolation}}
 
 
-def _config_property(name: str) -> property:
-    return property(lambda self: getattr(self.config, name),
-                    doc=f"``config.{name}`` (temporary, see :class:`LoadedModel`)")
-
-
 @dataclass(frozen=True)
 class LoadedModel:
-    """A built model and its :class:`ModelConfig`.
-
-    The flat names below (``preprocessing``, ``name``, ``weights``...) are temporary views
-    of ``config`` for code written before it (dump/, distributed/); they go at the merge.
-    """
+    """A built model and its :class:`ModelConfig`."""
 
     model: nn.Module
     config: ModelConfig
-
-    preprocessing = property(lambda self: self.config, doc="``config`` (temporary)")
-    name = _config_property("name")
-    weights = _config_property("weights")
-    identity = _config_property("identity")
-    categories = _config_property("categories")
-    num_classes = _config_property("num_classes")
-    source = _config_property("source")
-    labels_from = _config_property("labels_from")
-    checkpoint = _config_property("checkpoint")
-
-    def describe(self) -> dict[str, Any]:
-        """The model's part of run.json (temporary: :func:`model_info`)."""
-        return model_info(self.config)
 
 
 def default_weights(name: str) -> Any | None:
