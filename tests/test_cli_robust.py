@@ -45,12 +45,17 @@ def one_error_line(result, *parts: str) -> str:
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if a torchvision model is built (the slow part of a start)."""
-    from fgcli.models.sources import tvision
+    import dataclasses
+
+    import fgcli.models.load  # noqa: F401 - registers the sources
+    from fgcli.models import sources
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(tvision, "load", refuse)
+    torchvision = sources.get_source("resnet18")
+    monkeypatch.setitem(sources._SOURCES, torchvision.name,
+                        dataclasses.replace(torchvision, load=refuse))
 
 
 def label_names(n: int = 1000) -> list[str]:

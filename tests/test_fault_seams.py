@@ -94,12 +94,12 @@ def test_a_second_signal_while_draining_keeps_the_lines_of_finished_writes():
     """The second signal arrives while the drain waits for a write: the records of the
     writes that did finish still get their lines (by ``_salvage``), none is lost between
     leaving the queue and reaching the manifest."""
-    from fgcli.config import RunConfig
+    from fgcli.config import ModelSpec, RunConfig
     from fgcli.dump.ledger import CollectLedger
     from fgcli.dump.writeback import WriteBack
     from fgcli.signals import Interrupted
 
-    ledger = CollectLedger(RunConfig(inputs=("x",), model="m"), "", None)
+    ledger = CollectLedger(RunConfig(inputs=("x",), spec=ModelSpec("m")), "", None)
     run = WriteBack(None, ledger.cfg, ledger, writers=1)  # records kept, as for a Ray actor
     done = [Future() for _ in range(3)]
     for i, fut in enumerate(done):
