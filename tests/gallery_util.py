@@ -8,21 +8,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from conftest import ROOT, SQUEEZENET_WEIGHTS
-from typer.testing import CliRunner
+from helpers import PHOTOS, SQUEEZENET_WEIGHTS, cli
 
-from fgcli.cli import app
-
-PHOTOS = ROOT / "examples" / "photos"
 # a name that needs escaping in HTML and in URLs
 ODD = "odd names/50% <b>cup #1 & 'q'.png"
-
-
-def cli(*args: str):
-    result = CliRunner().invoke(app, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def real_tree(root: Path, *extra: str) -> tuple[Path, Any]:

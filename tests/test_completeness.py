@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, SQUEEZENET_WEIGHTS, random_images, randomise
+from helpers import ROOT, SQUEEZENET_WEIGHTS, random_images, randomise
 from PIL import Image
 
 from fgcli import FullGrad

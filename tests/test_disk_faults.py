@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SQUEEZENET_WEIGHTS
 from faults import (
     DriverState,
     assert_tree_whole,
@@ -23,14 +22,14 @@ from faults import (
     strict_lines,
     tiny_filesystem,
 )
+from helpers import PHOTOS, ROOT, SQUEEZENET
 from typer.testing import CliRunner
 
 from fgcli.cli import app
 from fgcli.tree.writer import DiskFullError, OutputTree, TreeWriteError
 
-PHOTO = ROOT / "examples" / "photos" / "chelsea.png"
-SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
-         "--workers", "0", "-b", "2", "-q"]
+PHOTO = PHOTOS / "chelsea.png"
+SMALL = [*SQUEEZENET, "--workers", "0", "-b", "2", "-q"]
 
 
 OVERLAY = 26_000  # bytes of one overlay of PHOTO (about)

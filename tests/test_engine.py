@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import random_images, randomise
+from helpers import random_images, randomise
 from torch import nn
 
 from fgcli import Decomposition, FullGrad, SimpleFullGrad, SmoothFullGrad

@@ -17,15 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SQUEEZENET_WEIGHTS
 from faults import assert_tree_whole, strict_lines
+from helpers import PHOTOS, ROOT, SQUEEZENET, SQUEEZENET_WEIGHTS
 
 from fgcli import signals as fgsignals
 
-PHOTO = ROOT / "examples" / "photos" / "chelsea.png"
+PHOTO = PHOTOS / "chelsea.png"
 IMAGES = 16
-SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
-         "-b", "2", "--workers", "1"]
+SMALL = [*SQUEEZENET, "-b", "2", "--workers", "1"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1",
        "OMP_WAIT_POLICY": "PASSIVE"}
 

@@ -11,21 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, randomise
-from typer.testing import CliRunner
+from helpers import PHOTOS, ROOT, cli, randomise
 
-from fgcli.cli import app
 from fgcli.config import parse_model_args
 from fgcli.errors import SetupError, UsageError
 from fgcli.models.load import load_model
 from fgcli.models.sources import checkpoint as ckpt
 
-PHOTOS = ROOT / "examples" / "photos"
 PHOTO = str(PHOTOS / "coffee.png")
 
 
 def invoke(args: list[str]):
-    return CliRunner().invoke(app, args)
+    return cli(*args)
 
 
 def fine_tuned(name: str, classes: int, **kwargs) -> torch.nn.Module:

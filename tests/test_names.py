@@ -20,30 +20,19 @@ from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 import pytest
-from conftest import ROOT, SQUEEZENET_WEIGHTS
+from helpers import PHOTOS, ROOT, SQUEEZENET, cli
 from PIL import Image
-from typer.testing import CliRunner
 
 from fgcli import names
-from fgcli.cli import app
 
-PHOTOS = ROOT / "examples" / "photos"
-SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
-         "--workers", "0"]
+SMALL = [*SQUEEZENET, "--workers", "0"]
 pytestmark = pytest.mark.skipif(sys.platform == "win32" or os.uname().sysname == "Darwin",
                                 reason="names as arbitrary bytes: Linux file systems")
 
 
 # ------------------------------------------------------------------------------ helpers
-def invoke(*args: str, **kwargs):
-    result = CliRunner().invoke(app, list(args), **kwargs)
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
 def dump(*args: str, **kwargs):
-    return invoke("dump", *SMALL, "--save", "heatmap", *args, **kwargs)
+    return cli("dump", *SMALL, "--save", "heatmap", *args, **kwargs)
 
 
 def _no_constant(name: str) -> float:
@@ -198,7 +187,7 @@ def test_raw_names_on_a_real_command_line_and_stderr(tmp_path):
     assert base64.b64decode(info["cwd_bytes"]) == cwd and info["cwd"].endswith("cwd\\xfd")
     assert info["command"][-2:] == ["in\\xfc", "-x\\xfb.png"]
 
-    assert invoke("gallery", str(out)).exit_code == 0  # this process's cwd is elsewhere
+    assert cli("gallery", str(out)).exit_code == 0  # this process's cwd is elsewhere
     from gallery_util import page_data
 
     data = page_data(out)
@@ -312,7 +301,7 @@ def test_gallery_shows_raw_names_readably_and_links_resolve(tmp_path):
     make(folder, b"sub\xfe/in\x80side.png", blob)
     out = tmp_path / "out"
     assert dump(str(folder), "--out", str(out), "--save", "heatmap,overlay").exit_code == 0
-    result = invoke("gallery", str(out))
+    result = cli("gallery", str(out))
     assert result.exit_code == 0, result.output
     text = (out / "gallery" / "data.js").read_text("ascii")
     assert not re.search(r"\\\\u(d[89a-f])", text, re.I)  # no lone surrogate for the page
@@ -353,7 +342,7 @@ def test_shards_and_merge_with_raw_names(tmp_path):
     shard_lines = [rec for p in (out / "shards").glob("*/manifest.jsonl")
                    for rec in strict_manifest(p)]
     assert len(shard_lines) == len(expected)
-    result = invoke("merge", str(out))
+    result = cli("merge", str(out))
     assert result.exit_code == 0, result.output
     check_tree(out, expected)
     assert not (out / "shards").exists()
@@ -371,8 +360,8 @@ def test_eval_and_check_take_raw_names(tmp_path, monkeypatch):
     make(folder, b"c\x80.png", b"broken")
     out = tmp_path / "eval"
     monkeypatch.setattr(sys, "argv", ["fullgrad", "eval", os.fsdecode(b"x\xff")])  # command
-    result = invoke("eval", str(folder), *SMALL[:6], "--methods", "fullgrad,random",
-                    "--metrics", "perturbation", "--ks", "50", "--out", str(out), "-q")
+    result = cli("eval", str(folder), *SQUEEZENET, "--methods", "fullgrad,random",
+                 "--metrics", "perturbation", "--ks", "50", "--out", str(out), "-q")
     assert result.exit_code == 0, result.output
     report = strict_json((out / "eval.json").read_bytes().decode("utf-8"))
     assert sorted(report["images"]) == sorted([f"{folder}/a\\xff.png", f"{folder}/b\n.jpg"])
@@ -382,7 +371,7 @@ def test_eval_and_check_take_raw_names(tmp_path, monkeypatch):
     assert report["command"] == ["fullgrad", "eval", "x\\xff"]
 
     bad = os.fsdecode(os.fsencode(folder) + b"/a\xff.png")
-    result = invoke("check", bad, *SMALL[:6])
+    result = cli("check", bad, *SQUEEZENET)
     assert result.exit_code == 0, result.output
     assert "a\\xff.png" in result.stdout
 

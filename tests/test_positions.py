@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_images
+from helpers import random_images
 from torch import nn
 
 from fgcli import FullGrad
@@ -151,7 +151,7 @@ def test_swin_batches_and_padded_windows(size, n):
     160: the last stage (5x5) is padded to one 7x7 window; its positions, not its shape,
     place it."""
     import torchvision
-    from conftest import randomise
+    from helpers import randomise
 
     torch.manual_seed(0)
     model = randomise(torchvision.models.swin_t())

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SQUEEZENET_WEIGHTS, one_thread
-from typer.testing import CliRunner
+from helpers import PHOTOS, SQUEEZENET, cli, one_thread
 
-from fgcli.cli import app
 from fgcli.config import RunConfig
 from fgcli.errors import SetupError
 
@@ -26,9 +24,7 @@ pytest.importorskip("ray.data")
 
 from fgcli.distributed import ray_data  # noqa: E402 - after the guard
 
-PHOTOS = ROOT / "examples" / "photos"
-BASE = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
-        "--workers", "0"]
+BASE = [*SQUEEZENET, "--workers", "0"]
 TIMING = ("seconds", "time")
 
 
@@ -45,10 +41,7 @@ def local_ray():
 
 
 def dump(args: list[str]):
-    result = CliRunner().invoke(app, ["dump", *BASE, *args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+    return cli("dump", *BASE, *args)
 
 
 def manifest(out: Path) -> list[dict]:

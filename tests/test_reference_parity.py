@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE
+from helpers import REFERENCE
 
 from fgcli import FullGrad, SimpleFullGrad
 from fgcli.engine.postprocess import layout_of, psi_channel_sum, upsample

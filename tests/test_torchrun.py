@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_thread
+from helpers import one_thread
 from test_shards import SMALL, assert_same_records, comparable, dump, hold
 
 from fgcli.distributed.torchrun import RankEnv, _wait_for, rank_device, rank_env
@@ -157,15 +157,15 @@ def test_heartbeat_stops_when_the_main_thread_makes_no_progress(monkeypatch):
 
 
 def test_under_torchrun_stdin_and_a_missing_master_are_clear_errors(tmp_path, monkeypatch):
-    from test_shards import invoke
+    from helpers import cli
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
-    listed = invoke("dump", "-", *SMALL, "--out", str(tmp_path / "o"), input="x.jpg\n")
+    listed = cli("dump", "-", *SMALL, "--out", str(tmp_path / "o"), input="x.jpg\n")
     assert listed.exit_code == 2 and "--files-from FILE" in listed.stderr
-    bare = invoke("dump", str(Path(__file__)), *SMALL, "--out", str(tmp_path / "o"))
+    bare = cli("dump", str(Path(__file__)), *SMALL, "--out", str(tmp_path / "o"))
     assert bare.exit_code == 2
     assert "RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT not" in bare.stderr
 
@@ -187,10 +187,10 @@ def test_rank_environment():
 
 
 def test_shard_option_is_refused_under_torchrun(tmp_path, monkeypatch):
-    from test_shards import invoke
+    from helpers import cli
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    result = invoke("dump", str(Path(__file__)), *SMALL, "--out", str(tmp_path / "o"),
-                    "--shard", "0/2")
+    result = cli("dump", str(Path(__file__)), *SMALL, "--out", str(tmp_path / "o"),
+                 "--shard", "0/2")
     assert result.exit_code == 2 and "under torchrun each rank takes shard" in result.stderr
