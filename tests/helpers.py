@@ -94,7 +94,8 @@ def manifest(tree: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (tree / "manifest.jsonl").read_text().splitlines()]
 
 
-def _reject_constant(name: str) -> None:
+def reject_constant(name: str) -> None:
+    """json.loads's ``parse_constant``: NaN, Infinity and -Infinity are not JSON."""
     raise ValueError(f"not JSON (RFC 8259): {name}")
 
 
@@ -107,7 +108,7 @@ def strict_lines(path: Path) -> list[dict[str, Any]]:
     assert raw == b"" or raw.endswith(b"\n"), f"{path} ends in a torn line: {raw[-80:]!r}"
     records = []
     for line in raw.decode("utf-8").splitlines():
-        rec = json.loads(line, parse_constant=_reject_constant)
+        rec = json.loads(line, parse_constant=reject_constant)
         assert isinstance(rec, dict), line
         records.append(rec)
     return records
@@ -115,11 +116,11 @@ def strict_lines(path: Path) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------ the engine
 
-def assert_complete(dec: Any, rel: float = 1e-4) -> None:
-    """Completeness: ``|residual| <= rel * max(1, |logit|)`` for every image of a
-    decomposition or explanation (anything with ``logit`` and ``residual``)."""
-    bound = rel * dec.logit.double().abs().clamp(min=1.0)
-    assert (dec.residual.abs() <= bound).all(), (dec.residual, dec.logit)
+def assert_complete(logit: torch.Tensor, residual: torch.Tensor, rel: float = 1e-4) -> None:
+    """Completeness: ``|residual| <= rel * max(1, |logit|)`` for every image (the bound in
+    float64)."""
+    bound = rel * logit.double().abs().clamp(min=1.0)
+    assert (residual.abs() <= bound).all(), (residual, logit)
 
 
 def reference_recipe(name: str) -> nn.Module:

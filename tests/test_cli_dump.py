@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import PHOTOS, ROOT, SQUEEZENET, SQUEEZENET_WEIGHTS, cli
+from helpers import PHOTOS, ROOT, SQUEEZENET, SQUEEZENET_WEIGHTS, cli, manifest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -25,10 +25,6 @@ def invoke(args: list[str], **kwargs):
     """Run `fullgrad dump` with the small squeezenet set-up unless the args pick a model."""
     extra = BASE if "--model" not in args and "--config" not in args else []
     return cli("dump", *extra, *args, **kwargs)  # args win
-
-
-def manifest(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
 
 def by_key(out: Path) -> dict[str, dict]:

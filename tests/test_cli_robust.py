@@ -258,7 +258,7 @@ def test_internal_error_exits_3_with_and_without_debug(tmp_path, monkeypatch, co
     plain = cli(*args)
     assert plain.exit_code == 3
     one_error_line(plain, "internal error: RuntimeError: deep trouble",
-                   "rerun with --debug for the traceback")
+                   "rerun with --debug for the traceback", exit_code=3)
     debug = cli(*args, "--debug")
     assert debug.exit_code == 3
     assert "Traceback (most recent call last)" in debug.stderr

@@ -19,10 +19,9 @@ from faults import (
     assert_tree_whole,
     failing_files,
     full_disk,
-    strict_lines,
     tiny_filesystem,
 )
-from helpers import PHOTOS, ROOT, SQUEEZENET
+from helpers import PHOTOS, ROOT, SQUEEZENET, strict_lines
 from typer.testing import CliRunner
 
 from fgcli.cli import app

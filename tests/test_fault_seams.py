@@ -11,10 +11,9 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-from helpers import PHOTOS, ROOT, SQUEEZENET_WEIGHTS, cli
+from helpers import PHOTOS, ROOT, SQUEEZENET, cli
 
-DUMP = ["dump", "--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS),
-        "--size", "64", "--workers", "0", "-q", "--save", "map"]
+DUMP = ["dump", *SQUEEZENET, "--workers", "0", "-q", "--save", "map"]
 
 
 def _sigterm(*args, **kwargs):

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from faults import assert_tree_whole, strict_lines
-from helpers import PHOTOS, ROOT, SQUEEZENET, SQUEEZENET_WEIGHTS
+from faults import assert_tree_whole
+from helpers import PHOTOS, ROOT, SQUEEZENET, SQUEEZENET_WEIGHTS, strict_lines
 
 from fgcli import signals as fgsignals
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 import pytest
-from helpers import PHOTOS, ROOT, SQUEEZENET, cli
+from helpers import PHOTOS, ROOT, SQUEEZENET, cli, reject_constant
 from PIL import Image
 
 from fgcli import names
@@ -33,10 +33,6 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32" or os.uname().sysname ==
 # ------------------------------------------------------------------------------ helpers
 def dump(*args: str, **kwargs):
     return cli("dump", *SMALL, "--save", "heatmap", *args, **kwargs)
-
-
-def _no_constant(name: str) -> float:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _strings(value):
@@ -53,7 +49,7 @@ def _strings(value):
 
 def strict_json(text: str):
     """json.loads that refuses NaN/Infinity and lone surrogates (RFC 8259 text)."""
-    value = json.loads(text, parse_constant=_no_constant)
+    value = json.loads(text, parse_constant=reject_constant)
     for s in _strings(value):
         assert not re.search("[\ud800-\udfff]", s), f"lone surrogate in {s!r}"
     return value

@@ -13,19 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import cli, model_file, one_error_line
+from helpers import cli, model_file, one_error_line, reject_constant, strict_lines
 from PIL import Image
-
-
-def _no_constant(name: str):
-    raise ValueError(f"not JSON: {name}")
-
-
-def strict_lines(path: Path) -> list[dict]:
-    """Every line of a manifest, parsed by a strict parser (NaN / Infinity refused)."""
-    return [json.loads(line, parse_constant=_no_constant)
-            for line in path.read_text(encoding="utf-8").splitlines()]
-
 
 NAN_WEIGHTS = """
 def build():
@@ -79,7 +68,7 @@ def test_nan_weights_fail_every_image(imgs, tmp_path):
         assert rec["error"] == "non-finite logit (nan) from the model"
     assert "fullgrad: failed:" in result.stderr and "non-finite logit (nan)" in result.stderr
     assert files_of(out) == set()
-    run_json = json.loads((out / "run.json").read_text(), parse_constant=_no_constant)
+    run_json = json.loads((out / "run.json").read_text(), parse_constant=reject_constant)
     assert run_json["counts"] == {"ok": 0, "failed": 4, "skipped": 0}
 
 
@@ -184,7 +173,7 @@ def test_eval_leaves_non_finite_images_out_and_writes_strict_json(imgs, tmp_path
                  "--steps", "2", "-q")
     assert result.exit_code == 0, result.output
     assert "fullgrad: failed:" in result.stderr and "white.png" in result.stderr
-    data = json.loads((out / "eval.json").read_text(), parse_constant=_no_constant)
+    data = json.loads((out / "eval.json").read_text(), parse_constant=reject_constant)
     assert [Path(p).name for p in data["images"]] == ["a.png", "b.png", "c.png"]
     assert [(Path(f["input"]).name, f["error"]) for f in data["failed"]] == [
         ("white.png", "non-finite logit (nan) from the model")]

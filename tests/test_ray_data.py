@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import PHOTOS, SQUEEZENET, cli, one_thread
+from helpers import PHOTOS, SQUEEZENET, cli, manifest, one_thread
 
 from fgcli.config import RunConfig
 from fgcli.errors import SetupError
@@ -42,10 +42,6 @@ def local_ray():
 
 def dump(args: list[str]):
     return cli("dump", *BASE, *args)
-
-
-def manifest(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
 
 def untimed(rec: dict) -> dict:
