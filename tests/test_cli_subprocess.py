@@ -57,6 +57,7 @@ def tree_files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_matches_a_clean_run(tmp_path):
     inputs = make_inputs(tmp_path / "in", 40)
     args = [*fullgrad(), "dump", str(inputs), *SQUEEZENET, "--batch-size", "1", "--workers", "1",
@@ -91,6 +92,7 @@ def test_sigkill_mid_run_then_rerun_matches_a_clean_run(tmp_path):
     assert mismatch == []
 
 
+@pytest.mark.slow
 def test_second_concurrent_run_is_refused(tmp_path):
     inputs = make_inputs(tmp_path / "in", 60)
     out = tmp_path / "out"
@@ -114,6 +116,7 @@ def test_second_concurrent_run_is_refused(tmp_path):
     assert third.returncode == 0
 
 
+@pytest.mark.slow
 def test_pipeline_stdin_json_and_exit_codes(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     listing = f"{PHOTOS / 'coffee.png'}\n{tmp_path / 'broken.jpg'}\n"
@@ -131,6 +134,7 @@ def test_pipeline_stdin_json_and_exit_codes(tmp_path):
     assert usage.returncode == 2 and "vgg16" in usage.stderr and "Traceback" not in usage.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_progress_bar_only_on_a_terminal(tmp_path):
     master, slave = os.openpty()
@@ -170,6 +174,7 @@ def test_help_is_fast_and_lists_every_option():
     assert time.perf_counter() - start < 10
 
 
+@pytest.mark.slow
 def test_json_into_a_pipe_that_closes_early(tmp_path):
     """`fullgrad dump --json | head -1`: the run finishes and writes every result."""
     script = (f"{' '.join(fullgrad())} dump {PHOTOS} {' '.join(SQUEEZENET)} --json --quiet "

@@ -16,6 +16,8 @@ MODELS = [
     "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf",
     "convnext_tiny", "googlenet",
 ]
+# a second model of a family above (vgg, resnet): the full tier only
+SECOND = {"vgg16_bn", "resnet50"}
 # networks whose non-homogeneous ops carry implicit biases the reference misses
 IMPLICIT = {
     "mobilenet_v2": {"activation"},  # ReLU6 where saturated
@@ -32,7 +34,8 @@ def _model(name: str) -> torch.nn.Module:
     return randomise(torchvision.models.get_model(name, weights=None, **kwargs))
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SECOND else n
+                                  for n in MODELS])
 def test_completeness_float32(name):
     model = _model(name)
     x = random_images(2, size=64)

@@ -81,6 +81,7 @@ def test_too_few_images(tmp_path):
     assert f"failed: {tmp_path / 'bad.jpg'}" in result.stderr
 
 
+@pytest.mark.slow
 def test_fullgrad_perturbation_curve_equals_the_reference_maps_curve(resnet18_ref):
     """eval's FullGrad row is the reference's curve: pixel perturbation of fgcli's maps and
     of the authors' reference maps (golden fixtures) agree on the same images and model."""

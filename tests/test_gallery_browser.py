@@ -19,6 +19,7 @@ from helpers import ROOT
 
 SCREENSHOTS = Path(os.environ.get("FGCLI_SCREENSHOTS", ROOT / "test-screenshots"))
 REQUIRED = os.environ.get("FGCLI_REQUIRE_BROWSER") == "1"
+pytestmark = pytest.mark.slow  # a real browser: the full tier
 
 
 def _missing() -> str | None:

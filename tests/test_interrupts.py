@@ -74,6 +74,7 @@ def check_stopped_tree(out: Path) -> set[str]:
     return {r["key"] for r in recs if r["status"] == "ok"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
 def test_a_stop_signal_keeps_finished_work_and_a_rerun_resumes(photos, tmp_path, name):
     out = tmp_path / "out"
@@ -100,6 +101,7 @@ def test_a_stop_signal_keeps_finished_work_and_a_rerun_resumes(photos, tmp_path,
     assert {s for k, s in statuses.items() if k not in done} == {"ok"}
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once_with_the_manifest_whole(photos, tmp_path):
     out = tmp_path / "out"
     proc = start([str(photos), *SMALL, "--out", str(out), "-q"])
@@ -119,6 +121,7 @@ def test_a_second_signal_stops_at_once_with_the_manifest_whole(photos, tmp_path)
     assert {k for k, s in statuses.items() if s == "skipped"} == done
 
 
+@pytest.mark.slow
 def test_a_signal_while_the_model_loads_is_one_line(tmp_path):
     marker = tmp_path / "loading"
     model = tmp_path / "slow.py"

@@ -156,6 +156,7 @@ def test_a_non_utf8_name_among_photos_is_one_image_like_the_others(tmp_path):
     assert all(strict_json(line)["status"] == "skipped" for line in again.stdout.splitlines())
 
 
+@pytest.mark.slow
 def test_raw_names_on_a_real_command_line_and_stderr(tmp_path):
     """A real process: raw bytes in argv (a folder, a file after ``--`` with a leading
     dash) and in the working directory; the failed line is one line on stderr, run.json is

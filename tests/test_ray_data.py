@@ -73,6 +73,7 @@ def ray_run(local_ray, images, tmp_path_factory):
     return plain, on_ray, first, second
 
 
+@pytest.mark.slow
 def test_ray_matches_a_single_process_run(ray_run):
     plain, on_ray, first, second = ray_run
     assert first.exit_code == second.exit_code == 1  # the broken image
@@ -99,6 +100,7 @@ def test_ray_matches_a_single_process_run(ray_run):
     assert not (on_ray / ".tmp").exists()
 
 
+@pytest.mark.slow
 def test_broken_image_fails_alone_with_one_line(ray_run):
     _, on_ray, _, result = ray_run
     records = {r["key"]: r for r in manifest(on_ray)}
@@ -111,6 +113,7 @@ def test_broken_image_fails_alone_with_one_line(ray_run):
     assert "Traceback" not in result.stderr and "ray::" not in result.stderr
 
 
+@pytest.mark.slow
 def test_second_run_resumes(ray_run, images):
     _, on_ray, _, _ = ray_run
     (on_ray / "maps" / "coffee.png.npy").unlink()  # an output lost: that image again
@@ -124,6 +127,7 @@ def test_second_run_resumes(ray_run, images):
     assert set(status.values()) == {"skipped"}
     assert (on_ray / "maps" / "coffee.png.npy").is_file()
 
+@pytest.mark.slow
 def test_a_plain_runs_output_resumes_on_ray_without_work(local_ray, tmp_path):
     """Nothing left to compute: every line is skipped on the driver, no actor starts."""
     good = tmp_path / "good"

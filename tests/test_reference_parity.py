@@ -64,6 +64,7 @@ def test_resnet18_maps_match_reference(resnet18_ref, ref_resnet18, method, key):
     assert (rel <= CHAOS_BOUND).all(), rel
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,key", [(FullGrad, "fullgrad"), (SimpleFullGrad, "simple_fullgrad")])
 def test_vgg16_bn_maps_match_reference_within_float_chaos(vgg16_bn_ref, ref_vgg16_bn, method, key):
     x = torch.from_numpy(ref_vgg16_bn["inputs"])

@@ -114,6 +114,7 @@ def test_shard_membership_does_not_depend_on_the_listing(tmp_path, images):
 
 # -- shards side by side, and merged ---------------------------------------------------
 
+@pytest.mark.slow
 def test_concurrent_shard_processes_equal_a_single_run(tmp_path, images):
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     script = Path(sys.executable).with_name("fullgrad")

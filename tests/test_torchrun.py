@@ -32,6 +32,7 @@ def ours(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("fullgrad:")]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_a_single_run_and_resume(tmp_path, images):
     out, single = tmp_path / "ranks", tmp_path / "single"
     run = torchrun("dump", str(images), *SMALL, "--out", str(out), "--gallery")
@@ -68,6 +69,7 @@ def test_two_gloo_ranks_equal_a_single_run_and_resume(tmp_path, images):
     assert set(statuses.values()) == {"skipped"} and len(statuses) == 6
 
 
+@pytest.mark.slow
 def test_a_rank_that_cannot_start_stops_the_job_cleanly(tmp_path, images):
     out = tmp_path / "out"
     holder = hold(out, "1-of-2")  # shard 1 is busy: rank 1 cannot take it

@@ -46,6 +46,7 @@ def test_sys_exit_at_import_is_the_models_failure(command, imgs, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_sys_exit_at_import_in_a_real_process(imgs, tmp_path):
     """The reported case: `dump` exited 0 having done nothing."""
     spec = model_file(tmp_path, EXIT_AT_IMPORT)
