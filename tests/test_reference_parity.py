@@ -102,7 +102,8 @@ def test_resnet18_bias_gradients_match_reference_tensors(resnet18_ref, ref_resne
                                    rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("model_name", ["resnet18", "vgg16_bn"])
+@pytest.mark.parametrize("model_name", [
+    "resnet18", pytest.param("vgg16_bn", marks=pytest.mark.slow)])  # vgg16_bn: the full tier
 def test_decomposition_matches_reference(request, model_name):
     model = request.getfixturevalue(f"{model_name}_ref")
     ref = request.getfixturevalue(f"ref_{model_name}")
