@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import reject_constant
 
 
 def path_of(fd: int) -> str | None:
@@ -124,25 +125,6 @@ def tiny_filesystem(where: Path, size: str = "1200k") -> Iterator[Path]:
 
 # --------------------------------------------------------------------------- checks
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"not JSON (RFC 8259): {name}")
-
-
-def strict_lines(path: Path) -> list[dict]:
-    """Every line of a manifest, parsed strictly: UTF-8, no NaN/Infinity, each a JSON
-    object, the file ending in a newline (no torn last line)."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    assert raw == b"" or raw.endswith(b"\n"), f"{path} ends in a torn line: {raw[-80:]!r}"
-    records = []
-    for line in raw.decode("utf-8").splitlines():
-        rec = json.loads(line, parse_constant=_reject_constant)
-        assert isinstance(rec, dict), line
-        records.append(rec)
-    return records
-
-
 OUTPUT_FOLDERS = ("heatmaps", "overlays", "maps", "decomp")
 
 
@@ -177,7 +159,7 @@ def assert_tree_whole(out: Path) -> list[str]:
                 f"unexpected file in the tree: {rel}"
             if name == "run.json":
                 json.loads(path.read_text("utf-8"),
-                                         parse_constant=_reject_constant)
+                                         parse_constant=reject_constant)
     return found
 
 

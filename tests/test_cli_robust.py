@@ -12,34 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SQUEEZENET_WEIGHTS
-from typer.testing import CliRunner
+from helpers import PHOTOS, ROOT, SQUEEZENET, cli, one_error_line
 
-from fgcli.cli import app
-
-PHOTOS = ROOT / "examples" / "photos"
-SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64"]
-DUMP = ["dump", *SMALL, "--workers", "0", "-q"]
-EVAL = ["eval", *SMALL, "--methods", "fullgrad,random", "--metrics", "perturbation",
+DUMP = ["dump", *SQUEEZENET, "--workers", "0", "-q"]
+EVAL = ["eval", *SQUEEZENET, "--methods", "fullgrad,random", "--metrics", "perturbation",
         "--ks", "50", "-q"]
 TWO = [str(PHOTOS / "coffee.png"), str(PHOTOS / "chelsea.png")]
-
-
-def cli(*args: str):
-    result = CliRunner().invoke(app, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def one_error_line(result, *parts: str) -> str:
-    """The run printed exactly one line, ``fullgrad: error: ...`` holding ``parts``."""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("fullgrad: error: "), lines[0]
-    for part in parts:
-        assert part in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture
@@ -65,7 +43,7 @@ def label_names(n: int = 1000) -> list[str]:
 def reached_the_model(result) -> None:
     """The run got past its checks and the lock to the (refused) model load: exit 3."""
     assert result.exit_code == 3
-    one_error_line(result, "internal error: AssertionError: the model was loaded")
+    one_error_line(result, "internal error: AssertionError: the model was loaded", exit_code=3)
 
 
 # -- 5: the output place is checked before the model loads -----------------------------
@@ -286,7 +264,7 @@ def test_internal_error_exits_3_with_and_without_debug(tmp_path, monkeypatch, co
     plain = cli(*args)
     assert plain.exit_code == 3
     one_error_line(plain, "internal error: RuntimeError: deep trouble",
-                   "rerun with --debug for the traceback")
+                   "rerun with --debug for the traceback", exit_code=3)
     debug = cli(*args, "--debug")
     assert debug.exit_code == 3
     assert "Traceback (most recent call last)" in debug.stderr

@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from helpers import PHOTOS
 from PIL import Image, ImageOps
 
 from fgcli import render
@@ -20,7 +20,6 @@ from fgcli.render import device as device_render
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
-PHOTOS = ROOT / "examples" / "photos"
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 

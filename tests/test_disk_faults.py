@@ -14,24 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SQUEEZENET_WEIGHTS
 from faults import (
     DriverState,
     assert_tree_whole,
     failing_files,
     full_disk,
-    strict_lines,
     tiny_filesystem,
 )
+from helpers import PHOTOS, ROOT, SQUEEZENET, strict_lines
 from typer.testing import CliRunner
 
 from fgcli.cli import app
 from fgcli.tree.atomic import DiskFullError, TreeWriteError
 from fgcli.tree.writer import OutputTree
 
-PHOTO = ROOT / "examples" / "photos" / "chelsea.png"
-SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
-         "--workers", "0", "-b", "2", "-q"]
+PHOTO = PHOTOS / "chelsea.png"
+SMALL = [*SQUEEZENET, "--workers", "0", "-b", "2", "-q"]
 
 
 OVERLAY = 26_000  # bytes of one overlay of PHOTO (about)

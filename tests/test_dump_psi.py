@@ -6,7 +6,8 @@ import json
 
 import numpy as np
 import torch
-from test_cli_dump import PHOTOS, by_key, invoke, squeezenet  # noqa: F401 - fixture
+from helpers import PHOTOS
+from test_cli_dump import by_key, invoke
 
 from fgcli.data.decode import decode, preprocess
 from fgcli.engine import FullGrad

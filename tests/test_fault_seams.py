@@ -11,21 +11,9 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SQUEEZENET_WEIGHTS
-from typer.testing import CliRunner
+from helpers import PHOTOS, ROOT, SQUEEZENET, cli
 
-from fgcli.cli import app
-
-PHOTOS = ROOT / "examples" / "photos"
-DUMP = ["dump", "--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS),
-        "--size", "64", "--workers", "0", "-q", "--save", "map"]
-
-
-def cli(*args: str):
-    result = CliRunner().invoke(app, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+DUMP = ["dump", *SQUEEZENET, "--workers", "0", "-q", "--save", "map"]
 
 
 def _sigterm(*args, **kwargs):

@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, randomise
-from typer.testing import CliRunner
+from helpers import PHOTOS, ROOT, assert_complete, cli, randomise
 
-from fgcli.cli import app
 from fgcli.config import parse_model_args
 from fgcli.errors import SetupError, UsageError
 from fgcli.models.sources import checkpoint as ckpt
@@ -29,13 +27,11 @@ def load_spec(model: str, weights: str = "DEFAULT", *, model_args: dict | None =
 
     return load(ModelSpec(model, weights, model_arg_pairs(model_args or {}), **options), "cpu")
 
-
-PHOTOS = ROOT / "examples" / "photos"
 PHOTO = str(PHOTOS / "coffee.png")
 
 
 def invoke(args: list[str]):
-    return CliRunner().invoke(app, args)
+    return cli(*args)
 
 
 def fine_tuned(name: str, classes: int, **kwargs) -> torch.nn.Module:
@@ -418,7 +414,7 @@ def test_factory_from_a_file(mynet, output):
 
     exp = FullGrad(loaded.model).explain(torch.randn(2, 3, 48, 48))
     assert exp.maps.shape == (2, 1, 48, 48)
-    assert (exp.residual.abs() <= 1e-4 * exp.logit.abs().clamp_min(1)).all()
+    assert_complete(exp.logit, exp.residual)
 
 
 def test_factory_from_a_module(tmp_path, monkeypatch):

@@ -11,12 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SQUEEZENET_WEIGHTS
+from helpers import PHOTOS, SQUEEZENET, SQUEEZENET_WEIGHTS, cli
 from PIL import Image
-from typer.testing import CliRunner
 
 from fgcli import render
-from fgcli.cli import app
 from fgcli.config import OVERLAY_STYLES, ModelSpec, RunConfig, build_config, replace
 from fgcli.data import decode, devicejpeg
 from fgcli.errors import UsageError
@@ -26,10 +24,8 @@ from fgcli.render import device as device_render
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
-PHOTOS = ROOT / "examples" / "photos"
 NAMES = ("grace_hopper.jpg", "rocket.jpg")
-SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
-         "--workers", "0", "--quiet"]
+SMALL = [*SQUEEZENET, "--workers", "0", "--quiet"]
 # settings_fingerprint of RunConfig(spec=ModelSpec("squeezenet1_1"), inputs=("x",)) with weights
 # identity "w", computed before --overlay existed: default runs must keep resuming
 FINGERPRINT_BEFORE_OVERLAY = "1e0428164f79192e"
@@ -156,10 +152,7 @@ def test_fingerprint_changes_only_for_heat():
 # ------------------------------------------------------------------------------ fullgrad dump
 
 def invoke(*args: str):
-    result = CliRunner().invoke(app, ["dump", *SMALL, *args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+    return cli("dump", *SMALL, *args)
 
 
 def statuses(out: Path) -> dict[str, str]:
