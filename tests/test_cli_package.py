@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from helpers import ROOT
 
 COMMANDS = ["", "dump", "check", "eval", "merge", "gallery", "models"]
 HEAVY = ("torch", "torchvision", "timm")

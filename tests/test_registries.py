@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from fgcli.config import (
     METHOD_NAMES,
