@@ -153,13 +153,13 @@ def gradcam_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object] 
 
 
 def end_to_end(args: argparse.Namespace, folder: Path, out: Path) -> float:
-    from fgcli.config import RunConfig
+    from fgcli.config import RunConfig, from_options
     from fgcli.dump.run import run
 
-    cfg = RunConfig(inputs=(str(folder),), model=args.model,
-                    weights=args.weights or "none", device=args.device,
-                    batch_size=args.batch_size, workers=args.workers, size=args.size,
-                    out=str(out), overwrite=True, quiet=True)
+    cfg = from_options(RunConfig, {
+        "inputs": (str(folder),), "model": args.model, "weights": args.weights or "none",
+        "device": args.device, "batch_size": args.batch_size, "workers": args.workers,
+        "size": args.size, "out": str(out), "overwrite": True, "quiet": True})
     start = time.perf_counter()
     report = run(cfg)
     if report.failed:

@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fgcli.config import ModelSpec
 from fgcli.data.decode import decode, resize_normalise
 from fgcli.engine import FullGrad, SimpleFullGrad, SmoothFullGrad
 from fgcli.evaluate import metrics as M
 from fgcli.evaluate.methods import build, last_spatial_module
-from fgcli.models.load import load_model
+from fgcli.models.load import load
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "examples/weights/squeezenet1_1_imagenet.pth"
@@ -207,11 +208,9 @@ def run_set(model, photos, proc, norm, label):
 def main() -> None:
     torch.manual_seed(SEED)
     started = time.perf_counter()
-    loaded = load_model("squeezenet1_1", str(WEIGHTS))
-    model = loaded.model.eval().to(memory_format=torch.channels_last)  # ~2x faster here
-    for p in model.parameters():
-        p.requires_grad_(False)
-    proc = loaded.preprocessing
+    loaded = load(ModelSpec("squeezenet1_1", str(WEIGHTS)), "cpu")
+    model = loaded.model.to(memory_format=torch.channels_last)  # ~2x faster here
+    proc = loaded.config
     norm = M.Normalisation(tuple(proc.mean), tuple(proc.std))
     probe = views(PHOTOS / SELECTION[0], proc)[:1]
     spatial = [i.name for i in FullGrad(model).explain(probe).layers if i.in_map]

@@ -282,7 +282,7 @@ def encode_row(original: np.ndarray, tree: object, repeats: int) -> dict[str, fl
     from torchvision.io import encode_jpeg
 
     from fgcli import render
-    from fgcli.tree.writer import ImageJob, write_outputs
+    from fgcli.dump.writeback import ImageJob, write_outputs
 
     lut = render.colormap_table("inferno")
     h, w = original.shape[:2]

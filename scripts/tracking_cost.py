@@ -16,8 +16,9 @@ import time
 
 from fgcli import FullGrad
 from fgcli.check import random_inputs
+from fgcli.config import ModelSpec
 from fgcli.engine import decompose
-from fgcli.models.load import load_model
+from fgcli.models.load import load
 
 
 def best_of(fn, repeats: int) -> float:
@@ -37,8 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     tracked_begin = decompose.BiasTracer.begin
     for name in args.models:
-        loaded = load_model(name, "random")
-        x, _ = random_inputs(loaded.preprocessing.size, n=args.batch_size)
+        loaded = load(ModelSpec(name, "random"), "cpu")
+        x, _ = random_inputs(loaded.config.size, n=args.batch_size)
         fg = FullGrad(loaded.model)
         run = functools.partial(fg.explain, x)
         run()  # warm-up

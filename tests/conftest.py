@@ -1,74 +1,46 @@
-"""Shared fixtures: deterministic weight recipes, tiny models, paths.
+"""Shared fixtures and the two test tiers.
+
+``python -m pytest`` runs the fast tier; ``python -m pytest --full`` runs every test. A test
+marked ``slow`` is in the full tier only: the fast run skips it with the reason
+``full tier: run `python -m pytest --full```. Helpers (paths, the CLI runner, weight
+recipes, ...) live in helpers.py.
 
 Random initialisation leaves biases at zero and BatchNorm at mean 0 / var 1,
-which makes every bias-gradient vanish; the recipes below re-draw them so the
+which makes every bias-gradient vanish; helpers.py's recipes re-draw them so the
 tests exercise non-trivial bias terms.
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import FULL_TIER, PHOTOS, SQUEEZENET_WEIGHTS, randomise, reference_recipe
+from PIL import Image
 from torch import nn
-
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-REFERENCE = FIXTURES / "reference"
-SQUEEZENET_WEIGHTS = ROOT / "examples" / "weights" / "squeezenet1_1_imagenet.pth"
 
 torch.set_num_threads(2)  # the golden fixtures were made with two threads
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--full", action="store_true", default=False,
+                     help="run the full tier too: every model family member, subprocess, "
+                          "torchrun, Ray and browser tests, big checkpoints (tests marked "
+                          "slow)")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """Skip the full tier's tests (marked ``slow``) unless --full; CUDA tests without one."""
+    full = config.getoption("--full")
+    cuda = torch.cuda.is_available()
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
-
-
-def reference_recipe(name: str) -> nn.Module:
-    """The golden fixtures' weights, re-implemented from fixtures/reference/README.md."""
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None)
-    rs = np.random.RandomState(0)
-
-    def put(t: torch.Tensor, arr: np.ndarray) -> None:
-        with torch.no_grad():
-            t.copy_(torch.from_numpy(np.asarray(arr, dtype=np.float64).astype(np.float32))
-                    .reshape(t.shape))
-
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            fan_in = m.weight[0].numel()
-            put(m.weight, rs.standard_normal(m.weight.shape) * np.sqrt(2.0 / fan_in))
-            if m.bias is not None:
-                put(m.bias, rs.normal(0, 0.1, m.bias.shape))
-        elif isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            put(m.running_mean, rs.normal(0, 0.2, c))
-            put(m.running_var, rs.uniform(0.5, 2.0, c))
-            put(m.weight, rs.uniform(0.5, 1.5, c))
-            put(m.bias, rs.normal(0, 0.2, c))
-    return model.eval()
-
-
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial weights for any architecture (the same recipe as ``--weights random``)."""
-    from fgcli.models.base import randomise_weights
-
-    return randomise_weights(model, seed)
-
-
-def random_images(n: int, size: int = 64, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed),
-                       dtype=dtype)
+        if "slow" in item.keywords and not full:
+            item.add_marker(pytest.mark.skip(reason=FULL_TIER))
+        if "cuda" in item.keywords and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +51,14 @@ def resnet18_ref() -> nn.Module:
 @pytest.fixture(scope="session")
 def vgg16_bn_ref() -> nn.Module:
     return reference_recipe("vgg16_bn")
+
+
+@pytest.fixture(scope="module")
+def squeezenet() -> nn.Module:
+    """squeezenet1_1 with the real example weights, in eval mode."""
+    model = torchvision.models.squeezenet1_1()
+    model.load_state_dict(torch.load(SQUEEZENET_WEIGHTS, weights_only=True))
+    return model.eval()
 
 
 @pytest.fixture(scope="session")
@@ -111,23 +91,23 @@ def images(tmp_path: Path) -> Path:
     """Six photos in two folders and a broken file: for runs split into shards."""
     root = tmp_path / "imgs"
     (root / "sub").mkdir(parents=True)
-    for i, photo in enumerate(sorted((ROOT / "examples" / "photos").iterdir())):
+    for i, photo in enumerate(sorted(PHOTOS.iterdir())):
         (root / ("sub" if i % 2 else "") / photo.name).write_bytes(photo.read_bytes())
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     return root
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Run torch with one compute thread, as torchrun ranks, shard processes and Ray actors
-    do here: another thread count reorders float sums inside convolutions, which can flip
-    near-tied ReLU / max-pool decisions (maps then differ by up to ~5e-3 of their max)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+@pytest.fixture()
+def imgs(tmp_path: Path) -> Path:
+    """Three small noise images and a white one (sorted: a, b, c, white)."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        noise = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(root / f"{name}.png")
+    Image.new("RGB", (20, 20), (255, 255, 255)).save(root / "white.png")
+    return root
 
 
 @pytest.hookimpl(hookwrapper=True)

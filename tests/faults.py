@@ -1,6 +1,6 @@
 """Fault injection for the output tree: writes that fail like a full disk or a bad disk.
 
-Every byte the tree writes goes through ``os.write`` (:func:`fgcli.tree.writer.write_all`),
+Every byte the tree writes goes through ``os.write`` (:func:`fgcli.tree.atomic.write_all`),
 so patching ``os.write`` reaches the writer threads too. A write is matched by the path
 of its file descriptor (``/proc/self/fd``), with an fnmatch pattern such as
 ``*/.tmp/*.jpg`` (an overlay on its way into the tree) or ``*/manifest.jsonl``.
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import reject_constant
 
 
 def path_of(fd: int) -> str | None:
@@ -124,25 +125,6 @@ def tiny_filesystem(where: Path, size: str = "1200k") -> Iterator[Path]:
 
 # --------------------------------------------------------------------------- checks
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"not JSON (RFC 8259): {name}")
-
-
-def strict_lines(path: Path) -> list[dict]:
-    """Every line of a manifest, parsed strictly: UTF-8, no NaN/Infinity, each a JSON
-    object, the file ending in a newline (no torn last line)."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    assert raw == b"" or raw.endswith(b"\n"), f"{path} ends in a torn line: {raw[-80:]!r}"
-    records = []
-    for line in raw.decode("utf-8").splitlines():
-        rec = json.loads(line, parse_constant=_reject_constant)
-        assert isinstance(rec, dict), line
-        records.append(rec)
-    return records
-
-
 OUTPUT_FOLDERS = ("heatmaps", "overlays", "maps", "decomp")
 
 
@@ -177,13 +159,13 @@ def assert_tree_whole(out: Path) -> list[str]:
                 f"unexpected file in the tree: {rel}"
             if name == "run.json":
                 json.loads(path.read_text("utf-8"),
-                                         parse_constant=_reject_constant)
+                                         parse_constant=reject_constant)
     return found
 
 
 class DriverState:
-    """What ``fgcli.distributed.ray_data.write_records`` needs of a DumpRun, keeping the
-    records it writes (``written``) and the warnings it gives (``warned``)."""
+    """What ``fgcli.distributed.ray_data.write_records`` needs of the driver's ledger,
+    keeping the records it writes (``written``) and the warnings it gives (``warned``)."""
 
     def __init__(self) -> None:
         from types import SimpleNamespace
@@ -192,7 +174,7 @@ class DriverState:
         from fgcli.signals import StopSignals
 
         self.cfg = SimpleNamespace(fail_fast=False)
-        self.stop = StopSignals(installed=False)  # as DumpRun has
+        self.stop = StopSignals(installed=False)  # as the ledger has
         self.halted = None
         self.report = RunReport()
         self.written: list[dict] = []

@@ -8,21 +8,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from conftest import ROOT, SQUEEZENET_WEIGHTS
-from typer.testing import CliRunner
+from helpers import PHOTOS, SQUEEZENET, cli, manifest
 
-from fgcli.cli import app
-
-PHOTOS = ROOT / "examples" / "photos"
 # a name that needs escaping in HTML and in URLs
 ODD = "odd names/50% <b>cup #1 & 'q'.png"
-
-
-def cli(*args: str):
-    result = CliRunner().invoke(app, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def real_tree(root: Path, *extra: str) -> tuple[Path, Any]:
@@ -36,8 +25,7 @@ def real_tree(root: Path, *extra: str) -> tuple[Path, Any]:
     shutil.copy(PHOTOS / "coffee.png", imgs / ODD)
     (imgs / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     out = root / "out"
-    result = cli("dump", str(imgs), "--model", "squeezenet1_1", "--weights",
-                 str(SQUEEZENET_WEIGHTS), "--size", "64", "--workers", "0", "--out", str(out),
+    result = cli("dump", str(imgs), *SQUEEZENET, "--workers", "0", "--out", str(out),
                  "--save", "heatmap,overlay,decomp", *extra)
     return out, result
 
@@ -55,10 +43,6 @@ def page_data(tree: Path) -> dict[str, Any]:
     head, tail = "fgcliData(JSON.parse(", "));"
     assert text.startswith(head) and text.endswith(tail), text[:80]
     return json.loads(json.loads(text[len(head):-len(tail)]))
-
-
-def manifest(tree: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (tree / "manifest.jsonl").read_text().splitlines()]
 
 
 def synthetic_tree(source: Path, dest: Path, n: int, seed: int = 0) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_images
+from helpers import random_images
 from torch import nn
 
 from fgcli import FullGrad

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomise
+from helpers import randomise
 from torch import nn
 
 from fgcli import FullGrad

@@ -12,39 +12,23 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, SQUEEZENET_WEIGHTS
+from helpers import PHOTOS, ROOT, SQUEEZENET, SQUEEZENET_WEIGHTS, cli, manifest
 from PIL import Image
 from typer.testing import CliRunner
 
 from fgcli.cli import app
 
-PHOTOS = ROOT / "examples" / "photos"
-BASE = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
-        "--workers", "0"]
+BASE = [*SQUEEZENET, "--workers", "0"]
 
 
 def invoke(args: list[str], **kwargs):
     """Run `fullgrad dump` with the small squeezenet set-up unless the args pick a model."""
     extra = BASE if "--model" not in args and "--config" not in args else []
-    result = CliRunner().invoke(app, ["dump", *extra, *args], **kwargs)  # args win
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def manifest(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    return cli("dump", *extra, *args, **kwargs)  # args win
 
 
 def by_key(out: Path) -> dict[str, dict]:
     return {rec["key"]: rec for rec in manifest(out)}
-
-
-@pytest.fixture(scope="module")
-def squeezenet() -> torch.nn.Module:
-    model = torchvision.models.squeezenet1_1()
-    model.load_state_dict(torch.load(SQUEEZENET_WEIGHTS, weights_only=True))
-    return model.eval()
 
 
 def _png_header_only(path: Path, width: int, height: int) -> None:

@@ -12,45 +12,28 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SQUEEZENET_WEIGHTS
-from typer.testing import CliRunner
+from helpers import PHOTOS, ROOT, SQUEEZENET, cli, one_error_line
 
-from fgcli.cli import app
-
-PHOTOS = ROOT / "examples" / "photos"
-SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64"]
-DUMP = ["dump", *SMALL, "--workers", "0", "-q"]
-EVAL = ["eval", *SMALL, "--methods", "fullgrad,random", "--metrics", "perturbation",
+DUMP = ["dump", *SQUEEZENET, "--workers", "0", "-q"]
+EVAL = ["eval", *SQUEEZENET, "--methods", "fullgrad,random", "--metrics", "perturbation",
         "--ks", "50", "-q"]
 TWO = [str(PHOTOS / "coffee.png"), str(PHOTOS / "chelsea.png")]
-
-
-def cli(*args: str):
-    result = CliRunner().invoke(app, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def one_error_line(result, *parts: str) -> str:
-    """The run printed exactly one line, ``fullgrad: error: ...`` holding ``parts``."""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("fullgrad: error: "), lines[0]
-    for part in parts:
-        assert part in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if a torchvision model is built (the slow part of a start)."""
-    from fgcli.models.sources import tvision
+    import dataclasses
+
+    import fgcli.models.load  # noqa: F401 - registers the sources
+    from fgcli.models import sources
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(tvision, "load", refuse)
+    torchvision = sources.get_source("resnet18")
+    monkeypatch.setitem(sources._SOURCES, torchvision.name,
+                        dataclasses.replace(torchvision, load=refuse))
 
 
 def label_names(n: int = 1000) -> list[str]:
@@ -60,7 +43,7 @@ def label_names(n: int = 1000) -> list[str]:
 def reached_the_model(result) -> None:
     """The run got past its checks and the lock to the (refused) model load: exit 3."""
     assert result.exit_code == 3
-    one_error_line(result, "internal error: AssertionError: the model was loaded")
+    one_error_line(result, "internal error: AssertionError: the model was loaded", exit_code=3)
 
 
 # -- 5: the output place is checked before the model loads -----------------------------
@@ -83,7 +66,7 @@ def test_eval_creates_out_and_removes_it_again_when_it_fails(tmp_path, no_model)
 
 def test_writable_dir_probe_leaves_nothing_but_the_folder(tmp_path):
     from fgcli.errors import SetupError
-    from fgcli.tree.writer import remove_created, writable_dir
+    from fgcli.tree.atomic import remove_created, writable_dir
 
     created = writable_dir(tmp_path / "a" / "b", "--out")
     assert created == tmp_path / "a" and os.listdir(tmp_path / "a" / "b") == []
@@ -112,7 +95,7 @@ def test_eval_report_write_failure_is_one_line(tmp_path):
 
 def test_gallery_unwritable_out_is_one_line_before_any_thumbnail(tmp_path, monkeypatch):
     import fgcli.gallery
-    import fgcli.tree.writer
+    import fgcli.tree.atomic
 
     def denied(*args, **kwargs):  # tests run as root, where chmod does not stop writes
         raise PermissionError(errno.EACCES, "Permission denied")
@@ -120,7 +103,7 @@ def test_gallery_unwritable_out_is_one_line_before_any_thumbnail(tmp_path, monke
     def refuse(*args, **kwargs):
         raise AssertionError("the gallery was built")
 
-    monkeypatch.setattr(fgcli.tree.writer.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(fgcli.tree.atomic.tempfile, "mkstemp", denied)
     monkeypatch.setattr(fgcli.gallery, "build_gallery", refuse)
     result = cli("gallery", str(tmp_path))
     assert result.exit_code == 2
@@ -245,7 +228,8 @@ def test_labels_count_that_differs_from_the_model_is_one_line(tmp_path):
 
 def _break(monkeypatch, command: str, error: BaseException) -> list[str]:
     """Make ``command`` raise ``error`` deep inside; returns its arguments."""
-    import fgcli.cli
+    import fgcli.cli.check
+    import fgcli.cli.models
     import fgcli.engine.saliency
     import fgcli.evaluate.run
     import fgcli.gallery
@@ -257,10 +241,10 @@ def _break(monkeypatch, command: str, error: BaseException) -> list[str]:
     targets = {
         "dump": (fgcli.engine.saliency.FullGrad, "explain"),
         "eval": (fgcli.evaluate.run, "_evaluate"),
-        "check": (fgcli.cli, "_run_check"),
+        "check": (fgcli.cli.check, "_run_check"),
         "merge": (fgcli.tree.shards, "merge"),
         "gallery": (fgcli.gallery, "build_gallery"),
-        "models": (fgcli.cli, "_model_rows"),
+        "models": (fgcli.cli.models, "_model_rows"),
     }
     monkeypatch.setattr(*targets[command], boom)
     return command
@@ -280,7 +264,7 @@ def test_internal_error_exits_3_with_and_without_debug(tmp_path, monkeypatch, co
     plain = cli(*args)
     assert plain.exit_code == 3
     one_error_line(plain, "internal error: RuntimeError: deep trouble",
-                   "rerun with --debug for the traceback")
+                   "rerun with --debug for the traceback", exit_code=3)
     debug = cli(*args, "--debug")
     assert debug.exit_code == 3
     assert "Traceback (most recent call last)" in debug.stderr

@@ -12,10 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SQUEEZENET_WEIGHTS
-
-PHOTOS = ROOT / "examples" / "photos"
-SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64"]
+from helpers import PHOTOS, SQUEEZENET
 
 
 def fullgrad() -> list[str]:
@@ -60,9 +57,10 @@ def tree_files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_matches_a_clean_run(tmp_path):
     inputs = make_inputs(tmp_path / "in", 40)
-    args = [*fullgrad(), "dump", str(inputs), *SMALL, "--batch-size", "1", "--workers", "1",
+    args = [*fullgrad(), "dump", str(inputs), *SQUEEZENET, "--batch-size", "1", "--workers", "1",
             "--quiet"]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert subprocess.run([*args, "--out", str(clean)], env=env()).returncode == 0
@@ -94,6 +92,7 @@ def test_sigkill_mid_run_then_rerun_matches_a_clean_run(tmp_path):
     assert mismatch == []
 
 
+@pytest.mark.slow
 def test_second_concurrent_run_is_refused(tmp_path):
     inputs = make_inputs(tmp_path / "in", 60)
     out = tmp_path / "out"
@@ -103,7 +102,7 @@ def test_second_concurrent_run_is_refused(tmp_path):
     try:
         wait_for(lambda: (out / ".fullgrad.lock").exists()
                  and (out / ".fullgrad.lock").read_text().strip() != "")
-        second = subprocess.run([*fullgrad(), "dump", str(PHOTOS / "coffee.png"), *SMALL,
+        second = subprocess.run([*fullgrad(), "dump", str(PHOTOS / "coffee.png"), *SQUEEZENET,
                                  "--out", str(out)], env=env(), capture_output=True, text=True)
         assert first.poll() is None, "the first run ended too early to test the lock"
         assert second.returncode == 2, second.stderr
@@ -112,15 +111,16 @@ def test_second_concurrent_run_is_refused(tmp_path):
         first.kill()
         first.wait()
     # a killed holder does not leave the directory locked
-    third = subprocess.run([*fullgrad(), "dump", str(PHOTOS / "coffee.png"), *SMALL, "--out",
+    third = subprocess.run([*fullgrad(), "dump", str(PHOTOS / "coffee.png"), *SQUEEZENET, "--out",
                             str(out), "--quiet"], env=env())
     assert third.returncode == 0
 
 
+@pytest.mark.slow
 def test_pipeline_stdin_json_and_exit_codes(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     listing = f"{PHOTOS / 'coffee.png'}\n{tmp_path / 'broken.jpg'}\n"
-    result = subprocess.run([*fullgrad(), "dump", "-", *SMALL, "--json", "--quiet", "--out",
+    result = subprocess.run([*fullgrad(), "dump", "-", *SQUEEZENET, "--json", "--quiet", "--out",
                              str(tmp_path / "out")], input=listing, env=env(),
                             capture_output=True, text=True)
     assert result.returncode == 1
@@ -134,10 +134,11 @@ def test_pipeline_stdin_json_and_exit_codes(tmp_path):
     assert usage.returncode == 2 and "vgg16" in usage.stderr and "Traceback" not in usage.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_progress_bar_only_on_a_terminal(tmp_path):
     master, slave = os.openpty()
-    proc = subprocess.Popen([*fullgrad(), "dump", str(PHOTOS / "coffee.png"), *SMALL, "--out",
+    proc = subprocess.Popen([*fullgrad(), "dump", str(PHOTOS / "coffee.png"), *SQUEEZENET, "--out",
                              str(tmp_path / "out")], stderr=slave, stdout=subprocess.DEVNULL,
                             env=env())
     os.close(slave)
@@ -155,7 +156,7 @@ def test_progress_bar_only_on_a_terminal(tmp_path):
     text = b"".join(chunks).decode(errors="replace")
     assert proc.returncode == 0
     assert "img/s" in text and "1img" in text.replace(" ", "")  # tqdm's count and rate
-    piped = subprocess.run([*fullgrad(), "dump", str(PHOTOS / "coffee.png"), *SMALL, "--out",
+    piped = subprocess.run([*fullgrad(), "dump", str(PHOTOS / "coffee.png"), *SQUEEZENET, "--out",
                             str(tmp_path / "out2")], env=env(), capture_output=True, text=True)
     assert "img/s]" not in piped.stderr and "ok" in piped.stderr
 
@@ -173,9 +174,10 @@ def test_help_is_fast_and_lists_every_option():
     assert time.perf_counter() - start < 10
 
 
+@pytest.mark.slow
 def test_json_into_a_pipe_that_closes_early(tmp_path):
     """`fullgrad dump --json | head -1`: the run finishes and writes every result."""
-    script = (f"{' '.join(fullgrad())} dump {PHOTOS} {' '.join(SMALL)} --json --quiet "
+    script = (f"{' '.join(fullgrad())} dump {PHOTOS} {' '.join(SQUEEZENET)} --json --quiet "
               f"--out {tmp_path / 'out'} | head -n 1")
     result = subprocess.run(["bash", "-o", "pipefail", "-c", script], env=env(),
                             capture_output=True, text=True)

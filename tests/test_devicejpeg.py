@@ -8,18 +8,18 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from helpers import PHOTOS
 from PIL import Image, ImageOps
 
 from fgcli import render
-from fgcli.data import devicejpeg
+from fgcli.data import decode, devicejpeg
 from fgcli.data.decode import Box, DecodeError, preprocess
+from fgcli.render import device as device_render
 
 # torchvision 0.29 deprecates its codecs (devicejpeg filters this; pytest resets filters)
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
-PHOTOS = ROOT / "examples" / "photos"
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -53,20 +53,20 @@ def photo() -> np.ndarray:
 
 def test_is_jpeg(tmp_path):
     jpg, png = PHOTOS / "grace_hopper.jpg", PHOTOS / "chelsea.png"
-    assert devicejpeg.is_jpeg(jpg) and devicejpeg.is_jpeg(str(jpg))
-    assert not devicejpeg.is_jpeg(png)
-    assert devicejpeg.is_jpeg(jpg.read_bytes())
-    assert devicejpeg.is_jpeg(devicejpeg.file_bytes(jpg))
-    assert not devicejpeg.is_jpeg(b"\xff\xd8")
-    assert not devicejpeg.is_jpeg(tmp_path / "missing.jpg")
+    assert decode.is_jpeg(jpg) and decode.is_jpeg(str(jpg))
+    assert not decode.is_jpeg(png)
+    assert decode.is_jpeg(jpg.read_bytes())
+    assert decode.is_jpeg(decode.file_bytes(jpg))
+    assert not decode.is_jpeg(b"\xff\xd8")
+    assert not decode.is_jpeg(tmp_path / "missing.jpg")
     disguised = tmp_path / "really-a-jpeg.png"
     disguised.write_bytes(jpg.read_bytes())
-    assert devicejpeg.is_jpeg(disguised)
+    assert decode.is_jpeg(disguised)
 
 
 @pytest.mark.parametrize("name", ["rocket.jpg", "grace_hopper.jpg"])
 def test_decode_matches_pillow_on_a_real_photo(name):
-    data = devicejpeg.file_bytes(PHOTOS / name)
+    data = decode.file_bytes(PHOTOS / name)
     (img,) = devicejpeg.decode_batch([data], "cpu")
     with Image.open(PHOTOS / name) as pil:
         ref = np.asarray(pil.convert("RGB")).astype(np.int16)
@@ -163,7 +163,7 @@ def test_blend_is_render_overlay_bit_for_bit(photo):
     rng = np.random.default_rng(0)
     heat = rng.integers(0, 256, photo.shape, dtype=np.uint8)
     for alpha in (0.0, 0.3, 0.5, 1.0):
-        got = devicejpeg.blend(torch.from_numpy(photo), torch.from_numpy(heat), alpha)
+        got = device_render.blend(torch.from_numpy(photo), torch.from_numpy(heat), alpha)
         assert np.array_equal(got.numpy(), render.overlay(photo, heat, alpha))
 
 
@@ -175,8 +175,8 @@ def test_encode_overlays_decode_back_to_render_overlay(photo):
     (img,) = devicejpeg.decode_batch([as_tensor(jpeg_bytes(photo))], "cpu")
     # originals as decode_batch gives them (CHW tensors) and as the writer holds them (HWC)
     for original in (img, hwc(img)):
-        blobs = devicejpeg.encode_overlays([original], [heat], 0.5, quality=90)
-        assert len(blobs) == 1 and blobs[0][:3] == devicejpeg.JPEG_MAGIC
+        blobs = device_render.encode_overlays([original], [heat], 0.5, quality=90)
+        assert len(blobs) == 1 and blobs[0][:3] == decode.JPEG_MAGIC
         with Image.open(io.BytesIO(blobs[0])) as back:
             got = np.asarray(back.convert("RGB")).astype(np.int16)
         exact = render.overlay(hwc(img), heat, 0.5).astype(np.int16)
@@ -190,10 +190,10 @@ def test_encode_overlays_decode_back_to_render_overlay(photo):
 
 def test_encode_overlays_rejects_mismatched_inputs(photo):
     with pytest.raises(ValueError, match="1 originals but 0 heatmaps"):
-        devicejpeg.encode_overlays([photo], [], 0.5)
+        device_render.encode_overlays([photo], [], 0.5)
     with pytest.raises(ValueError, match=r"overlay 0: original is \(3, 160, 240\) but heatmap"):
-        devicejpeg.encode_overlays([photo], [photo[:10]], 0.5)
-    assert devicejpeg.encode_overlays([], [], 0.5) == []
+        device_render.encode_overlays([photo], [photo[:10]], 0.5)
+    assert device_render.encode_overlays([], [], 0.5) == []
 
 
 def test_available_is_false_without_cuda():
@@ -212,7 +212,7 @@ def test_cuda_available():
 
 @pytest.mark.cuda
 def test_cuda_decode_matches_cpu_and_orients(photo):
-    datas = [devicejpeg.file_bytes(PHOTOS / "rocket.jpg"),
+    datas = [decode.file_bytes(PHOTOS / "rocket.jpg"),
              as_tensor(jpeg_bytes(photo, orientation=6)), as_tensor(jpeg_bytes(photo))]
     gpu = devicejpeg.decode_batch(datas, "cuda")
     cpu = devicejpeg.decode_batch(datas, "cpu")
@@ -237,7 +237,7 @@ def test_cuda_preprocess_and_overlays(photo):
     ref, ref_box = devicejpeg.preprocess_on_device(img.cpu(), (64, 64), True, 73, MEAN, STD)
     assert box == ref_box and (x.cpu() - ref).abs().max().item() < 1e-4
     heat = torch.full_like(img, 128)
-    (blob,) = devicejpeg.encode_overlays([img], [heat], 0.5)
+    (blob,) = device_render.encode_overlays([img], [heat], 0.5)
     with Image.open(io.BytesIO(blob)) as back:
         got = np.asarray(back.convert("RGB")).astype(np.int16)
     exact = render.overlay(hwc(img), hwc(heat), 0.5).astype(np.int16)

@@ -14,23 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SQUEEZENET_WEIGHTS
 from faults import (
     DriverState,
     assert_tree_whole,
     failing_files,
     full_disk,
-    strict_lines,
     tiny_filesystem,
 )
+from helpers import PHOTOS, ROOT, SQUEEZENET, strict_lines
 from typer.testing import CliRunner
 
 from fgcli.cli import app
-from fgcli.tree.writer import DiskFullError, OutputTree, TreeWriteError
+from fgcli.tree.atomic import DiskFullError, TreeWriteError
+from fgcli.tree.writer import OutputTree
 
-PHOTO = ROOT / "examples" / "photos" / "chelsea.png"
-SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
-         "--workers", "0", "-b", "2", "-q"]
+PHOTO = PHOTOS / "chelsea.png"
+SMALL = [*SQUEEZENET, "--workers", "0", "-b", "2", "-q"]
 
 
 OVERLAY = 26_000  # bytes of one overlay of PHOTO (about)
@@ -411,7 +410,7 @@ def test_ray_actor_full_disk_still_writes_run_json(photos, tmp_path, monkeypatch
             yield {"record": json.dumps({"key": "cat0.png", "rank": None, "status": "failed",
                                          "error": "x", "outputs": {}, "input": "cat0.png"})}
             raise RuntimeError("ray wrapped") from full  # as Ray wraps an actor's error
-        ray_data.write_records(state, ray_data._records(rows()))
+        ray_data.write_records(state.ledger, ray_data._records(rows()))
 
     monkeypatch.setattr(ray_data, "_import_ray", lambda: FakeRay)
     monkeypatch.setattr(ray_data, "_compute", compute)
@@ -445,7 +444,7 @@ def test_merged_run_json_has_no_one_shards_run_fields(tmp_path):
 
 @pytest.mark.parametrize("shard", [None, "0-of-2"])
 def test_a_failed_holder_write_leaks_no_locked_handle(tmp_path, monkeypatch, shard):
-    import fgcli.tree.writer
+    import fgcli.tree.lock
 
     opened = []
 
@@ -463,12 +462,12 @@ def test_a_failed_holder_write_leaks_no_locked_handle(tmp_path, monkeypatch, sha
         def flush(self) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fgcli.tree.writer, "open", NoRoom, raising=False)
+    monkeypatch.setattr(fgcli.tree.lock, "open", NoRoom, raising=False)
     tree = OutputTree(tmp_path / "out", shard)
     with pytest.raises(OSError, match="No space"):
         tree.acquire(["test"])
     assert opened and all(o.fh.closed for o in opened)
-    assert tree._locks == []
+    assert tree.lock.handles == []
 
 
 def test_ray_driver_parses_actor_lines_strictly():

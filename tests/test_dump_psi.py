@@ -6,7 +6,8 @@ import json
 
 import numpy as np
 import torch
-from test_cli_dump import PHOTOS, by_key, invoke, squeezenet  # noqa: F401 - fixture
+from helpers import PHOTOS
+from test_cli_dump import by_key, invoke
 
 from fgcli.data.decode import decode, preprocess
 from fgcli.engine import FullGrad
@@ -43,12 +44,12 @@ def test_psi_and_layers_reach_the_map_and_the_fingerprint(tmp_path, squeezenet):
 
 
 def test_default_psi_keeps_the_earlier_fingerprint(tmp_path):
-    from fgcli.config import RunConfig
+    from fgcli.config import ModelSpec, RunConfig
 
-    base = RunConfig(inputs=("x",), model="squeezenet1_1")
-    explicit = RunConfig(inputs=("x",), model="squeezenet1_1", psi="abs-rescale")
+    base = RunConfig(inputs=("x",), spec=ModelSpec("squeezenet1_1"))
+    explicit = RunConfig(inputs=("x",), spec=ModelSpec("squeezenet1_1"), psi="abs-rescale")
     assert base.settings_fingerprint("w") == explicit.settings_fingerprint("w")
-    other = RunConfig(inputs=("x",), model="squeezenet1_1", psi="abs")
+    other = RunConfig(inputs=("x",), spec=ModelSpec("squeezenet1_1"), psi="abs")
     assert other.settings_fingerprint("w") != base.settings_fingerprint("w")
 
 

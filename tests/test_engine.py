@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import random_images, randomise
+from helpers import assert_complete, random_images, randomise
 from torch import nn
 
 from fgcli import Decomposition, FullGrad, SimpleFullGrad, SmoothFullGrad
@@ -18,7 +18,7 @@ def test_completeness_float64_tiny(tiny_cnn):
     x = random_images(3, size=16, dtype=torch.float64)
     dec = FullGrad(tiny_cnn).decompose(x)
     assert isinstance(dec, Decomposition)
-    assert (dec.residual.abs() <= 1e-10 * dec.logit.abs().clamp(min=1)).all(), dec.residual
+    assert_complete(dec.logit, dec.residual, rel=1e-10)
     # exactly the explicit bias carriers: relu, max-pool, flatten, in-place add carry none
     assert list(dec.bias_terms) == ["0", "1", "3.conv", "3.bn", "6", "10"]
     assert [layer.kind for layer in dec.layers] == ["conv", "norm", "conv", "norm", "norm",
@@ -83,7 +83,7 @@ def test_implicit_biases_complete_float64():
     model = randomise(Implicit().double())
     x = random_images(2, size=4, dtype=torch.float64) * 3
     dec = FullGrad(model).decompose(x)
-    assert (dec.residual.abs() <= 1e-10 * dec.logit.abs().clamp(min=1)).all(), dec.residual
+    assert_complete(dec.logit, dec.residual, rel=1e-10)
     kinds = {layer.kind for layer in dec.layers}
     assert {"activation", "normalisation", "attention", "product", "constant"} <= kinds
     # modules running one op are named by their path; ops of the model's own forward by
@@ -215,7 +215,7 @@ def test_autocast_bfloat16_cpu(resnet18_small):
     assert low.maps.dtype == torch.float32 and torch.isfinite(low.maps).all()
     corr = np.corrcoef(low.maps.flatten().numpy(), ref.maps.flatten().numpy())[0, 1]
     assert corr > 0.9, corr
-    assert (low.residual.abs() <= 0.05 * low.logit.double().abs().clamp(min=1)).all()
+    assert_complete(low.logit, low.residual, rel=0.05)
 
 
 @pytest.mark.cuda
@@ -312,7 +312,7 @@ def test_smooth_is_seedable_and_keeps_clean_target(resnet18_small):
     clean = FullGrad(resnet18_small).explain(x)
     assert torch.equal(a.target, clean.target) and torch.equal(a.logits, clean.logits)
     # completeness holds for every noisy copy, so for their mean too
-    assert (a.residual.abs() <= 1e-4 * a.logit.double().abs().clamp(min=1)).all()
+    assert_complete(a.logit, a.residual)
 
 
 @pytest.mark.parametrize("kwargs", [{"n_samples": 0}, {"n_samples": 2.5}, {"sigma": -1.0}])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_images
+from helpers import random_images
 from torch import nn
 from torch.overrides import _get_current_function_mode_stack
 

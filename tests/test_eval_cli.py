@@ -6,27 +6,18 @@ import csv
 import json
 
 import pytest
-from conftest import ROOT, SQUEEZENET_WEIGHTS
-from typer.testing import CliRunner
-
-from fgcli.cli import app
-
-PHOTOS = ROOT / "examples" / "photos"
-SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64"]
+from helpers import PHOTOS, SQUEEZENET, cli
 
 
 def run(*args: str):
-    result = CliRunner().invoke(app, ["eval", *args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+    return cli("eval", *args)
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     photos = [str(PHOTOS / n) for n in ("coffee.png", "chelsea.png", "rocket.jpg")]
-    args = [*photos, *SMALL, "--methods", "fullgrad,gradient,gradcam,random", "--steps", "8",
+    args = [*photos, *SQUEEZENET, "--methods", "fullgrad,gradient,gradcam,random", "--steps", "8",
             "--samples", "2"]
     first = run(*args, "--out", str(out / "a"))
     second = run(*args, "--out", str(out / "b"), "-q")
@@ -76,26 +67,27 @@ def test_eval_is_deterministic(evaluated):
     (["--steps", "0"], "--steps must be >= 1"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, args, message):
-    result = run(str(PHOTOS), *SMALL, "--out", str(tmp_path), *args)
+    result = run(str(PHOTOS), *SQUEEZENET, "--out", str(tmp_path), *args)
     assert result.exit_code == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_too_few_images(tmp_path):
     (tmp_path / "bad.jpg").write_text("no")
-    result = run(str(PHOTOS / "coffee.png"), str(tmp_path / "bad.jpg"), *SMALL,
+    result = run(str(PHOTOS / "coffee.png"), str(tmp_path / "bad.jpg"), *SQUEEZENET,
                  "--out", str(tmp_path / "o"), "--methods", "fullgrad")
     assert result.exit_code == 2
     assert "at least two readable images" in result.stderr
     assert f"failed: {tmp_path / 'bad.jpg'}" in result.stderr
 
 
+@pytest.mark.slow
 def test_fullgrad_perturbation_curve_equals_the_reference_maps_curve(resnet18_ref):
     """eval's FullGrad row is the reference's curve: pixel perturbation of fgcli's maps and
     of the authors' reference maps (golden fixtures) agree on the same images and model."""
     import numpy as np
     import torch
-    from conftest import REFERENCE
+    from helpers import REFERENCE
 
     from fgcli import FullGrad
     from fgcli.evaluate.metrics import IMAGENET, deletion_auc, pixel_perturbation
@@ -124,7 +116,7 @@ def test_fullgrad_perturbation_curve_equals_the_reference_maps_curve(resnet18_re
 def test_gradcam_finds_a_grid_layer_in_every_layout(name, kwargs, size, kind):
     import torch
     import torchvision
-    from conftest import randomise
+    from helpers import randomise
 
     from fgcli.evaluate.methods import build, last_spatial_module
 

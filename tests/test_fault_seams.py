@@ -11,21 +11,9 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SQUEEZENET_WEIGHTS
-from typer.testing import CliRunner
+from helpers import PHOTOS, ROOT, SQUEEZENET, cli
 
-from fgcli.cli import app
-
-PHOTOS = ROOT / "examples" / "photos"
-DUMP = ["dump", "--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS),
-        "--size", "64", "--workers", "0", "-q", "--save", "map"]
-
-
-def cli(*args: str):
-    result = CliRunner().invoke(app, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+DUMP = ["dump", *SQUEEZENET, "--workers", "0", "-q", "--save", "map"]
 
 
 def _sigterm(*args, **kwargs):
@@ -37,7 +25,8 @@ def _sigterm(*args, **kwargs):
 def test_every_command_stops_on_sigterm_with_one_line(tmp_path, monkeypatch, command):
     """SIGTERM (a scheduler's time limit) ends every command with one line and 143, not
     silently; the handlers are the caller's again afterwards."""
-    import fgcli.cli
+    import fgcli.cli.check
+    import fgcli.cli.models
     import fgcli.evaluate.run
     import fgcli.gallery
     import fgcli.tree.shards
@@ -46,10 +35,10 @@ def test_every_command_stops_on_sigterm_with_one_line(tmp_path, monkeypatch, com
         "eval": ((fgcli.evaluate.run, "_evaluate"),
                  ["eval", "--model", "squeezenet1_1", str(PHOTOS / "coffee.png"),
                   str(PHOTOS / "chelsea.png"), "-o", str(tmp_path / "e")]),
-        "check": ((fgcli.cli, "_run_check"), ["check", "--model", "squeezenet1_1"]),
+        "check": ((fgcli.cli.check, "_run_check"), ["check", "--model", "squeezenet1_1"]),
         "merge": ((fgcli.tree.shards, "merge"), ["merge", str(tmp_path)]),
         "gallery": ((fgcli.gallery, "build_gallery"), ["gallery", str(tmp_path)]),
-        "models": ((fgcli.cli, "_model_rows"), ["models"]),
+        "models": ((fgcli.cli.models, "_model_rows"), ["models"]),
     }[command]
     monkeypatch.setattr(*target, _sigterm)
 
@@ -93,13 +82,13 @@ def test_a_second_signal_while_draining_keeps_the_lines_of_finished_writes():
     """The second signal arrives while the drain waits for a write: the records of the
     writes that did finish still get their lines (by ``_salvage``), none is lost between
     leaving the queue and reaching the manifest."""
-    from fgcli.dump.run import DumpRun, RunReport
-    from fgcli.signals import Interrupted, StopSignals
+    from fgcli.config import ModelSpec, RunConfig
+    from fgcli.dump.ledger import CollectLedger
+    from fgcli.dump.writeback import WriteBack
+    from fgcli.signals import Interrupted
 
-    run = object.__new__(DumpRun)
-    run.collected = []  # records kept instead of written (as for a Ray actor)
-    run.report, run.halted, run.drain_until = RunReport(), None, None
-    run.stop = StopSignals(installed=False)
+    ledger = CollectLedger(RunConfig(inputs=("x",), spec=ModelSpec("m")), "", None)
+    run = WriteBack(None, ledger.cfg, ledger, writers=1)  # records kept, as for a Ray actor
     done = [Future() for _ in range(3)]
     for i, fut in enumerate(done):
         fut.set_result({"map": f"maps/{i}.npy"})
@@ -118,10 +107,10 @@ def test_a_second_signal_while_draining_keeps_the_lines_of_finished_writes():
 
     run._finished = finished
     with pytest.raises(Interrupted):
-        run._drain(0)
-    run._salvage()
-    assert [r["key"] for r in run.collected] == ["0", "1", "3"]
-    assert [r["outputs"]["map"] for r in run.collected] == ["maps/0.npy", "maps/1.npy",
+        run.drain(0)
+    run.salvage()
+    assert [r["key"] for r in ledger.records] == ["0", "1", "3"]
+    assert [r["outputs"]["map"] for r in ledger.records] == ["maps/0.npy", "maps/1.npy",
                                                              "maps/2.npy"]
 
 

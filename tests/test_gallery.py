@@ -217,6 +217,7 @@ def test_eval_results_in_the_tree_are_shown(tmp_path, tree):
     assert 'id="eval"' in (copy / "index.html").read_text()
 
 
+@pytest.mark.slow
 def test_a_large_tree_pages_data_compactly(tmp_path, tree):
     big = synthetic_tree(tree, tmp_path / "big", 1000)
     report = build_gallery(big, threads=2)

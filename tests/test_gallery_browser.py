@@ -14,11 +14,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 from gallery_util import ODD, cli, manifest, real_tree, synthetic_tree
+from helpers import ROOT
 
 SCREENSHOTS = Path(os.environ.get("FGCLI_SCREENSHOTS", ROOT / "test-screenshots"))
 REQUIRED = os.environ.get("FGCLI_REQUIRE_BROWSER") == "1"
+pytestmark = pytest.mark.slow  # a real browser: the full tier
 
 
 def _missing() -> str | None:
@@ -118,7 +119,7 @@ def open_card(driver, key: str) -> None:
 @pytest.fixture(scope="module")
 def photos_tree(tmp_path_factory) -> Path:
     """The acceptance run: the six example photos, --gallery, decompositions saved."""
-    from conftest import SQUEEZENET_WEIGHTS
+    from helpers import SQUEEZENET_WEIGHTS
 
     out = tmp_path_factory.mktemp("photos") / "fullgrad-out"
     result = cli("dump", str(ROOT / "examples" / "photos"), "-m", "squeezenet1_1",

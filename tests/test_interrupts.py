@@ -17,15 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SQUEEZENET_WEIGHTS
-from faults import assert_tree_whole, strict_lines
+from faults import assert_tree_whole
+from helpers import PHOTOS, ROOT, SQUEEZENET, SQUEEZENET_WEIGHTS, strict_lines
 
 from fgcli import signals as fgsignals
 
-PHOTO = ROOT / "examples" / "photos" / "chelsea.png"
+PHOTO = PHOTOS / "chelsea.png"
 IMAGES = 16
-SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
-         "-b", "2", "--workers", "1"]
+SMALL = [*SQUEEZENET, "-b", "2", "--workers", "1"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1",
        "OMP_WAIT_POLICY": "PASSIVE"}
 
@@ -75,6 +74,7 @@ def check_stopped_tree(out: Path) -> set[str]:
     return {r["key"] for r in recs if r["status"] == "ok"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
 def test_a_stop_signal_keeps_finished_work_and_a_rerun_resumes(photos, tmp_path, name):
     out = tmp_path / "out"
@@ -101,6 +101,7 @@ def test_a_stop_signal_keeps_finished_work_and_a_rerun_resumes(photos, tmp_path,
     assert {s for k, s in statuses.items() if k not in done} == {"ok"}
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once_with_the_manifest_whole(photos, tmp_path):
     out = tmp_path / "out"
     proc = start([str(photos), *SMALL, "--out", str(out), "-q"])
@@ -120,6 +121,7 @@ def test_a_second_signal_stops_at_once_with_the_manifest_whole(photos, tmp_path)
     assert {k for k, s in statuses.items() if s == "skipped"} == done
 
 
+@pytest.mark.slow
 def test_a_signal_while_the_model_loads_is_one_line(tmp_path):
     marker = tmp_path / "loading"
     model = tmp_path / "slow.py"
@@ -291,14 +293,17 @@ def test_writes_in_flight_get_a_bounded_wait_after_a_stop(monkeypatch):
     from concurrent.futures import Future
 
     from fgcli.config import build_config
-    from fgcli.dump import run as pipeline
+    from fgcli.dump import writeback as pipeline
+    from fgcli.dump.ledger import CollectLedger
+    from fgcli.tree.writer import OutputTree
 
     cfg = build_config({"inputs": (str(PHOTO),), "model": "squeezenet1_1"}, None)
-    state = pipeline.DumpRun(cfg, pipeline.SilentReporter(), None)
+    ledger = CollectLedger(cfg, "", None)
+    state = pipeline.WriteBack(OutputTree(cfg.out), cfg, ledger, writers=2)
     done = Future()
     done.set_result({})
     assert state._finished(done)  # no stop: waits as long as it takes
-    state.stop.name = "SIGTERM"
+    ledger.stop.name = "SIGTERM"
     monkeypatch.setattr(pipeline, "DRAIN_SECONDS", 0.3)
     began = time.monotonic()
     assert not state._finished(Future())  # a write that never ends is given up on

@@ -11,21 +11,27 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, randomise
-from typer.testing import CliRunner
+from helpers import PHOTOS, ROOT, assert_complete, cli, randomise
 
-from fgcli.cli import app
 from fgcli.config import parse_model_args
 from fgcli.errors import SetupError, UsageError
-from fgcli.models.load import load_model
 from fgcli.models.sources import checkpoint as ckpt
 
-PHOTOS = ROOT / "examples" / "photos"
+
+def load_spec(model: str, weights: str = "DEFAULT", *, model_args: dict | None = None,
+              **options):
+    """``--model`` / ``--weights`` / other model options loaded as the commands load them
+    (:func:`fgcli.models.load.load`), on the CPU."""
+    from fgcli.config import ModelSpec, model_arg_pairs
+    from fgcli.models.load import load
+
+    return load(ModelSpec(model, weights, model_arg_pairs(model_args or {}), **options), "cpu")
+
 PHOTO = str(PHOTOS / "coffee.png")
 
 
 def invoke(args: list[str]):
-    return CliRunner().invoke(app, args)
+    return cli(*args)
 
 
 def fine_tuned(name: str, classes: int, **kwargs) -> torch.nn.Module:
@@ -76,13 +82,13 @@ CONTAINERS = {
 def test_checkpoint_containers_and_prefixes(container, resnet7, tmp_path):
     path = tmp_path / "ckpt.pth"
     torch.save(CONTAINERS[container](resnet7.state_dict()), path)
-    loaded = load_model("resnet18", str(path), size=64)
-    assert loaded.num_classes == 7 and loaded.source == "torchvision"
+    loaded = load_spec("resnet18", str(path), size=64)
+    assert loaded.config.num_classes == 7 and loaded.config.source == "torchvision"
     assert same_weights(loaded.model, resnet7)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(loaded.model(x), resnet7.eval()(x), atol=1e-5)
-    info = loaded.checkpoint
+    info = loaded.config.checkpoint
     assert info["kind"] == "state_dict" and info["file"] == str(path)
     expected_prefix = {"lightning": "model.", "net.": "net."}.get(
         container, container if container.endswith(".") else "")
@@ -94,10 +100,10 @@ def test_safetensors_with_a_compile_prefix(resnet7, tmp_path):
 
     path = tmp_path / "m.safetensors"
     save_file({f"_orig_mod.{k}": v.contiguous() for k, v in resnet7.state_dict().items()}, path)
-    loaded = load_model("resnet18", str(path))
-    assert loaded.num_classes == 7 and same_weights(loaded.model, resnet7)
-    assert loaded.checkpoint["kind"] == "safetensors"
-    assert loaded.checkpoint["prefix"] == "_orig_mod."
+    loaded = load_spec("resnet18", str(path))
+    assert loaded.config.num_classes == 7 and same_weights(loaded.model, resnet7)
+    assert loaded.config.checkpoint["kind"] == "safetensors"
+    assert loaded.config.checkpoint["prefix"] == "_orig_mod."
 
 
 def test_the_prefix_is_found_not_guessed(resnet7, tmp_path):
@@ -105,9 +111,9 @@ def test_the_prefix_is_found_not_guessed(resnet7, tmp_path):
     state = {**_prefixed(resnet7.state_dict(), "teacher_student.student.backbone."),
              "teacher_student.loss.weight": torch.ones(3)}
     torch.save({"my_weights": state}, tmp_path / "w.pt")
-    loaded = load_model("resnet18", str(tmp_path / "w.pt"))
-    assert loaded.checkpoint["prefix"] == "teacher_student.student.backbone."
-    assert loaded.checkpoint["entry"] == "my_weights"
+    loaded = load_spec("resnet18", str(tmp_path / "w.pt"))
+    assert loaded.config.checkpoint["prefix"] == "teacher_student.student.backbone."
+    assert loaded.config.checkpoint["entry"] == "my_weights"
     assert same_weights(loaded.model, resnet7)
 
 
@@ -117,8 +123,8 @@ def test_ema_is_taken_only_when_nothing_else_fits(resnet7, tmp_path):
         other.fc.bias.add_(1.0)
     torch.save({"state_dict_ema": other.state_dict(), "state_dict": resnet7.state_dict()},
                tmp_path / "train.pth")
-    loaded = load_model("resnet18", str(tmp_path / "train.pth"))
-    assert loaded.checkpoint["entry"] == "state_dict" and same_weights(loaded.model, resnet7)
+    loaded = load_spec("resnet18", str(tmp_path / "train.pth"))
+    assert loaded.config.checkpoint["entry"] == "state_dict" and same_weights(loaded.model, resnet7)
 
 
 def test_best_prefix_counts_keys():
@@ -134,7 +140,7 @@ def test_keys_that_still_do_not_fit_name_the_first_missing_and_unexpected(resnet
     state["layer9.extra.weight"] = torch.ones(1)
     torch.save({"state_dict": _prefixed(state, "model.")}, tmp_path / "bad.ckpt")
     with pytest.raises(SetupError) as info:
-        load_model("resnet18", str(tmp_path / "bad.ckpt"))
+        load_spec("resnet18", str(tmp_path / "bad.ckpt"))
     message = str(info.value)
     assert "does not fit resnet18" in message and "\n" not in message
     assert "missing 'layer1.0.conv1.weight'" in message
@@ -158,8 +164,8 @@ def _roundtrip(name: str, classes: int, tmp_path: Path, size: int, **kwargs) -> 
     model = fine_tuned(name, classes, **kwargs)
     path = tmp_path / f"{name}.pth"
     torch.save({"model": model.state_dict()}, path)
-    loaded = load_model(name, str(path), size=size)
-    assert loaded.num_classes == classes, name
+    loaded = load_spec(name, str(path), size=size)
+    assert loaded.config.num_classes == classes, name
     assert same_weights(loaded.model, model)
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
@@ -193,8 +199,8 @@ def test_head_size_from_the_checkpoint_more_families(name, classes, size, tmp_pa
 def test_auxiliary_heads_dropped_in_fine_tuning(tmp_path):
     model = fine_tuned("googlenet", 4, aux_logits=False, init_weights=False)
     torch.save(model.state_dict(), tmp_path / "g.pth")
-    loaded = load_model("googlenet", str(tmp_path / "g.pth"), size=64)
-    assert loaded.num_classes == 4 and not loaded.model.aux_logits
+    loaded = load_spec("googlenet", str(tmp_path / "g.pth"), size=64)
+    assert loaded.config.num_classes == 4 and not loaded.model.aux_logits
     assert same_weights(loaded.model, model)
 
 
@@ -232,9 +238,9 @@ def test_labels_count_mismatch(resnet7, tmp_path):
 
 def test_torchvision_weights_metadata_names_the_labels(tmp_path):
     weights = ROOT / "examples" / "weights" / "squeezenet1_1_imagenet.pth"
-    loaded = load_model("squeezenet1_1", str(weights))
-    assert loaded.categories[967] == "espresso"
-    assert loaded.labels_from.startswith("torchvision weights metadata")
+    loaded = load_spec("squeezenet1_1", str(weights))
+    assert loaded.config.categories[967] == "espresso"
+    assert loaded.config.labels_from.startswith("torchvision weights metadata")
 
 
 # -- whole pickled models and TorchScript ----------------------------------------------------
@@ -248,9 +254,9 @@ def test_whole_pickled_model_is_refused_then_allowed(resnet7, tmp_path):
     line = refused.stderr.strip()
     assert "\n" not in line and "--trust-pickle" in line
     assert "unpickling it would run code" in line and "torchvision.models.resnet.ResNet" in line
-    allowed = load_model("resnet18", str(path), trust_pickle=True, size=64)
-    assert allowed.num_classes == 7 and same_weights(allowed.model, resnet7)
-    assert allowed.checkpoint["kind"] == "pickled module"
+    allowed = load_spec("resnet18", str(path), trust_pickle=True, size=64)
+    assert allowed.config.num_classes == 7 and same_weights(allowed.model, resnet7)
+    assert allowed.config.checkpoint["kind"] == "pickled module"
     # the model file itself, as --model
     assert invoke(["dump", PHOTO, "-m", str(path), "--size", "64",
                    "-o", str(tmp_path / "o")]).exit_code == 2
@@ -274,9 +280,9 @@ def test_foreign_objects_beside_the_weights_are_skipped_not_run(resnet7, tmp_pat
     torch.load(tmp_path / "train.pth.tar", weights_only=False)  # a plain load springs it
     assert _TRAPPED == [1]
     _TRAPPED.clear()
-    loaded = load_model("resnet18", str(tmp_path / "train.pth.tar"))
+    loaded = load_spec("resnet18", str(tmp_path / "train.pth.tar"))
     assert same_weights(loaded.model, resnet7) and _TRAPPED == []
-    assert loaded.checkpoint["kind"] == "state_dict (other objects skipped)"
+    assert loaded.config.checkpoint["kind"] == "state_dict (other objects skipped)"
 
 
 _TRAPPED: list[int] = []
@@ -307,7 +313,7 @@ def test_a_refused_file_cannot_change_classes_in_this_process(tmp_path):
         z.writestr("evil/version", "3\n")
     before = collections.Counter.most_common
     with pytest.raises(SetupError):
-        load_model("resnet18", str(tmp_path / "evil.pt"))
+        load_spec("resnet18", str(tmp_path / "evil.pt"))
     assert collections.Counter.most_common is before
 
 
@@ -315,8 +321,8 @@ def test_an_ema_copy_beside_the_model_is_not_taken(resnet7, tmp_path):
     other = fine_tuned("resnet18", 7)
     state = {**_prefixed(other.state_dict(), "ema."), **_prefixed(resnet7.state_dict(), "model.")}
     torch.save({"state_dict": state}, tmp_path / "flat_ema.ckpt")
-    loaded = load_model("resnet18", str(tmp_path / "flat_ema.ckpt"))
-    assert loaded.checkpoint["prefix"] == "model." and same_weights(loaded.model, resnet7)
+    loaded = load_spec("resnet18", str(tmp_path / "flat_ema.ckpt"))
+    assert loaded.config.checkpoint["prefix"] == "model." and same_weights(loaded.model, resnet7)
 
 
 def test_state_dict_given_as_model_says_what_to_do(resnet7, tmp_path):
@@ -399,16 +405,16 @@ def mynet(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("output", ["tensor", "tuple", "dict", "hf"])
 def test_factory_from_a_file(mynet, output):
-    loaded = load_model("./mynet.py:build", "random",
+    loaded = load_spec("./mynet.py:build", "random",
                         model_args=parse_model_args((f'output="{output}"', "width=6")))
-    assert loaded.source == "code" and loaded.num_classes == 3
-    assert loaded.preprocessing.size == (48, 48) and loaded.categories == ("cat", "dog", "fox")
+    assert loaded.config.source == "code" and loaded.config.num_classes == 3
+    assert loaded.config.size == (48, 48) and loaded.config.categories == ("cat", "dog", "fox")
     assert loaded.model.body[0].out_channels == 6
     from fgcli import FullGrad
 
     exp = FullGrad(loaded.model).explain(torch.randn(2, 3, 48, 48))
     assert exp.maps.shape == (2, 1, 48, 48)
-    assert (exp.residual.abs() <= 1e-4 * exp.logit.abs().clamp_min(1)).all()
+    assert_complete(exp.logit, exp.residual)
 
 
 def test_factory_from_a_module(tmp_path, monkeypatch):
@@ -419,9 +425,9 @@ def test_factory_from_a_module(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     try:
-        loaded = load_model("mypkg.nets:build", "none", size=32)
-        assert loaded.num_classes == 3 and loaded.preprocessing.size == (32, 32)
-        assert loaded.identity.startswith("module:mypkg.nets:build")
+        loaded = load_spec("mypkg.nets:build", "none", size=32)
+        assert loaded.config.num_classes == 3 and loaded.config.size == (32, 32)
+        assert loaded.config.identity.startswith("module:mypkg.nets:build")
     finally:
         for name in ("mypkg", "mypkg.nets"):
             sys.modules.pop(name, None)
@@ -473,7 +479,7 @@ def test_no_input_size_names_both_ways(tmp_path, monkeypatch):
     (tmp_path / "plain.py").write_text(MYNET.replace("INPUT_SIZE = 48", ""))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="give --size N, or define INPUT_SIZE"):
-        load_model("./plain.py:build", "none")
+        load_spec("./plain.py:build", "none")
 
 
 def test_weights_file_for_a_factory_model(mynet, tmp_path):
@@ -486,8 +492,8 @@ def test_weights_file_for_a_factory_model(mynet, tmp_path):
         sys.path.remove(str(tmp_path))
         sys.modules.pop("mynet", None)
     torch.save({"state_dict": _prefixed(trained.state_dict(), "net.")}, tmp_path / "w.ckpt")
-    loaded = load_model("./mynet.py:build", str(tmp_path / "w.ckpt"))
-    assert same_weights(loaded.model, trained) and loaded.checkpoint["prefix"] == "net."
+    loaded = load_spec("./mynet.py:build", str(tmp_path / "w.ckpt"))
+    assert same_weights(loaded.model, trained) and loaded.config.checkpoint["prefix"] == "net."
 
 
 def test_model_args_parse_as_toml_literals():
@@ -516,19 +522,19 @@ timm = pytest.importorskip("timm")
 
 
 def test_timm_model_preprocessing_and_names():
-    loaded = load_model("timm/resnet18", "random", size=64)
-    assert loaded.source == "timm" and loaded.num_classes == 1000
-    proc = loaded.preprocessing
+    loaded = load_spec("timm/resnet18", "random", size=64)
+    assert loaded.config.source == "timm" and loaded.config.num_classes == 1000
+    proc = loaded.config
     assert proc.interpolation == "bicubic" and proc.size == (64, 64)
     assert proc.resize == round(64 / 0.95)  # timm's crop_pct for resnet18.a1_in1k
-    assert loaded.categories[1].startswith("goldfish")
-    vit = load_model("timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", "none")
-    assert vit.preprocessing.mean == (0.5, 0.5, 0.5) and vit.preprocessing.size == (224, 224)
+    assert loaded.config.categories[1].startswith("goldfish")
+    vit = load_spec("timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", "none")
+    assert vit.config.mean == (0.5, 0.5, 0.5) and vit.config.size == (224, 224)
 
 
 def test_timm_fixed_size_model_is_built_at_the_requested_size():
-    loaded = load_model("timm/vit_tiny_patch16_224", "random", size=96)
-    assert loaded.preprocessing.size == (96, 96)
+    loaded = load_spec("timm/vit_tiny_patch16_224", "random", size=96)
+    assert loaded.config.size == (96, 96)
     with torch.no_grad():
         assert loaded.model(torch.randn(1, 3, 96, 96)).shape == (1, 1000)
 
@@ -538,9 +544,9 @@ def test_timm_checkpoint_with_another_head(tmp_path):
     model = randomise(timm.create_model("resnet18", num_classes=5))
     torch.save({"epoch": 2, "arch": "resnet18", "state_dict": model.state_dict(),
                 "state_dict_ema": model.state_dict()}, tmp_path / "train.pth.tar")
-    loaded = load_model("timm/resnet18", str(tmp_path / "train.pth.tar"), size=64)
-    assert loaded.num_classes == 5 and loaded.categories is None
-    assert same_weights(loaded.model, model) and loaded.checkpoint["entry"] == "state_dict"
+    loaded = load_spec("timm/resnet18", str(tmp_path / "train.pth.tar"), size=64)
+    assert loaded.config.num_classes == 5 and loaded.config.categories is None
+    assert same_weights(loaded.model, model) and loaded.config.checkpoint["entry"] == "state_dict"
 
 
 def test_timm_default_weights_from_the_cache_offline(tmp_path, monkeypatch):
@@ -562,9 +568,9 @@ def test_timm_default_weights_from_the_cache_offline(tmp_path, monkeypatch):
               snapshot / "model.safetensors")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(timm_source, "_hub_reachable", lambda timeout=5.0: False)
-    loaded = load_model("timm/resnet18", "DEFAULT", size=64)
+    loaded = load_spec("timm/resnet18", "DEFAULT", size=64)
     assert same_weights(loaded.model, model)
-    assert loaded.weights == "timm pretrained resnet18.a1_in1k"
+    assert loaded.config.weights == "timm pretrained resnet18.a1_in1k"
     # not cached, hub unreachable: one line, exit 2
     result = invoke(["dump", PHOTO, "-m", "timm/resnet34", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2
@@ -645,8 +651,8 @@ def test_factory_imports_its_neighbours_lazily(tmp_path, monkeypatch):
         assert missing.exit_code == 2
         assert "missing a required argument: 'n'" in missing.stderr
         assert "--model-arg NAME=VALUE" in missing.stderr
-        loaded = load_model("lazy.py:build", "random", model_args={"n": 5})
-        assert loaded.num_classes == 5
+        loaded = load_spec("lazy.py:build", "random", model_args={"n": 5})
+        assert loaded.config.num_classes == 5
     finally:
         sys.modules.pop("lazy_helpers", None)
 
@@ -656,7 +662,7 @@ def test_module_classes_of_the_wrong_length_are_named(tmp_path, monkeypatch):
                                                     'CLASSES = ["a", "b", "c", "d"]'))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match=r"four.py CLASSES: 4 class names for a model with 3"):
-        load_model("./four.py:build", "random")
+        load_spec("./four.py:build", "random")
 
 
 def test_weights_a_factory_loads_itself_are_part_of_the_fingerprint(tmp_path, monkeypatch):
@@ -692,7 +698,11 @@ def test_weights_a_factory_loads_itself_are_part_of_the_fingerprint(tmp_path, mo
 
 
 def test_source_of_each_model_form():
-    from fgcli.models.base import source_of
+    import fgcli.models.load  # noqa: F401 - registers the sources
+    from fgcli.models.sources import get_source
+
+    def source_of(spec: str) -> str:
+        return get_source(spec).name
 
     assert source_of("resnet50") == "torchvision"
     assert source_of("timm/convnext_tiny.fb_in1k") == "timm"

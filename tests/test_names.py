@@ -20,34 +20,19 @@ from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 import pytest
-from conftest import ROOT, SQUEEZENET_WEIGHTS
+from helpers import PHOTOS, ROOT, SQUEEZENET, cli, reject_constant
 from PIL import Image
-from typer.testing import CliRunner
 
 from fgcli import names
-from fgcli.cli import app
 
-PHOTOS = ROOT / "examples" / "photos"
-SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
-         "--workers", "0"]
+SMALL = [*SQUEEZENET, "--workers", "0"]
 pytestmark = pytest.mark.skipif(sys.platform == "win32" or os.uname().sysname == "Darwin",
                                 reason="names as arbitrary bytes: Linux file systems")
 
 
 # ------------------------------------------------------------------------------ helpers
-def invoke(*args: str, **kwargs):
-    result = CliRunner().invoke(app, list(args), **kwargs)
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
 def dump(*args: str, **kwargs):
-    return invoke("dump", *SMALL, "--save", "heatmap", *args, **kwargs)
-
-
-def _no_constant(name: str) -> float:
-    raise ValueError(f"{name} is not JSON")
+    return cli("dump", *SMALL, "--save", "heatmap", *args, **kwargs)
 
 
 def _strings(value):
@@ -64,7 +49,7 @@ def _strings(value):
 
 def strict_json(text: str):
     """json.loads that refuses NaN/Infinity and lone surrogates (RFC 8259 text)."""
-    value = json.loads(text, parse_constant=_no_constant)
+    value = json.loads(text, parse_constant=reject_constant)
     for s in _strings(value):
         assert not re.search("[\ud800-\udfff]", s), f"lone surrogate in {s!r}"
     return value
@@ -171,6 +156,7 @@ def test_a_non_utf8_name_among_photos_is_one_image_like_the_others(tmp_path):
     assert all(strict_json(line)["status"] == "skipped" for line in again.stdout.splitlines())
 
 
+@pytest.mark.slow
 def test_raw_names_on_a_real_command_line_and_stderr(tmp_path):
     """A real process: raw bytes in argv (a folder, a file after ``--`` with a leading
     dash) and in the working directory; the failed line is one line on stderr, run.json is
@@ -198,7 +184,7 @@ def test_raw_names_on_a_real_command_line_and_stderr(tmp_path):
     assert base64.b64decode(info["cwd_bytes"]) == cwd and info["cwd"].endswith("cwd\\xfd")
     assert info["command"][-2:] == ["in\\xfc", "-x\\xfb.png"]
 
-    assert invoke("gallery", str(out)).exit_code == 0  # this process's cwd is elsewhere
+    assert cli("gallery", str(out)).exit_code == 0  # this process's cwd is elsewhere
     from gallery_util import page_data
 
     data = page_data(out)
@@ -312,7 +298,7 @@ def test_gallery_shows_raw_names_readably_and_links_resolve(tmp_path):
     make(folder, b"sub\xfe/in\x80side.png", blob)
     out = tmp_path / "out"
     assert dump(str(folder), "--out", str(out), "--save", "heatmap,overlay").exit_code == 0
-    result = invoke("gallery", str(out))
+    result = cli("gallery", str(out))
     assert result.exit_code == 0, result.output
     text = (out / "gallery" / "data.js").read_text("ascii")
     assert not re.search(r"\\\\u(d[89a-f])", text, re.I)  # no lone surrogate for the page
@@ -353,7 +339,7 @@ def test_shards_and_merge_with_raw_names(tmp_path):
     shard_lines = [rec for p in (out / "shards").glob("*/manifest.jsonl")
                    for rec in strict_manifest(p)]
     assert len(shard_lines) == len(expected)
-    result = invoke("merge", str(out))
+    result = cli("merge", str(out))
     assert result.exit_code == 0, result.output
     check_tree(out, expected)
     assert not (out / "shards").exists()
@@ -371,8 +357,8 @@ def test_eval_and_check_take_raw_names(tmp_path, monkeypatch):
     make(folder, b"c\x80.png", b"broken")
     out = tmp_path / "eval"
     monkeypatch.setattr(sys, "argv", ["fullgrad", "eval", os.fsdecode(b"x\xff")])  # command
-    result = invoke("eval", str(folder), *SMALL[:6], "--methods", "fullgrad,random",
-                    "--metrics", "perturbation", "--ks", "50", "--out", str(out), "-q")
+    result = cli("eval", str(folder), *SQUEEZENET, "--methods", "fullgrad,random",
+                 "--metrics", "perturbation", "--ks", "50", "--out", str(out), "-q")
     assert result.exit_code == 0, result.output
     report = strict_json((out / "eval.json").read_bytes().decode("utf-8"))
     assert sorted(report["images"]) == sorted([f"{folder}/a\\xff.png", f"{folder}/b\n.jpg"])
@@ -382,7 +368,7 @@ def test_eval_and_check_take_raw_names(tmp_path, monkeypatch):
     assert report["command"] == ["fullgrad", "eval", "x\\xff"]
 
     bad = os.fsdecode(os.fsencode(folder) + b"/a\xff.png")
-    result = invoke("check", bad, *SMALL[:6])
+    result = cli("check", bad, *SQUEEZENET)
     assert result.exit_code == 0, result.output
     assert "a\\xff.png" in result.stdout
 

@@ -13,29 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import cli, model_file, one_error_line, reject_constant, strict_lines
 from PIL import Image
-from test_user_model_faults import imgs, model_file, one_error_line  # noqa: F401 - fixture
-from typer.testing import CliRunner
-
-from fgcli.cli import app
-
-
-def run(*args: str):
-    result = CliRunner().invoke(app, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def _no_constant(name: str):
-    raise ValueError(f"not JSON: {name}")
-
-
-def strict_lines(path: Path) -> list[dict]:
-    """Every line of a manifest, parsed by a strict parser (NaN / Infinity refused)."""
-    return [json.loads(line, parse_constant=_no_constant)
-            for line in path.read_text(encoding="utf-8").splitlines()]
-
 
 NAN_WEIGHTS = """
 def build():
@@ -69,7 +48,7 @@ def build():
 
 
 def dump(imgs: Path, out: Path, spec: str, *extra: str):
-    return run("dump", str(imgs), "-o", str(out), "--model", spec, "--workers", "0",
+    return cli("dump", str(imgs), "-o", str(out), "--model", spec, "--workers", "0",
                "--save", "heatmap,map,decomp", *extra)
 
 
@@ -89,7 +68,7 @@ def test_nan_weights_fail_every_image(imgs, tmp_path):
         assert rec["error"] == "non-finite logit (nan) from the model"
     assert "fullgrad: failed:" in result.stderr and "non-finite logit (nan)" in result.stderr
     assert files_of(out) == set()
-    run_json = json.loads((out / "run.json").read_text(), parse_constant=_no_constant)
+    run_json = json.loads((out / "run.json").read_text(), parse_constant=reject_constant)
     assert run_json["counts"] == {"ok": 0, "failed": 4, "skipped": 0}
 
 
@@ -151,14 +130,14 @@ def _explanation(n: int = 3, **broken: int) -> SimpleNamespace:
     ("maps", "non-finite saliency map"),
 ])
 def test_each_non_finite_result_names_its_reason(field, reason):
-    from fgcli.dump.run import _to_host
+    from fgcli.dump.host import to_host as _to_host
 
     host = _to_host(_explanation(**{field: 1}))
     assert host["nonfinite"] == [None, reason, None]
 
 
 def test_non_finite_decomposition_term():
-    from fgcli.dump.run import _to_host
+    from fgcli.dump.host import to_host as _to_host
     from fgcli.engine import CompactDecomposition
 
     exp = _explanation()
@@ -174,7 +153,7 @@ def test_non_finite_decomposition_term():
 def test_non_finite_or_zero_normalisation_is_a_usage_error(command, option, value, imgs,
                                                            tmp_path):
     spec = model_file(tmp_path, "def build():\n    return Net()\n")
-    line = one_error_line(run(command, str(imgs), "-o", str(tmp_path / "out"), "--model", spec,
+    line = one_error_line(cli(command, str(imgs), "-o", str(tmp_path / "out"), "--model", spec,
                               f"{option}={value}"))
     assert option in line
     assert not (tmp_path / "out").exists()
@@ -182,19 +161,19 @@ def test_non_finite_or_zero_normalisation_is_a_usage_error(command, option, valu
 
 def test_non_finite_std_in_a_model_file(imgs, tmp_path):
     spec = model_file(tmp_path, "STD = (float('nan'), 1, 1)\ndef build():\n    return Net()\n")
-    line = one_error_line(run("dump", str(imgs), "-o", str(tmp_path / "out"), "--model", spec))
+    line = one_error_line(cli("dump", str(imgs), "-o", str(tmp_path / "out"), "--model", spec))
     assert "STD must be three finite numbers" in line
 
 
 def test_eval_leaves_non_finite_images_out_and_writes_strict_json(imgs, tmp_path):
     out = tmp_path / "ev"
-    result = run("eval", str(imgs), "-o", str(out), "--model",
+    result = cli("eval", str(imgs), "-o", str(out), "--model",
                  model_file(tmp_path, ON_WHITE.format(value="nan")), "--methods",
                  "fullgrad,random", "--metrics", "perturbation,deletion", "--ks", "50",
                  "--steps", "2", "-q")
     assert result.exit_code == 0, result.output
     assert "fullgrad: failed:" in result.stderr and "white.png" in result.stderr
-    data = json.loads((out / "eval.json").read_text(), parse_constant=_no_constant)
+    data = json.loads((out / "eval.json").read_text(), parse_constant=reject_constant)
     assert [Path(p).name for p in data["images"]] == ["a.png", "b.png", "c.png"]
     assert [(Path(f["input"]).name, f["error"]) for f in data["failed"]] == [
         ("white.png", "non-finite logit (nan) from the model")]
@@ -205,7 +184,7 @@ def test_eval_leaves_non_finite_images_out_and_writes_strict_json(imgs, tmp_path
 
 def test_eval_nan_model_everywhere(imgs, tmp_path):
     """Every image left out: each gets its failed line, then the run stops (exit 2)."""
-    result = run("eval", str(imgs), "-o", str(tmp_path / "ev"), "--model",
+    result = cli("eval", str(imgs), "-o", str(tmp_path / "ev"), "--model",
                  model_file(tmp_path, NAN_WEIGHTS), "--methods", "random",
                  "--metrics", "perturbation", "--ks", "50", "-q")
     assert result.exit_code == 2, result.output
@@ -224,7 +203,7 @@ def test_eval_json_guard_writes_null_for_non_finite():
 
 
 def test_check_on_a_nan_model_fails_with_a_message(tmp_path):
-    result = run("check", "--model", model_file(tmp_path, NAN_WEIGHTS))
+    result = cli("check", "--model", model_file(tmp_path, NAN_WEIGHTS))
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     assert "fullgrad: failed: random(seed=1)#0: non-finite logit (nan) from the model" \

@@ -11,25 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SQUEEZENET_WEIGHTS
+from helpers import PHOTOS, SQUEEZENET, SQUEEZENET_WEIGHTS, cli
 from PIL import Image
-from typer.testing import CliRunner
 
 from fgcli import render
-from fgcli.cli import app
-from fgcli.config import OVERLAY_STYLES, RunConfig, build_config, replace
-from fgcli.data import devicejpeg
+from fgcli.config import OVERLAY_STYLES, ModelSpec, RunConfig, build_config, replace
+from fgcli.data import decode, devicejpeg
 from fgcli.errors import UsageError
+from fgcli.render import device as device_render
 
 # torchvision 0.29 deprecates its codecs (devicejpeg filters this; pytest resets filters)
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
-PHOTOS = ROOT / "examples" / "photos"
 NAMES = ("grace_hopper.jpg", "rocket.jpg")
-SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
-         "--workers", "0", "--quiet"]
-# settings_fingerprint of RunConfig(model="squeezenet1_1", inputs=("x",)) with weights
+SMALL = [*SQUEEZENET, "--workers", "0", "--quiet"]
+# settings_fingerprint of RunConfig(spec=ModelSpec("squeezenet1_1"), inputs=("x",)) with weights
 # identity "w", computed before --overlay existed: default runs must keep resuming
 FINGERPRINT_BEFORE_OVERLAY = "1e0428164f79192e"
 
@@ -99,7 +96,7 @@ def test_numpy_and_torch_heat_are_bit_identical():
     indices = rng.integers(0, 256, (31, 47), dtype=np.uint8)
     chw = (torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(heat).permute(2, 0, 1))
     for alpha in (0.0, 0.1, 0.3, 0.5, 0.77, 1.0):
-        got = devicejpeg.blend_heat(*chw, torch.from_numpy(indices), alpha)
+        got = device_render.blend_heat(*chw, torch.from_numpy(indices), alpha)
         assert got.dtype == torch.uint8
         assert np.array_equal(got.permute(1, 2, 0).numpy(),
                               render.overlay_heat(image, heat, indices, alpha)), alpha
@@ -110,32 +107,32 @@ def test_encode_overlays_heat_style():
     image = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
     heat = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
     indices = rng.integers(0, 256, (24, 32), dtype=np.uint8)
-    (blob,) = devicejpeg.encode_overlays([image], [heat], 0.5, style="heat", indices=[indices])
-    (same,) = devicejpeg.encode_overlays([torch.from_numpy(image).permute(2, 0, 1)], [heat],
+    (blob,) = device_render.encode_overlays([image], [heat], 0.5, style="heat", indices=[indices])
+    (same,) = device_render.encode_overlays([torch.from_numpy(image).permute(2, 0, 1)], [heat],
                                          0.5, style="heat",
                                          indices=[torch.from_numpy(indices)])
     assert blob == same  # array or tensor inputs: one result
     expected = render.overlay_heat(image, heat, indices, 0.5)
-    (direct,) = devicejpeg._encode_jpegs([torch.from_numpy(expected).permute(2, 0, 1)], 90)
+    (direct,) = device_render._encode_jpegs([torch.from_numpy(expected).permute(2, 0, 1)], 90)
     assert blob == direct.numpy().tobytes()  # the encode of exactly the NumPy overlay
     # the existing positional call is still the uniform blend
-    (plain,) = devicejpeg.encode_overlays([image], [heat], 0.5)
+    (plain,) = device_render.encode_overlays([image], [heat], 0.5)
     assert plain != blob
     with pytest.raises(ValueError, match="style heat needs one indices map per original"):
-        devicejpeg.encode_overlays([image], [heat], 0.5, style="heat")
+        device_render.encode_overlays([image], [heat], 0.5, style="heat")
     with pytest.raises(ValueError, match=r"overlay 0: expected \(24, 32\) uint8 indices"):
-        devicejpeg.encode_overlays([image], [heat], 0.5, style="heat", indices=[indices[:3]])
+        device_render.encode_overlays([image], [heat], 0.5, style="heat", indices=[indices[:3]])
     with pytest.raises(ValueError, match="unknown overlay style 'foo'"):
-        devicejpeg.encode_overlays([image], [heat], 0.5, style="foo")
+        device_render.encode_overlays([image], [heat], 0.5, style="foo")
 
 
 # ------------------------------------------------------------------------------ config
 
 def test_config_validates_and_reads_the_toml_key(tmp_path):
     assert OVERLAY_STYLES == ("blend", "heat")
-    assert RunConfig(model="m", inputs=("x",)).overlay == "blend"
+    assert RunConfig(spec=ModelSpec("m"), inputs=("x",)).overlay == "blend"
     with pytest.raises(UsageError, match=r"^--overlay: unknown 'foo'; choose from blend, heat$"):
-        RunConfig(model="m", inputs=("x",), overlay="foo")
+        RunConfig(spec=ModelSpec("m"), inputs=("x",), overlay="foo")
     toml = tmp_path / "run.toml"
     toml.write_text('model = "m"\ninputs = ["x"]\noverlay = "heat"\n')
     assert build_config({}, str(toml)).overlay == "heat"
@@ -146,7 +143,7 @@ def test_config_validates_and_reads_the_toml_key(tmp_path):
 
 
 def test_fingerprint_changes_only_for_heat():
-    cfg = RunConfig(model="squeezenet1_1", inputs=("x",))
+    cfg = RunConfig(spec=ModelSpec("squeezenet1_1"), inputs=("x",))
     assert cfg.settings_fingerprint("w") == FINGERPRINT_BEFORE_OVERLAY
     assert replace(cfg, overlay="blend").settings_fingerprint("w") == FINGERPRINT_BEFORE_OVERLAY
     assert replace(cfg, overlay="heat").settings_fingerprint("w") != FINGERPRINT_BEFORE_OVERLAY
@@ -155,10 +152,7 @@ def test_fingerprint_changes_only_for_heat():
 # ------------------------------------------------------------------------------ fullgrad dump
 
 def invoke(*args: str):
-    result = CliRunner().invoke(app, ["dump", *SMALL, *args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+    return cli("dump", *SMALL, *args)
 
 
 def statuses(out: Path) -> dict[str, str]:
@@ -223,15 +217,15 @@ def photo(name: str) -> np.ndarray:
 
 
 def test_blend_run_keeps_its_fingerprint(runs):
-    from fgcli.models.load import load_model
+    from fgcli.models.load import load
 
-    loaded = load_model("squeezenet1_1", str(SQUEEZENET_WEIGHTS), size=64)
-    cfg = RunConfig(model="squeezenet1_1", weights=str(SQUEEZENET_WEIGHTS), size=64,
+    loaded = load(ModelSpec("squeezenet1_1", str(SQUEEZENET_WEIGHTS), size=64), "cpu")
+    cfg = RunConfig(spec=ModelSpec("squeezenet1_1", str(SQUEEZENET_WEIGHTS), size=64),
                     inputs=("x",))
-    before = cfg.settings_fingerprint(loaded.identity, loaded.preprocessing.interpolation)
+    before = cfg.settings_fingerprint(loaded.config.identity, loaded.config.interpolation)
     assert runs["blend_settings"] == {before}
     heat = replace(cfg, overlay="heat").settings_fingerprint(
-        loaded.identity, loaded.preprocessing.interpolation)
+        loaded.config.identity, loaded.config.interpolation)
     assert runs["heat_settings"] == {heat} and heat != before
     assert runs["blend_run"]["overlay"] == "blend"
     assert json.loads((runs["out"] / "run.json").read_text())["overlay"] == "heat"
@@ -283,7 +277,7 @@ def test_device_jpeg_heat_equals_the_pillow_path(runs):
     for name in NAMES:
         written = decoded(dev / "overlays" / f"{name}.jpg")
         # exact on its own inputs: torchvision's decode of the photo, its heatmap's indices
-        (original,) = devicejpeg.decode_batch([devicejpeg.file_bytes(runs["src"] / name)],
+        (original,) = devicejpeg.decode_batch([decode.file_bytes(runs["src"] / name)],
                                               "cpu")
         expected = heat_formula(original.permute(1, 2, 0).numpy(), dev / "heatmaps" /
                                 f"{name}.png")

@@ -5,7 +5,7 @@ even when their order is not row-major."""
 from __future__ import annotations
 
 import torch
-from conftest import randomise
+from helpers import randomise
 from torch import nn
 
 from fgcli import FullGrad

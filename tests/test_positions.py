@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_images
+from helpers import assert_complete, random_images
 from torch import nn
 
 from fgcli import FullGrad
@@ -151,13 +151,13 @@ def test_swin_batches_and_padded_windows(size, n):
     160: the last stage (5x5) is padded to one 7x7 window; its positions, not its shape,
     place it."""
     import torchvision
-    from conftest import randomise
+    from helpers import randomise
 
     torch.manual_seed(0)
     model = randomise(torchvision.models.swin_t())
     x = random_images(n, size=size)
     exp = FullGrad(model).explain(x, compact=True)
-    assert (exp.residual.abs() <= 1e-4 * exp.logit.abs().clamp(min=1)).all()
+    assert_complete(exp.logit, exp.residual)
     offgrid = torch.stack(list(exp.compact.offgrid.values()))
     scale = max(float(v.abs().max()) for v in exp.compact.layers.values())
     if size == 224:  # no padding anywhere: nothing is off the grid

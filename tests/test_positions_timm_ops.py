@@ -11,7 +11,7 @@ position rule moves sums between pixels and fails.
 from __future__ import annotations
 
 import torch
-from conftest import random_images
+from helpers import random_images
 from torch import nn
 
 from fgcli import FullGrad

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import random_images, randomise
+from helpers import random_images, randomise
 
 from fgcli.engine import (
     PSI_CHOICES,

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SQUEEZENET_WEIGHTS, one_thread
-from typer.testing import CliRunner
+from helpers import PHOTOS, SQUEEZENET, cli, manifest, one_thread
 
-from fgcli.cli import app
-from fgcli.config import RunConfig
+from fgcli.config import ModelSpec, RunConfig
 from fgcli.errors import SetupError
 
 ray = pytest.importorskip("ray")
@@ -26,9 +24,7 @@ pytest.importorskip("ray.data")
 
 from fgcli.distributed import ray_data  # noqa: E402 - after the guard
 
-PHOTOS = ROOT / "examples" / "photos"
-BASE = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
-        "--workers", "0"]
+BASE = [*SQUEEZENET, "--workers", "0"]
 TIMING = ("seconds", "time")
 
 
@@ -45,14 +41,7 @@ def local_ray():
 
 
 def dump(args: list[str]):
-    result = CliRunner().invoke(app, ["dump", *BASE, *args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def manifest(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    return cli("dump", *BASE, *args)
 
 
 def untimed(rec: dict) -> dict:
@@ -84,6 +73,7 @@ def ray_run(local_ray, images, tmp_path_factory):
     return plain, on_ray, first, second
 
 
+@pytest.mark.slow
 def test_ray_matches_a_single_process_run(ray_run):
     plain, on_ray, first, second = ray_run
     assert first.exit_code == second.exit_code == 1  # the broken image
@@ -110,6 +100,7 @@ def test_ray_matches_a_single_process_run(ray_run):
     assert not (on_ray / ".tmp").exists()
 
 
+@pytest.mark.slow
 def test_broken_image_fails_alone_with_one_line(ray_run):
     _, on_ray, _, result = ray_run
     records = {r["key"]: r for r in manifest(on_ray)}
@@ -122,6 +113,7 @@ def test_broken_image_fails_alone_with_one_line(ray_run):
     assert "Traceback" not in result.stderr and "ray::" not in result.stderr
 
 
+@pytest.mark.slow
 def test_second_run_resumes(ray_run, images):
     _, on_ray, _, _ = ray_run
     (on_ray / "maps" / "coffee.png.npy").unlink()  # an output lost: that image again
@@ -135,6 +127,7 @@ def test_second_run_resumes(ray_run, images):
     assert set(status.values()) == {"skipped"}
     assert (on_ray / "maps" / "coffee.png.npy").is_file()
 
+@pytest.mark.slow
 def test_a_plain_runs_output_resumes_on_ray_without_work(local_ray, tmp_path):
     """Nothing left to compute: every line is skipped on the driver, no actor starts."""
     good = tmp_path / "good"
@@ -153,9 +146,9 @@ class _FakeState:
         from fgcli.dump.run import RunReport
         from fgcli.signals import StopSignals
 
-        self.cfg = RunConfig(inputs=("x",), model="m", fail_fast=fail_fast)
+        self.cfg = RunConfig(inputs=("x",), spec=ModelSpec("m"), fail_fast=fail_fast)
         self.report = RunReport()
-        self.stop = StopSignals(installed=False)  # as DumpRun has
+        self.stop = StopSignals(installed=False)  # as the ledger has
         self.halted = None
         self.written: list[dict] = []
 
@@ -193,7 +186,7 @@ def test_fail_fast_stops_at_the_first_failed_record():
     ({"CPU": 32.0, "GPU": 4.0}, 2, (2, "cuda", 1.0, 1.0, None)),
 ])
 def test_plan(resources, actors, want):
-    cfg = RunConfig(inputs=("x",), model="m", ray=True, ray_actors=actors)
+    cfg = RunConfig(inputs=("x",), spec=ModelSpec("m"), ray=True, ray_actors=actors)
     how = ray_data.plan(cfg, resources)
     assert (how.actors, how.device, how.num_gpus, how.actor_cpus, how.threads) == want
     total = how.actors * how.actor_cpus + how.decode_cpus
@@ -201,7 +194,7 @@ def test_plan(resources, actors, want):
 
 
 def test_plan_cuda_without_gpus_is_a_setup_error():
-    cfg = RunConfig(inputs=("x",), model="m", ray=True, device="cuda")
+    cfg = RunConfig(inputs=("x",), spec=ModelSpec("m"), ray=True, device="cuda")
     with pytest.raises(SetupError, match="no GPUs"):
         ray_data.plan(cfg, {"CPU": 8.0})
 

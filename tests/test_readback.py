@@ -13,25 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SQUEEZENET_WEIGHTS
-from typer.testing import CliRunner
+from helpers import PHOTOS, SQUEEZENET, cli
 
-from fgcli.cli import app
-from fgcli.tree.writer import BadLines, TreeFiles, check_record, iter_manifest, parse_line
+from fgcli.tree.manifest import BadLines, TreeFiles, check_record, iter_manifest, parse_line
 
-PHOTOS = ROOT / "examples" / "photos"
-SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
-         "--workers", "0", "--save", "heatmap,overlay,decomp"]
+SMALL = [*SQUEEZENET, "--workers", "0", "--save", "heatmap,overlay,decomp"]
 SECRET = "secret-outside-the-tree"  # the content of a file outside every tree
 BAD = "chelsea.png"  # the record that gets damaged
 GOOD = "coffee.png"  # its neighbour, left alone
-
-
-def invoke(*args: str):
-    result = CliRunner().invoke(app, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception  # a traceback: the test fails with it
-    return result
 
 
 def warnings(result) -> list[str]:
@@ -47,7 +36,7 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
     for name in (BAD, GOOD):
         shutil.copy(PHOTOS / name, imgs / name)
     out = root / "tree"
-    result = invoke("dump", str(imgs), *SMALL, "--out", str(out))
+    result = cli("dump", str(imgs), *SMALL, "--out", str(out))
     assert result.exit_code == 0, result.stderr
     return imgs, out
 
@@ -243,7 +232,7 @@ def test_tree_files_refuse_links_out_of_the_tree(tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_gallery_skips_a_damaged_record(tree, kind):
     damage(tree, kind)
-    result = invoke("gallery", str(tree))
+    result = cli("gallery", str(tree))
     assert result.exit_code == 0, result.stderr
     assert "Traceback" not in result.stderr
     lines = warnings(result)
@@ -262,7 +251,7 @@ def test_merge_drops_a_damaged_line_and_keeps_the_rest(tree, kind):
     shard = tree / "shards" / "0-of-2"
     shard.mkdir(parents=True)
     (tree / "manifest.jsonl").rename(shard / "manifest.jsonl")
-    result = invoke("merge", str(tree))
+    result = cli("merge", str(tree))
     assert result.exit_code == 0, result.stderr
     lines = warnings(result)
     if kind == "symlink-out":  # the line is well formed: merge never opens outputs
@@ -278,7 +267,7 @@ def test_merge_drops_a_damaged_line_and_keeps_the_rest(tree, kind):
 def test_resumed_dump_heals_a_damaged_tree(base, tree, kind):
     imgs = base[0]
     damage(tree, kind)
-    result = invoke("dump", str(imgs), *SMALL, "--out", str(tree))
+    result = cli("dump", str(imgs), *SMALL, "--out", str(tree))
     assert result.exit_code == 0, result.stderr
     lines = warnings(result)
     assert len(lines) == 1, result.stderr
@@ -294,7 +283,7 @@ def test_resumed_dump_heals_a_damaged_tree(base, tree, kind):
     healed = kind in REPLACED or kind == "symlink-out"
     assert recs[BAD]["status"] == ("ok" if healed else "skipped")
     assert (tree.parent / "outside.txt").read_text() == SECRET
-    gallery = invoke("gallery", str(tree))
+    gallery = cli("gallery", str(tree))
     assert gallery.exit_code == 0 and warnings(gallery) == [], gallery.stderr
     assert page_keys(tree) == [BAD, GOOD] and not outside_secrets(tree)
 
@@ -303,15 +292,15 @@ def test_shards_read_a_damaged_main_manifest_without_dropping_it(base, tree):
     """Shards skip the main manifest's bad line (one warning, from shard 0 alone: every
     shard reads that file) but do not rewrite that file; the merge afterwards drops it."""
     damage(tree, "rank-not-int")
-    other = invoke("dump", str(base[0]), *SMALL, "--out", str(tree), "--shard", "1/2")
+    other = cli("dump", str(base[0]), *SMALL, "--out", str(tree), "--shard", "1/2")
     assert other.exit_code == 0 and warnings(other) == [], other.stderr
-    first = invoke("dump", str(base[0]), *SMALL, "--out", str(tree), "--shard", "0/2")
+    first = cli("dump", str(base[0]), *SMALL, "--out", str(tree), "--shard", "0/2")
     assert first.exit_code == 0, first.stderr
     assert warnings(first) == [f"fullgrad: shard 0/2: warning: {tree / 'manifest.jsonl'}: "
                                "skipped 1 malformed line(s) (first: line 1: rank is not a "
                                "positive integer)"]
     assert b'"rank": "x"' in (tree / "manifest.jsonl").read_bytes()
-    merged = invoke("merge", str(tree))
+    merged = cli("merge", str(tree))
     assert merged.exit_code == 0 and len(warnings(merged)) == 1, merged.stderr
     recs = {r["key"]: r for r in assert_strict_and_valid(tree / "manifest.jsonl")}
     assert sorted(recs) == [BAD, GOOD]
@@ -361,7 +350,7 @@ def test_merge_names_stale_shards_and_loses_no_result(tree):
     }.items():
         (shards / name).mkdir(parents=True)
         (shards / name / "manifest.jsonl").write_bytes(body)
-    result = invoke("merge", str(tree))
+    result = cli("merge", str(tree))
     assert result.exit_code == 0, result.stderr
     assert warnings(result) == [
         "fullgrad: warning: shards 1-of-3 are from another shard count than 0-of-2, 1-of-2; "
@@ -377,7 +366,7 @@ def test_merge_of_one_count_has_no_warning(tree):
         (tree / "shards" / f"{i}-of-2").mkdir(parents=True)
         (tree / "shards" / f"{i}-of-2" / "manifest.jsonl").write_bytes(
             json.dumps(rec).encode() + b"\n")
-    result = invoke("merge", str(tree))
+    result = cli("merge", str(tree))
     assert result.exit_code == 0 and warnings(result) == [], result.stderr
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE
+from helpers import REFERENCE
 
 from fgcli import FullGrad, SimpleFullGrad
 from fgcli.engine.layout import layout_of
@@ -65,6 +65,7 @@ def test_resnet18_maps_match_reference(resnet18_ref, ref_resnet18, method, key):
     assert (rel <= CHAOS_BOUND).all(), rel
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,key", [(FullGrad, "fullgrad"), (SimpleFullGrad, "simple_fullgrad")])
 def test_vgg16_bn_maps_match_reference_within_float_chaos(vgg16_bn_ref, ref_vgg16_bn, method, key):
     x = torch.from_numpy(ref_vgg16_bn["inputs"])
@@ -102,7 +103,8 @@ def test_resnet18_bias_gradients_match_reference_tensors(resnet18_ref, ref_resne
                                    rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("model_name", ["resnet18", "vgg16_bn"])
+@pytest.mark.parametrize("model_name", [
+    "resnet18", pytest.param("vgg16_bn", marks=pytest.mark.slow)])  # vgg16_bn: the full tier
 def test_decomposition_matches_reference(request, model_name):
     model = request.getfixturevalue(f"{model_name}_ref")
     ref = request.getfixturevalue(f"ref_{model_name}")

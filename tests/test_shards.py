@@ -11,28 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SQUEEZENET_WEIGHTS, one_thread
-from typer.testing import CliRunner
+from helpers import PHOTOS, SQUEEZENET, cli, one_thread
 
-from fgcli.cli import app
 from fgcli.tree.shards import Shard, shard_of
 
-PHOTOS = ROOT / "examples" / "photos"
-SMALL = ["--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), "--size", "64",
-         "--workers", "0"]
+SMALL = [*SQUEEZENET, "--workers", "0"]
 TIMING = ("seconds", "time")
 FLOATS = ("logit", "prob", "residual")
 
 
-def invoke(*args: str, **kwargs):
-    result = CliRunner().invoke(app, list(args), **kwargs)
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
 def dump(inputs: Path | str, out: Path, *extra: str):
-    return invoke("dump", str(inputs), *SMALL, "--out", str(out), *extra)
+    return cli("dump", str(inputs), *SMALL, "--out", str(out), *extra)
 
 
 def records(path: Path) -> list[dict]:
@@ -116,8 +105,8 @@ def test_shard_membership_does_not_depend_on_the_listing(tmp_path, images):
     backward.write_text("\n".join(reversed(files)) + "\n")
     got = []
     for listing, out in ((forward, tmp_path / "a"), (backward, tmp_path / "b")):
-        result = invoke("dump", "--files-from", str(listing), *SMALL, "--out", str(out),
-                        "--shard", "1/2", "--save", "map")
+        result = cli("dump", "--files-from", str(listing), *SMALL, "--out", str(out),
+                     "--shard", "1/2", "--save", "map")
         assert result.exit_code == 0, result.stderr
         got.append({r["key"] for r in records(out / "shards" / "1-of-2" / "manifest.jsonl")})
     assert got[0] == got[1] and 0 < len(got[0]) < len(files)
@@ -125,6 +114,7 @@ def test_shard_membership_does_not_depend_on_the_listing(tmp_path, images):
 
 # -- shards side by side, and merged ---------------------------------------------------
 
+@pytest.mark.slow
 def test_concurrent_shard_processes_equal_a_single_run(tmp_path, images):
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     script = Path(sys.executable).with_name("fullgrad")
@@ -145,7 +135,7 @@ def test_concurrent_shard_processes_equal_a_single_run(tmp_path, images):
     assert not (sharded / "manifest.jsonl").exists()
     assert len(list((sharded / "shards").iterdir())) == 3
 
-    merged = invoke("merge", str(sharded))
+    merged = cli("merge", str(sharded))
     assert merged.exit_code == 0, merged.stderr
     assert "merged 3 shard(s)" in merged.stderr and "failed 1" in merged.stderr
     assert not (sharded / "shards").exists()
@@ -183,7 +173,7 @@ def test_merge_after_a_crashed_and_resumed_shard(tmp_path, images):
     (out / "shards" / "1-of-2" / "run.json").unlink()
     (out / "shards" / "1-of-2" / ".fullgrad.lock").write_text(
         json.dumps({"pid": 999999, "host": "gone", "command": ["x"]}))
-    partial = invoke("merge", str(out))  # merging a crashed shard keeps what it finished
+    partial = cli("merge", str(out))  # merging a crashed shard keeps what it finished
     assert partial.exit_code == 0, partial.stderr
     merged_once = comparable(out)
     assert (json.loads(lines[0])["key"], None) in merged_once
@@ -194,13 +184,13 @@ def test_merge_after_a_crashed_and_resumed_shard(tmp_path, images):
     status = {r["key"]: r["status"] for r in shard1}
     assert status[json.loads(lines[0])["key"]] == "skipped"  # done before the crash
     assert status[gone["key"]] == "ok"  # its file was lost: computed again
-    assert invoke("merge", str(out)).exit_code == 0
+    assert cli("merge", str(out)).exit_code == 0
     final = comparable(out)
     everything = {p.relative_to(images).as_posix() for p in images.rglob("*") if p.is_file()}
     assert {key for key, _ in final} == everything  # every image once
     assert all((out / rel).is_file() for rec in final.values() for rel in rec["outputs"].values())
     before = (out / "manifest.jsonl").read_bytes()
-    again = invoke("merge", str(out))
+    again = cli("merge", str(out))
     assert again.exit_code == 0 and "no shards to merge" in again.stderr
     assert (out / "manifest.jsonl").read_bytes() == before
 
@@ -212,7 +202,7 @@ def test_newest_record_of_a_key_wins_the_merge(tmp_path, images):
     (images / "broken.jpg").write_bytes((PHOTOS / "rocket.jpg").read_bytes())  # mended
     owner = shard_of("broken.jpg", 2)
     assert dump(images, out, "--shard", f"{owner}/2").exit_code == 0
-    invoke("merge", str(out))
+    cli("merge", str(out))
     final = comparable(out)
     assert final[("broken.jpg", None)]["status"] == "ok"
     assert {r["status"] for k, r in final.items() if k[0] != "broken.jpg"} == {"ok", "skipped"}
@@ -241,7 +231,7 @@ def test_plain_run_refused_while_a_shard_runs_and_the_reverse(tmp_path):
         assert plain.exit_code == 2
         assert "1 running shard(s)" in plain.stderr and f"shard 1-of-2 by pid {holder.pid}" in \
             plain.stderr
-        merge = invoke("merge", str(out))
+        merge = cli("merge", str(out))
         assert merge.exit_code == 2 and f"pid {holder.pid}" in merge.stderr
         same = dump(PHOTOS / "coffee.png", out, "--shard", "1/2")
         assert same.exit_code == 2 and f"shard 1-of-2 of {out} is in use by pid " \
@@ -270,8 +260,8 @@ def test_quiet_keeps_failures_and_empty_inputs_on_stderr(tmp_path, images):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
-    result = invoke("dump", str(images), str(empty), *SMALL, "--out", str(tmp_path / "out"),
-                    "-q")
+    result = cli("dump", str(images), str(empty), *SMALL, "--out", str(tmp_path / "out"),
+                 "-q")
     assert result.exit_code == 1
     lines = sorted(result.stderr.splitlines())
     assert lines == [f"fullgrad: failed: {images / 'broken.jpg'}: not an image Pillow can read",
@@ -279,8 +269,8 @@ def test_quiet_keeps_failures_and_empty_inputs_on_stderr(tmp_path, images):
                      "(extensions: .jpg, .png, .webp, ... see the README)"]
     listing = tmp_path / "list.txt"
     listing.write_text("")
-    only = invoke("dump", "--files-from", str(listing), *SMALL, "--out", str(tmp_path / "o2"),
-                  "-q")
+    only = cli("dump", "--files-from", str(listing), *SMALL, "--out", str(tmp_path / "o2"),
+               "-q")
     assert only.exit_code == 0
     assert only.stderr.strip() == f"fullgrad: warning: --files-from {listing}: the file " \
                                   "lists no paths"
@@ -289,8 +279,8 @@ def test_quiet_keeps_failures_and_empty_inputs_on_stderr(tmp_path, images):
 def test_shard_warns_of_empty_inputs_once(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    first = invoke("dump", str(empty), *SMALL, "--out", str(tmp_path / "o"), "--shard", "0/2")
-    second = invoke("dump", str(empty), *SMALL, "--out", str(tmp_path / "o"), "--shard", "1/2")
+    first = cli("dump", str(empty), *SMALL, "--out", str(tmp_path / "o"), "--shard", "0/2")
+    second = cli("dump", str(empty), *SMALL, "--out", str(tmp_path / "o"), "--shard", "1/2")
     assert "shard 0/2: warning:" in first.stderr and "no image files" in first.stderr
     assert "no image files" not in second.stderr
 
@@ -332,6 +322,6 @@ def test_refused_shards_leave_no_folder_and_merge_skips_empty_ones(tmp_path):
         holder.kill()
         holder.wait()
     # the killed holder left an empty folder with a lock: merge drops it, reports nothing
-    result = invoke("merge", str(out))
+    result = cli("merge", str(out))
     assert result.exit_code == 0 and "no shards to merge" in result.stderr
     assert not (out / "shards").exists() and not (out / "run.json").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_complete
 
 timm = pytest.importorskip("timm")
 
@@ -56,7 +57,7 @@ def _check(name: str) -> None:
     x = calibration_batch(size, seed=1, n=2)
     exp = FullGrad(model).explain(x, compact=True)
     logit = exp.logit.double()
-    assert (exp.residual.abs() <= TOLERANCE * logit.abs().clamp(min=1)).all(), exp.residual
+    assert_complete(logit, exp.residual, rel=TOLERANCE)
     assert torch.isfinite(exp.maps).all() and exp.maps.shape == (2, 1, *size)
     # every layer's terms went to their own image, whatever the layout
     assert {layer.split for layer in exp.layers} == {"images"}

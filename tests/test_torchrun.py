@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_thread
+from helpers import one_thread
 from test_shards import SMALL, assert_same_records, comparable, dump, hold
 
 from fgcli.distributed.torchrun import RankEnv, _wait_for, rank_device, rank_env
@@ -32,6 +32,7 @@ def ours(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("fullgrad:")]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_a_single_run_and_resume(tmp_path, images):
     out, single = tmp_path / "ranks", tmp_path / "single"
     run = torchrun("dump", str(images), *SMALL, "--out", str(out), "--gallery")
@@ -68,6 +69,7 @@ def test_two_gloo_ranks_equal_a_single_run_and_resume(tmp_path, images):
     assert set(statuses.values()) == {"skipped"} and len(statuses) == 6
 
 
+@pytest.mark.slow
 def test_a_rank_that_cannot_start_stops_the_job_cleanly(tmp_path, images):
     out = tmp_path / "out"
     holder = hold(out, "1-of-2")  # shard 1 is busy: rank 1 cannot take it
@@ -157,15 +159,15 @@ def test_heartbeat_stops_when_the_main_thread_makes_no_progress(monkeypatch):
 
 
 def test_under_torchrun_stdin_and_a_missing_master_are_clear_errors(tmp_path, monkeypatch):
-    from test_shards import invoke
+    from helpers import cli
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
-    listed = invoke("dump", "-", *SMALL, "--out", str(tmp_path / "o"), input="x.jpg\n")
+    listed = cli("dump", "-", *SMALL, "--out", str(tmp_path / "o"), input="x.jpg\n")
     assert listed.exit_code == 2 and "--files-from FILE" in listed.stderr
-    bare = invoke("dump", str(Path(__file__)), *SMALL, "--out", str(tmp_path / "o"))
+    bare = cli("dump", str(Path(__file__)), *SMALL, "--out", str(tmp_path / "o"))
     assert bare.exit_code == 2
     assert "RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT not" in bare.stderr
 
@@ -187,10 +189,10 @@ def test_rank_environment():
 
 
 def test_shard_option_is_refused_under_torchrun(tmp_path, monkeypatch):
-    from test_shards import invoke
+    from helpers import cli
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    result = invoke("dump", str(Path(__file__)), *SMALL, "--out", str(tmp_path / "o"),
-                    "--shard", "0/2")
+    result = cli("dump", str(Path(__file__)), *SMALL, "--out", str(tmp_path / "o"),
+                 "--shard", "0/2")
     assert result.exit_code == 2 and "under torchrun each rank takes shard" in result.stderr

@@ -5,14 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, SQUEEZENET_WEIGHTS, random_images, randomise
+from helpers import PHOTOS, SQUEEZENET_WEIGHTS, random_images, randomise
 from typer.testing import CliRunner
 
 from fgcli import FullGrad
 from fgcli.cli import app
-
-PHOTOS = ROOT / "examples" / "photos"
-
 
 TRANSFORMER_LAYOUTS = {"tokens", "nhwc", "tracked"}
 

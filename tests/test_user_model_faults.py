@@ -9,79 +9,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import ROOT
-from PIL import Image
-from typer.testing import CliRunner
+from helpers import ROOT, cli, model_file, one_error_line
 
-from fgcli.cli import app
 from fgcli.errors import SIGNALLED, SetupError
-
-NET = '''
-import torch
-from torch import nn
-
-INPUT_SIZE = 16
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.25, 0.25, 0.25)
-
-
-class Net(nn.Module):
-    def __init__(self, n=3):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.head = nn.Linear(4, n)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
-'''
-
-
-def model_file(folder: Path, body: str, name: str = "net.py") -> str:
-    """Write NET plus ``body`` to ``folder/name``; returns its ``file.py:build`` spec."""
-    path = folder / name
-    path.write_text(NET + textwrap.dedent(body))
-    return f"{path}:build"
-
-
-@pytest.fixture()
-def imgs(tmp_path: Path) -> Path:
-    """Three small noise images and a white one (sorted: a, b, c, white)."""
-    root = tmp_path / "imgs"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for name in ("a", "b", "c"):
-        noise = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
-        Image.fromarray(noise).save(root / f"{name}.png")
-    Image.new("RGB", (20, 20), (255, 255, 255)).save(root / "white.png")
-    return root
-
-
-def run(*args: str):
-    result = CliRunner().invoke(app, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def dump(imgs: Path, out: Path, spec: str, *extra: str):
-    return run("dump", str(imgs), "-o", str(out), "--model", spec, "--workers", "0", "-q",
+    return cli("dump", str(imgs), "-o", str(out), "--model", spec, "--workers", "0", "-q",
                *extra)
-
-
-def one_error_line(result) -> str:
-    """The single ``fullgrad: error:`` line of a run that failed with exit 2."""
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("fullgrad: error: ")
-    assert "usage:" not in result.output and "Traceback" not in result.output
-    return lines[0]
 
 
 # -- sys.exit, argparse, KeyboardInterrupt -----------------------------------------------
@@ -101,12 +40,13 @@ def test_sys_exit_at_import_is_the_models_failure(command, imgs, tmp_path):
     args = {"dump": ["dump", str(imgs), "-o", str(out)],
             "eval": ["eval", str(imgs), "-o", str(out)],
             "check": ["check"]}[command]
-    line = one_error_line(run(*args, "--model", spec))
+    line = one_error_line(cli(*args, "--model", spec))
     assert "model file" in line and "net.py exited with code 0 while being imported" in line
     assert 'if __name__ == "__main__"' in line
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_sys_exit_at_import_in_a_real_process(imgs, tmp_path):
     """The reported case: `dump` exited 0 having done nothing."""
     spec = model_file(tmp_path, EXIT_AT_IMPORT)
@@ -268,15 +208,16 @@ def test_zero_classes(imgs, tmp_path):
     """)
     for command in (["dump", str(imgs), "-o", str(tmp_path / "out")], ["check"],
                     ["eval", str(imgs), "-o", str(tmp_path / "ev")]):
-        line = one_error_line(run(*command, "--model", spec, "--model-arg", "n=0"))
+        line = one_error_line(cli(*command, "--model", spec, "--model-arg", "n=0"))
         assert "the model has no classes" in line and "(2, 0)" in line
 
 
 def test_zero_classes_of_a_torchvision_head():
-    from fgcli.models.load import load_model
+    from fgcli.config import ModelSpec
+    from fgcli.models.load import load
 
     with pytest.raises(SetupError, match="no classes"):
-        load_model("squeezenet1_1", "none", model_args={"num_classes": 0}, size=32)
+        load(ModelSpec("squeezenet1_1", "none", ("num_classes=0",), size=32), "cpu")
 
 
 def test_integer_logits(imgs, tmp_path):
@@ -316,9 +257,10 @@ def test_in_place_input_changes_work_and_stay_complete(op, imgs, tmp_path):
     result = check_model(spec, "random", alone=True)
     assert result.ok and result.worst < 1e-5, [(i.logit, i.residual) for i in result.images]
     # the caller's batch is not changed, and the input term is taken on it
-    from fgcli.models.load import load_model
+    from fgcli.config import ModelSpec
+    from fgcli.models.load import load
 
-    model = load_model(spec, "random").model
+    model = load(ModelSpec(spec, "random"), "cpu").model
     x = torch.randn(2, 3, 16, 16)
     before = x.clone()
     dec = FullGrad(model).decompose(x)
@@ -339,7 +281,7 @@ def test_in_place_input_changes_in_eval(imgs, tmp_path):
     def build():
         return InPlace()
     """)
-    result = run("eval", str(imgs), "-o", str(tmp_path / "ev"), "--model", spec,
+    result = cli("eval", str(imgs), "-o", str(tmp_path / "ev"), "--model", spec,
                  "--methods", "fullgrad,gradient", "--metrics", "perturbation", "--ks", "50",
                  "-q")
     assert result.exit_code == 0, result.output

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from fgcli.config import DEFAULT_MAX_PIXELS
+from fgcli.config import ModelSpec, model_arg_pairs
 from fgcli.engine.ops import CLOSED_FORM_KINDS, IMPLICIT_KINDS
+from fgcli.models.outputs import nonfinite_logit
 
 TOLERANCE = 1e-4  # |residual| <= TOLERANCE * max(1, |logit|), float32
 
@@ -45,7 +46,7 @@ class ImageCheck:
         """Why completeness cannot hold at all: a NaN or infinite logit or residual
         (NaN weights, a model that overflows); None when both are finite numbers."""
         if not math.isfinite(self.logit):
-            return f"non-finite logit ({self.logit}) from the model"
+            return nonfinite_logit(self.logit)
         if not math.isfinite(self.residual):
             return f"non-finite completeness residual ({self.residual})"
         return None
@@ -128,41 +129,47 @@ def random_inputs(size: tuple[int, int], n: int = 2, seed: int = 1
     return calibration_batch(size, seed=seed, n=n), [f"random(seed={seed})#{i}" for i in range(n)]
 
 
-def check_model(spec: str, weights: str = "random", device: torch.device | str = "cpu", *,
-                size: int | None = None, smallest: bool = False,
-                model_args: dict[str, Any] | None = None, trust_pickle: bool = False,
-                images: Sequence[str] = (), alone: bool = True) -> ModelCheck:
-    """Load a model (any ``--model`` form) and check its decomposition on ``images``, or
-    on :func:`random_inputs` without them (``alone``: each image on its own too, see
-    :func:`check_batch`). Raises UsageError for an image that cannot be read, SetupError /
-    UsageError for the model."""
-    from fgcli.data.decode import DecodeError, decode, preprocess
-    from fgcli.errors import UsageError
-    from fgcli.models.load import load_model
-    from fgcli.names import display
-
-    loaded = load_model(spec, weights, size=size, smallest=smallest, model_args=model_args,
-                        trust_pickle=trust_pickle)
-    proc = loaded.preprocessing
-    if images:
-        batch = []
-        for path in images:
-            try:
-                x, _ = preprocess(decode(path, DEFAULT_MAX_PIXELS), proc.size, proc.crop,
-                                  proc.resize, proc.mean, proc.std, proc.interpolation)
-            except DecodeError as exc:
-                raise UsageError(f"{display(path)}: {exc}") from exc
-            batch.append(x)
-        x, labels = torch.stack(batch), [display(p) for p in images]  # printable
-    else:
-        x, labels = random_inputs(proc.size)
+def check_model(spec: str | ModelSpec, weights: str = "random",
+                device: torch.device | str = "cpu", *, size: int | None = None,
+                smallest: bool = False, model_args: dict[str, Any] | None = None,
+                trust_pickle: bool = False, images: Sequence[str] = (),
+                alone: bool = True) -> ModelCheck:
+    """Load a model (a :class:`ModelSpec`, or any ``--model`` form with the other model
+    options) and check its decomposition on ``images``, or on :func:`random_inputs`
+    without them (``alone``: each image on its own too, see :func:`check_batch`). Raises
+    UsageError for an image that cannot be read, SetupError / UsageError for the model."""
+    from fgcli.models.load import load
     from fgcli.models.sources.usercode import FORWARD_HINT, user_code
 
-    with user_code(f"model {spec}", "being checked", FORWARD_HINT):
-        result = check_batch(loaded.model.to(device), loaded.name, x.to(device), labels,
-                             alone)
-    result.weights = loaded.weights
+    if not isinstance(spec, ModelSpec):
+        spec = ModelSpec(spec, weights, model_arg_pairs(model_args or {}), trust_pickle, size)
+    loaded = load(spec, device, smallest=smallest)
+    x, labels = _inputs(images, loaded.config, spec.max_pixels)
+    with user_code(f"model {spec.model}", "being checked", FORWARD_HINT):
+        result = check_batch(loaded.model, loaded.config.name, x.to(device), labels, alone)
+    result.weights = loaded.config.weights
     return result
+
+
+def _inputs(images: Sequence[str], config: Any, max_pixels: int
+            ) -> tuple[torch.Tensor, list[str]]:
+    """The images preprocessed as ``config`` says, or :func:`random_inputs` without any;
+    and their printable names."""
+    from fgcli.data.decode import DecodeError, decode, preprocess
+    from fgcli.errors import UsageError
+    from fgcli.names import display
+
+    if not images:
+        return random_inputs(config.size)
+    batch = []
+    for path in images:
+        try:
+            x, _ = preprocess(decode(path, max_pixels), config.size, config.crop,
+                              config.resize, config.mean, config.std, config.interpolation)
+        except DecodeError as exc:
+            raise UsageError(f"{display(path)}: {exc}") from exc
+        batch.append(x)
+    return torch.stack(batch), [display(p) for p in images]
 
 
 def kind_summary(kinds: Counter) -> str:

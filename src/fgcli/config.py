@@ -26,20 +26,62 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-class Method(str, enum.Enum):
-    fullgrad = "fullgrad"
-    simple = "simple"
-    smooth = "smooth"
-
-
 OUTPUT_KINDS = ("heatmap", "overlay", "map", "decomp")
 # fgcli.engine.PSI_CHOICES, repeated here so that option parsing needs no torch
 PSI_NAMES = ("abs-rescale", "signed", "abs", "positive")
 # overlay styles (fgcli.render.overlay_style): uniform blend, or heat weighted by saliency
 OVERLAY_STYLES = ("blend", "heat")
 DEFAULT_SAVE = ("heatmap", "overlay", "map")
+# The saliency methods of ``dump --method``, declared here, in the torch-free base layer,
+# because option parsing (``--help``, a TOML ``method = ...``) must check a name without
+# importing the engine, and nothing here may import a layer above. The engine's registry
+# (fgcli.engine.build) implements exactly these: its ``register`` refuses a name not
+# declared here, and tests/test_registries.py fails on a declared name it cannot build.
+# ``Method`` is the same list as the str enum typer's choices and the config field use.
+METHOD_NAMES = ("fullgrad", "simple", "smooth")
+Method = enum.Enum("Method", {name: name for name in METHOD_NAMES}, type=str,
+                   module=__name__)
+
 # Pillow refuses images above twice its default limit; we keep that threshold.
 DEFAULT_MAX_PIXELS = 178_956_970
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model, with which weights, fed how: the options ``dump``, ``eval`` (and, in
+    part, ``check``) share. Field names are the long option names and TOML keys;
+    :func:`fgcli.models.load.load` turns a spec into a placed, frozen model.
+
+    ``model`` may be empty here: each command says in its own words that it is required.
+    """
+
+    model: str = ""
+    weights: str = "DEFAULT"
+    model_args: tuple[str, ...] = ()  # key=value, values TOML literals (see parse_model_args)
+    trust_pickle: bool = False
+    size: int | None = None
+    crop: bool = False
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    labels: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        check_not_blank({"--labels": self.labels, "--weights": self.weights})
+        if self.size is not None and self.size < 8:
+            raise UsageError("--size must be >= 8")
+        if self.max_pixels < 1:
+            raise UsageError("--max-pixels must be >= 1")
+        parse_model_args(self.model_args)  # malformed key=value pairs fail here, early
+        check_normalisation(self.mean, self.std)
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        """``model_args`` as keyword arguments (:func:`parse_model_args`)."""
+        return parse_model_args(self.model_args)
+
+
+SPEC_FIELDS = tuple(f.name for f in fields(ModelSpec))
 
 
 @dataclass(frozen=True)
@@ -49,10 +91,7 @@ class RunConfig:
     inputs: tuple[str, ...] = ()
     files_from: str | None = None
     null: bool = False
-    model: str = ""
-    weights: str = "DEFAULT"
-    model_args: tuple[str, ...] = ()  # key=value, values TOML literals (see parse_model_args)
-    trust_pickle: bool = False
+    spec: ModelSpec = field(default_factory=ModelSpec)  # model, weights, size, mean, ...
     method: Method = Method.fullgrad
     psi: str = "abs-rescale"  # post-processing of each term: abs-rescale, signed, abs, positive
     layers: str | None = None  # layers in the map: name patterns (a,b) or K (the last K)
@@ -62,11 +101,6 @@ class RunConfig:
     device: str = "auto"
     batch_size: int | None = None  # None: 32 on a GPU, 8 on the CPU
     workers: int | None = None  # None: min(4, cores - 1), at least 1
-    size: int | None = None
-    crop: bool = False
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    labels: str | None = None
     target: str = "pred"
     topk: int | None = None
     out: str = "fullgrad-out"
@@ -74,7 +108,6 @@ class RunConfig:
     colormap: str = "inferno"
     alpha: float = 0.5
     overlay: str = "blend"  # overlay style: blend (uniform alpha) or heat (see render)
-    max_pixels: int = DEFAULT_MAX_PIXELS
     amp: bool = False
     channels_last: bool = False
     device_jpeg: bool | None = None  # None: on where devicejpeg.available(device)
@@ -92,8 +125,7 @@ class RunConfig:
     command: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
-        check_not_blank({"--out": self.out, "--labels": self.labels,
-                         "--files-from": self.files_from, "--weights": self.weights,
+        check_not_blank({"--out": self.out, "--files-from": self.files_from,
                          "--target": self.target, "--layers": self.layers,
                          "--shard": self.shard, "--ray-address": self.ray_address})
         if "" in self.inputs:
@@ -107,15 +139,13 @@ class RunConfig:
         checks = [
             (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1"),
             (self.workers is None or self.workers >= 0, "--workers must be >= 0"),
-            (self.size is None or self.size >= 8, "--size must be >= 8"),
             (self.topk is None or self.topk >= 1, "--topk must be >= 1"),
             (self.samples >= 1, "--samples must be >= 1"),
             (self.sigma >= 0, "--sigma must be >= 0"),
             (0.0 <= self.alpha <= 1.0, "--alpha must be between 0 and 1"),
-            (self.max_pixels >= 1, "--max-pixels must be >= 1"),
             (self.ray_actors is None or self.ray_actors >= 1, "--ray-actors must be >= 1"),
             (self.dist_timeout > 0, "--dist-timeout must be > 0"),
-            (bool(self.model.strip()), "--model is required (see `fullgrad models`)"),
+            (bool(self.spec.model.strip()), "--model is required (see `fullgrad models`)"),
             (bool(self.inputs) or self.files_from is not None,
              "give at least one input: a directory, an image, - for a list on stdin, "
              "or --files-from FILE"),
@@ -123,8 +153,6 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
-        parse_model_args(self.model_args)  # malformed key=value pairs fail here, early
-        check_normalisation(self.mean, self.std)
         if self.topk is not None and self.target != "pred":
             raise UsageError("--topk and --target exclude each other")
         if self.psi not in PSI_NAMES:
@@ -144,12 +172,14 @@ class RunConfig:
         one earlier versions wrote, so their runs still resume). So do ``--psi``,
         ``--layers`` and ``--overlay`` when not their defaults.
         """
+        spec = self.spec
         keys = ("model", "method", "size", "crop", "mean", "std", "labels", "target",
                 "topk", "save", "colormap", "alpha", "amp")
-        data: dict[str, Any] = {k: _plain(getattr(self, k)) for k in keys}
+        data: dict[str, Any] = {k: _plain(getattr(spec if k in SPEC_FIELDS else self, k))
+                                for k in keys}
         data["weights"] = weights_identity
-        if self.model_args:
-            data["model_args"] = sorted(self.model_args)
+        if spec.model_args:
+            data["model_args"] = sorted(spec.model_args)
         if interpolation != "bilinear":
             data["interpolation"] = interpolation
         if self.method is Method.smooth:
@@ -188,19 +218,32 @@ def check_not_blank(values: Mapping[str, str | None]) -> None:
             raise UsageError(f"{option}: empty value; {hint}")
 
 
+def normalisation_fault(value: tuple[float, ...], positive: bool = False) -> str | None:
+    """What is wrong with a mean or std, if anything: ``"count"`` (not three numbers),
+    ``"finite"`` (a NaN or an infinity) or, with ``positive`` (a std), ``"positive"`` (a
+    value <= 0); None when it is fine. The one check of both ``--mean`` / ``--std`` and a
+    user model's ``MEAN`` / ``STD``; each caller words its own message."""
+    if len(value) != 3:
+        return "count"
+    if not all(math.isfinite(v) for v in value):
+        return "finite"
+    if positive and min(value) <= 0:
+        return "positive"
+    return None
+
+
 def check_normalisation(mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
     """--mean / --std: three finite numbers each, every std > 0 (a NaN or a zero std
     would make every image's input, and so its map, NaN or infinite)."""
     for name, value in (("mean", mean), ("std", std)):
-        if value is None:
-            continue
-        if len(value) != 3:
+        fault = None if value is None else normalisation_fault(value, name == "std")
+        if fault == "count":
             raise UsageError(f"--{name} takes three numbers (R,G,B), got {value!r}")
-        if not all(math.isfinite(v) for v in value):
+        if fault == "finite":
             raise UsageError(f"--{name}: {','.join(str(v) for v in value)} holds a "
                              "non-finite number; give three finite numbers (R,G,B)")
-    if std is not None and min(std) <= 0:
-        raise UsageError("--std values must be > 0")
+        if fault == "positive":
+            raise UsageError("--std values must be > 0")
 
 
 def parse_model_args(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -227,6 +270,11 @@ def parse_model_args(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return out
 
 
+def model_arg_pairs(args: Mapping[str, Any]) -> tuple[str, ...]:
+    """Keyword arguments as the ``key=value`` pairs :func:`parse_model_args` reads back."""
+    return tuple(f"{k}={_toml_literal(v)}" for k, v in args.items())
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
@@ -241,11 +289,11 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         try:
             return Method(str(value))
         except ValueError as exc:
-            raise UsageError(f"config: method must be one of fullgrad, simple, smooth; "
+            raise UsageError(f"config: method must be one of {', '.join(METHOD_NAMES)}; "
                              f"got {value!r}") from exc
     if name == "model_args":
         if isinstance(value, dict):  # a TOML table: [model-args] depth = 4
-            return tuple(f"{k}={_toml_literal(v)}" for k, v in value.items())
+            return model_arg_pairs(value)
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -310,11 +358,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"--config: {p}: cannot read it ({exc})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"--config: {p}: not valid TOML ({exc})") from exc
-    defaults = {f.name: f.default for f in fields(RunConfig)}
+    defaults = {f.name: f.default for f in (*fields(ModelSpec), *fields(RunConfig))}
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
-        if name not in defaults or name in ("command",):
+        if name not in defaults or name in ("command", "spec"):
             raise UsageError(f"--config: {p}: unknown option {key!r}")
         out[name] = _coerce(name, value, defaults[name])
     return out
@@ -335,9 +383,22 @@ def from_options(cls: type[T], values: Mapping[str, Any], config_file: str | Non
         if value is not None:
             merged[key] = value
     try:
-        return cls(**merged)
+        return cls(**_nest_spec(cls, merged))
     except TypeError as exc:  # pragma: no cover - programming error
         raise UsageError(str(exc)) from exc
+
+
+def _nest_spec(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the :class:`ModelSpec` option names (``model``, ``size``...) moved
+    into a ``spec`` field, for a config class that has one (RunConfig, EvalConfig)."""
+    if "spec" not in {f.name for f in fields(cls)}:
+        return values
+    flat = {k: v for k, v in values.items() if k in SPEC_FIELDS}
+    rest = {k: v for k, v in values.items() if k not in SPEC_FIELDS}
+    if flat:
+        base = rest.get("spec", ModelSpec())
+        rest["spec"] = dataclasses.replace(base, **flat)
+    return rest
 
 
 def build_config(cli: Mapping[str, Any], config_file: str | None = None) -> RunConfig:
@@ -345,5 +406,8 @@ def build_config(cli: Mapping[str, Any], config_file: str | None = None) -> RunC
     return from_options(RunConfig, cli, config_file)
 
 
-def replace(cfg: RunConfig, **changes: Any) -> RunConfig:
-    return dataclasses.replace(cfg, **changes)
+def replace(cfg: T, **changes: Any) -> T:
+    """``cfg`` with some options changed; model spec names (``size=64``) change its spec."""
+    nested = _nest_spec(type(cfg), {"spec": cfg.spec, **changes} if any(
+        k in SPEC_FIELDS for k in changes) else changes)
+    return dataclasses.replace(cfg, **nested)  # type: ignore[type-var]

@@ -54,19 +54,13 @@ from typing import Any, Literal
 
 import torch
 
-from fgcli.data.decode import is_jpeg
-from fgcli.data.decode import Batch, Box, DecodeError, resize_normalise
+from fgcli.data.decode import Batch, Box, DecodeError, is_jpeg, resize_normalise
 
 __all__ = [
     "JpegHeader",
     "apply_orientation",
     "available",
-    "blend",
-    "blend_heat",
     "decode_batch",
-    "encode_overlays",
-    "file_bytes",
-    "is_jpeg",
     "jpeg_header",
     "preprocess_on_device",
 ]

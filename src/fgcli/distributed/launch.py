@@ -33,7 +33,7 @@ def run_dump(cfg: RunConfig, reporter_for: ReporterFactory, stdin: Any = None) -
     report = _engine(cfg, reporter_for, stdin, env)
     if cfg.gallery and leads and not report.interrupted:
         from fgcli.gallery import GalleryError, build_gallery
-        from fgcli.tree.writer import DiskFullError, TreeWriteError
+        from fgcli.tree.atomic import DiskFullError, TreeWriteError
 
         try:
             report.extra["gallery"] = build_gallery(cfg.out)

@@ -53,7 +53,6 @@ import logging
 import math
 import os
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -63,10 +62,16 @@ import numpy as np
 from fgcli.config import RunConfig, replace
 from fgcli.data.decode import Box, Failure, ImageDataset, Sample, collate
 from fgcli.data.discover import Item
-from fgcli.dump.run import DumpRun, Reporter, RunReport, SilentReporter
+from fgcli.dump.ledger import CollectLedger, Ledger
+from fgcli.dump.run import Compute, Dump, Reporter, RunReport, SilentReporter, check_options, run
+from fgcli.dump.session import Session
+from fgcli.dump.step import step
+from fgcli.dump.writeback import WriteBack
 from fgcli.errors import SetupError
 from fgcli.signals import stop_signals
-from fgcli.tree.writer import TreeWriteError, check_record, parse_line
+from fgcli.tree.atomic import TreeWriteError
+from fgcli.tree.manifest import check_record, parse_line
+from fgcli.tree.writer import OutputTree
 
 MAX_BLOCKS = 10_000  # input blocks (one decoding task each) for very long lists
 
@@ -295,7 +300,7 @@ def decode_row(row: dict[str, Any], *, params: dict[str, Any]) -> list[dict[str,
 
 def batch_of(rows: dict[str, Any], keep_original: bool) -> tuple[list[Item], Any]:
     """A Ray Data batch (dict of columns) -> the todo items and :class:`fgcli.data.decode.Batch`
-    that :meth:`fgcli.dump.run.DumpRun.compute` takes (item j of the batch is todo[j])."""
+    that :func:`fgcli.dump.step.step` takes (item j of the batch is todo[j])."""
     import torch
 
     todo: list[Item] = []
@@ -329,22 +334,38 @@ class EngineActor:
         # the driver writes the manifest and handles --fail-fast; the input list is its too
         actor_cfg = replace(cfg, device=device, fail_fast=False, files_from=None,
                             inputs=cfg.inputs or ("-",), workers=0)
-        self.state = DumpRun(actor_cfg, SilentReporter(), None)
-        self.state.check_options()
-        self.state.prepare()  # not open_tree(): the driver holds the lock
-        if self.state.fingerprint != fingerprint:
+        check_options(actor_cfg)
+        self.session = Session(actor_cfg, SilentReporter())
+        self.session.load()  # no lock, no index: the driver holds the tree
+        if self.session.fingerprint != fingerprint:
             import platform
 
             raise SetupError(f"the model on {platform.node()} differs from the driver's "
-                             f"(settings {self.state.fingerprint} != {fingerprint}): every "
+                             f"(settings {self.session.fingerprint} != {fingerprint}): every "
                              "node needs the same model and weights files")
         self.keep_original = "overlay" in actor_cfg.save
+        self.ledger = CollectLedger(actor_cfg, fingerprint, self.session.ranks[0])
+        self.writeback: WriteBack | None = None  # made at the first batch
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, Any]:
         todo, batch = batch_of(rows, self.keep_original)
-        records = self.state.compute(todo, batch)
-        return {"record": np.array([json.dumps(r, ensure_ascii=False) for r in records],
-                                   dtype=object)}
+        return {"record": np.array([json.dumps(r, ensure_ascii=False)
+                                    for r in self.compute(todo, batch)], dtype=object)}
+
+    def compute(self, todo: list[Item], batch: Any) -> list[dict[str, Any]]:
+        """One batch through the engine with its files written, returning its records
+        (the driver writes them); a full disk raises (the driver stops the run)."""
+        if self.writeback is None:
+            self.writeback = WriteBack(OutputTree(self.session.cfg.out), self.session.cfg,
+                                       self.ledger, self.session.writers)
+        try:
+            step(self.session, self.ledger, self.writeback, todo, batch)
+            self.writeback.drain(0)
+            if self.ledger.halted is not None:
+                raise self.ledger.halted
+            return self.ledger.records
+        finally:
+            self.ledger.take()  # the next batch starts with none
 
 
 # --------------------------------------------------------------------------- driver
@@ -359,27 +380,27 @@ def fresh(record: dict[str, Any], seen: set[tuple[str, int | None]]) -> bool:
     return True
 
 
-def _todo(state: DumpRun) -> list[Item]:
+def _todo(dump: Dump) -> list[Item]:
     items: list[Item] = []
-    for chunk in state.todo_chunks():
+    for chunk in dump.plan.chunks(dump.session.batch_size):
         items.extend(chunk)
     return items
 
 
-def build_dataset(state: DumpRun, items: list[Item], how: Plan, cwd: str) -> Any:
+def build_dataset(session: Session, items: list[Item], how: Plan, cwd: str) -> Any:
     """The Ray Data pipeline: items -> decoding tasks -> engine actors -> record rows."""
     import ray.data
 
-    proc = state.loaded.preprocessing
-    keep = "overlay" in state.cfg.save
+    proc = session.loaded.config
+    keep = "overlay" in session.cfg.save
     params = {"size": tuple(proc.size), "crop": proc.crop, "resize": proc.resize,
               "mean": tuple(proc.mean), "std": tuple(proc.std), "keep_original": keep,
-              "max_pixels": state.cfg.max_pixels, "interpolation": proc.interpolation}
+              "max_pixels": session.cfg.spec.max_pixels, "interpolation": proc.interpolation}
     # paths travel as bytes (Arrow strings must be valid UTF-8; any name the OS allows is
     # not); keys are valid text (fgcli.names)
     rows = [{"path": os.fsencode(it.path), "key": it.key,
              "src": os.fsencode(os.path.join(cwd, it.path))} for it in items]
-    batch = state.batch_size
+    batch = session.batch_size
     # a short list still reaches every actor (smaller batches rather than idle actors)
     batch = max(1, min(batch, math.ceil(len(rows) / how.actors)))
     blocks = max(1, min(MAX_BLOCKS, math.ceil(len(rows) / batch)))
@@ -391,8 +412,8 @@ def build_dataset(state: DumpRun, items: list[Item], how: Plan, cwd: str) -> Any
     return ds.map_batches(
         EngineActor, batch_size=batch, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=how.actors),
-        fn_constructor_kwargs={"cfg": state.cfg, "cwd": cwd, "device": how.device,
-                               "threads": how.threads, "fingerprint": state.fingerprint},
+        fn_constructor_kwargs={"cfg": session.cfg, "cwd": cwd, "device": how.device,
+                               "threads": how.threads, "fingerprint": session.fingerprint},
         **kwargs)
 
 
@@ -423,13 +444,14 @@ def _records(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any] | NotStr
         yield rec
 
 
-def write_records(state: DumpRun, records: Iterable[dict[str, Any] | NotStrict]) -> int:
+def write_records(state: Ledger, records: Iterable[dict[str, Any] | NotStrict]) -> int:
     """Append each record once (see :func:`fresh`); stop at a failure under --fail-fast.
     Returns the number of repeats dropped. A malformed record (:func:`check_record`: an
     actor of another version, a non-finite score) is not written: one warning line, and
     the next run computes its image again. A tree that cannot be written (the manifest
     here, or an actor's output files: a full disk) sets ``state.halted`` and takes no
-    more records, as a plain run does: ``finish()`` still writes ``run.json``."""
+    more records, as a plain run does: ``run.json`` is still written. ``state``: the
+    driver's ledger (:class:`fgcli.dump.ledger.ManifestLedger`)."""
     seen: set[tuple[str, int | None]] = set()
     dropped = 0
     bad: list[str] = []
@@ -480,62 +502,68 @@ def run_ray(cfg: RunConfig, reporter: Reporter) -> RunReport:
     """A dump on Ray (see the module docstring). Raises SetupError before Ray starts when
     the model, the output tree or the cluster address is wrong. A first SIGINT / SIGTERM
     stops taking records: those already back are written, ``run.json`` says
-    ``interrupted``, and the images still in the actors are done again by a rerun."""
-    with stop_signals() as stop:
-        return _run_ray(cfg, reporter, stop)
+    ``interrupted``, and the images still in the actors are done again by a rerun.
+    The driver runs the plain lifecycle (:func:`fgcli.dump.run.run`) on the CPU with
+    :class:`RayCompute` as its compute step."""
+    with stop_signals():  # shared by run(): Ray's start and shutdown are inside it too
+        ray = _import_ray()
+        _quiet_ray(cfg)
+        compute = RayCompute(cfg, reporter, ray)
+        with _ray_notices_to(reporter, cfg.debug):
+            # the driver only checks the model and writes
+            return run(replace(cfg, device="cpu"), reporter, sys.stdin, compute=compute)
 
 
-def _run_ray(cfg: RunConfig, reporter: Reporter, stop: Any) -> RunReport:
-    ray = _import_ray()
-    _quiet_ray(cfg)
-    started = time.perf_counter()
-    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    cwd = os.getcwd()
-    driver_cfg = replace(cfg, device="cpu")  # the driver only checks the model and writes
-    state = DumpRun(driver_cfg, reporter, sys.stdin)
-    state.stop = stop
-    state.check_options()
-    state.lock()  # a locked --out is refused before the model loads
-    owned = False
-    how: Plan | None = None
-    with _ray_notices_to(reporter, cfg.debug):
-        try:
-            try:
-                state.prepare()
-                if _explicit_address(cfg) is not None:  # a wrong address fails before any line
-                    owned = connect(cfg)
-                    stop.reclaim()  # ray.init installs its own SIGTERM handler
-                state.open_tree()
-            except BaseException:
-                state.unlock()
-                raise
-            try:
-                reporter.started({"model": cfg.model, "weights": state.loaded.weights,
-                                  "device": "ray", "batch_size": state.batch_size,
-                                  "workers": 0, "out": cfg.out})
-                with stop.graceful():
-                    items = _todo(state)
-                    if items and not state.halting():  # else Ray is not needed
-                        if not ray.is_initialized():
-                            owned = connect(cfg)
-                            stop.reclaim()
-                        how = _compute(state, items, cfg, cwd, reporter)
-                    state.report.device = how.device if how else state.report.device
-                    state.report.extra = {"engine": "ray", "actors": how.actors if how else 0}
-                    state.finish(started, started_at)
-                    _note_engine(state, how)
-            finally:
-                state.tree.release()
-        finally:
-            if owned:
-                ray.shutdown()
-    if state.halted is not None:
-        raise state.halted
-    reporter.finished(state.report)
-    return state.report
+class RayCompute(Compute):
+    """The driver's compute step: the images left to do through Ray Data, their records
+    appended as they come back; Ray joined (or started, then stopped) for the run."""
+
+    def __init__(self, cfg: RunConfig, reporter: Reporter, ray: Any) -> None:
+        self.cfg, self.reporter, self.ray = cfg, reporter, ray
+        self.cwd = os.getcwd()
+        self.owned = False  # this run started Ray (and stops it)
+        self.how: Plan | None = None
+
+    def prepared(self, dump: Dump) -> None:
+        if _explicit_address(self.cfg) is not None:  # a wrong address fails before any line
+            self.owned = connect(self.cfg)
+            dump.stop.reclaim()  # ray.init installs its own SIGTERM handler
+
+    def started(self, dump: Dump, info: dict[str, Any]) -> dict[str, Any]:
+        return {**info, "device": "ray", "workers": 0}
+
+    def execute(self, dump: Dump) -> None:
+        items = _todo(dump)
+        if items and not dump.ledger.halting():  # else Ray is not needed
+            if not self.ray.is_initialized():
+                self.owned = connect(self.cfg)
+                dump.stop.reclaim()
+            self.how = _compute(dump, items, self.cfg, self.cwd, self.reporter)
+        how = self.how
+        dump.report.device = how.device if how else dump.report.device
+        dump.report.extra = {"engine": "ray", "actors": how.actors if how else 0}
+
+    def describe(self, dump: Dump, info: dict[str, Any]) -> dict[str, Any]:
+        """The Ray side of the run in run.json."""
+        how = self.how
+        info["engine"] = "ray"
+        info["ray"] = {"actors": how.actors if how else 0,
+                       "actor_device": how.device if how else None,
+                       "actor_cpus": how.actor_cpus if how else None,
+                       "actor_gpus": how.num_gpus if how else None,
+                       "address": self.cfg.ray_address or os.environ.get("RAY_ADDRESS")
+                       or "local"}
+        if how is not None:
+            info["device"] = how.device
+            info["workers"] = 0
+        return info
+
+    def close(self) -> None:
+        if self.owned:
+            self.ray.shutdown()
 
 
-def _compute(state: DumpRun, items: list[Item], cfg: RunConfig, cwd: str,
+def _compute(dump: Dump, items: list[Item], cfg: RunConfig, cwd: str,
              reporter: Reporter) -> Plan:
     """The images left to do, through Ray; their records appended on the way."""
     import ray
@@ -547,32 +575,10 @@ def _compute(state: DumpRun, items: list[Item], cfg: RunConfig, cwd: str,
     if how.num_gpus and how.actors > gpus:
         reporter.warn(f"--ray-actors {how.actors} with {gpus} GPU(s) in the cluster: "
                       "Ray waits until that many GPUs are free")
-    state.batch_size = cfg.batch_size or (32 if how.device == "cuda" else 8)
-    ds = build_dataset(state, items, how, cwd)
-    dropped = write_records(state, _records(ds.iter_rows()))
+    dump.session.batch_size = cfg.batch_size or (32 if how.device == "cuda" else 8)
+    ds = build_dataset(dump.session, items, how, cwd)
+    dropped = write_records(dump.ledger, _records(ds.iter_rows()))
     if dropped:
         reporter.warn(f"Ray delivered {dropped} record(s) twice (a retried batch); each "
                       "image is in the manifest once")
     return how
-
-
-def _note_engine(state: DumpRun, how: Plan | None) -> None:
-    """Add the Ray side of the run to run.json (finish() wrote the rest)."""
-    path = state.tree.run_json_path
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    data["engine"] = "ray"
-    data["ray"] = {"actors": how.actors if how else 0,
-                   "actor_device": how.device if how else None,
-                   "actor_cpus": how.actor_cpus if how else None,
-                   "actor_gpus": how.num_gpus if how else None,
-                   "address": state.cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"}
-    if how is not None:
-        data["device"] = how.device
-        data["workers"] = 0
-    try:
-        state.tree.write_json(path, data)
-    except TreeWriteError as exc:  # a full disk: run.json stays as finish() wrote it
-        state.halted = state.halted or exc

@@ -59,7 +59,7 @@ class RankEnv:
 def rank_env(environ: Any = None) -> RankEnv | None:
     """The torchrun rank of this process; None outside torchrun or with one process.
     (``LOCAL_WORLD_SIZE``, the ranks on this node, is read where cores are shared out:
-    :func:`fgcli.dump.run.cores_per_process`.)"""
+    :func:`fgcli.dump.session.cores_per_process`.)"""
     environ = os.environ if environ is None else environ
     if "RANK" not in environ or "WORLD_SIZE" not in environ:
         return None
@@ -199,7 +199,7 @@ def run_rank(cfg: RunConfig, env: RankEnv, reporter_for: Any) -> RunReport:
     lead = env.rank == 0
     reporter = _RankReporter(reporter_for(f"shard {shard}: ", lead), beat, lead)
     # decoding workers and writer threads follow the rank's share of the node's cores
-    # (pipeline.cores_per_process reads LOCAL_WORLD_SIZE)
+    # (fgcli.dump.session.cores_per_process reads LOCAL_WORLD_SIZE)
     rank_cfg = replace(cfg, shard=str(shard), device=device)
     ranks = list(range(env.world))
     try:

@@ -1,6 +1,8 @@
 """The FullGrad engine: tensors in, tensors out, on the model's device.
 
-Nothing here knows about files or terminals.
+Nothing here knows about files or terminals. :func:`build` makes a registered method
+(``fullgrad``, ``simple``, ``smooth``) by name; the names are declared, torch-free, in
+:data:`fgcli.config.METHOD_NAMES`, so that option parsing and ``--help`` need no torch.
 """
 
 from fgcli.engine.decompose import LayerInfo
@@ -14,6 +16,7 @@ from fgcli.engine.saliency import (
     LayerSelection,
     SimpleFullGrad,
     SmoothFullGrad,
+    build,
     check_layers,
     parse_layers,
     select_map_layers,
@@ -30,6 +33,7 @@ __all__ = [
     "LayerSelection",
     "SimpleFullGrad",
     "SmoothFullGrad",
+    "build",
     "check_layers",
     "parse_layers",
     "select_map_layers",

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from fgcli.config import METHOD_NAMES
 from fgcli.engine.decompose import (
     LayerInfo,
     PassResult,
@@ -296,16 +297,34 @@ METHODS: dict[str, type["_FullGradFamily"]] = {}
 
 
 def register(name: str):
-    """Add a method to the registry (CLI choices and tests are built from it)."""
+    """Add a method class to the registry :func:`build` reads. The name must be declared
+    in :data:`fgcli.config.METHOD_NAMES` (the torch-free list option parsing and the
+    CLI's choices use); a name registered twice is refused."""
 
     def deco(cls: type[_FullGradFamily]) -> type[_FullGradFamily]:
         if name in METHODS:
             raise ValueError(f"saliency method {name!r} is already registered")
+        if name not in METHOD_NAMES:
+            raise ValueError(f"saliency method {name!r} is not declared in "
+                             "fgcli.config.METHOD_NAMES")
         cls.method_name = name
         METHODS[name] = cls
         return cls
 
     return deco
+
+
+def build(name: str, model: nn.Module, *, psi: str = "abs-rescale",
+          layers: LayerSelection = None, samples: int = 25, sigma: float = 0.15,
+          seed: int | None = None) -> _FullGradFamily:
+    """The registered method ``name`` for ``model``, from the options every command
+    shares: ``psi`` and ``layers`` for all, ``samples`` / ``sigma`` / ``seed`` for the
+    noisy ones (the others ignore them). ValueError for an unknown name."""
+    cls = METHODS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown saliency method {name!r}; choose from {', '.join(METHODS)}")
+    return cls.from_options(model, psi=psi, layers=layers, samples=samples, sigma=sigma,
+                            seed=seed)
 
 
 class _FullGradFamily(ABC):
@@ -324,6 +343,12 @@ class _FullGradFamily(ABC):
     """
 
     method_name: ClassVar[str]
+
+    @classmethod
+    def from_options(cls, model: nn.Module, *, psi: str, layers: LayerSelection,
+                     samples: int, sigma: float, seed: int | None) -> _FullGradFamily:
+        """This method from :func:`build`'s options (the noise options are ignored)."""
+        return cls(model, psi=psi, layers=layers)
 
     def __init__(self, model: nn.Module, psi: str = "abs-rescale",
                  layers: LayerSelection = None) -> None:
@@ -428,6 +453,12 @@ class SmoothFullGrad(FullGrad):
         self.n_samples = n_samples
         self.sigma = float(sigma)
         self.seed = seed
+
+    @classmethod
+    def from_options(cls, model: nn.Module, *, psi: str, layers: LayerSelection,
+                     samples: int, sigma: float, seed: int | None) -> SmoothFullGrad:
+        """As :func:`build` asks: ``samples`` noisy copies of noise ``sigma``, ``seed``."""
+        return cls(model, n_samples=samples, sigma=sigma, seed=seed, psi=psi, layers=layers)
 
     def explain(self, x: torch.Tensor, target: Any = None, *,
                 compact: bool = False) -> Explanation:

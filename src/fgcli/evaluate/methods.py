@@ -85,22 +85,13 @@ def build(name: str, model: torch.nn.Module, *, samples: int, seed: int,
 
 
 def _fgcli(name: str, model: torch.nn.Module, samples: int, seed: int, layers: Any) -> Method:
-    from fgcli.engine import FullGrad, SimpleFullGrad, SmoothFullGrad
+    """One of :data:`FGCLI_METHODS`: the engine's method (``fullgrad-PSI``: FullGrad with
+    that ψ), built by :func:`fgcli.engine.build`."""
+    from fgcli.engine import build as build_engine
 
-    psi = "abs-rescale"
-    if name.startswith("fullgrad-"):
-        psi = name.removeprefix("fullgrad-")
-    kwargs: dict[str, Any] = {}
-    if psi != "abs-rescale":
-        kwargs["psi"] = psi
-    if layers is not None:
-        kwargs["layers"] = layers
-    if name == "simple":
-        engine = SimpleFullGrad(model, **kwargs)
-    elif name == "smooth":
-        engine = SmoothFullGrad(model, n_samples=samples, seed=seed, **kwargs)
-    else:
-        engine = FullGrad(model, **kwargs)
+    base, _, psi = name.partition("-")
+    engine = build_engine(base, model, psi=psi or "abs-rescale", layers=layers,
+                          samples=samples, seed=seed)
 
     def run(_: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return engine.saliency(x, target)[:, 0].float()

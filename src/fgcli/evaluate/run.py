@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from fgcli.config import check_normalisation, check_not_blank, parse_model_args
+from fgcli.config import ModelSpec, check_not_blank
 from fgcli.errors import SetupError, UsageError
 
 METRICS = ("perturbation", "deletion", "insertion")
@@ -25,19 +25,12 @@ DEFAULT_KS = (10.0, 30.0, 50.0, 70.0, 90.0)
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Everything ``fullgrad eval`` needs; model and input options are ``dump``'s."""
+    """Everything ``fullgrad eval`` needs; the model spec is ``dump``'s (build it with
+    :func:`fgcli.config.from_options`, which takes the spec's options by their flat names)."""
 
     inputs: tuple[str, ...]
-    model: str
-    weights: str = "DEFAULT"
-    model_args: tuple[str, ...] = ()
-    trust_pickle: bool = False
+    spec: ModelSpec
     device: str = "auto"
-    size: int | None = None
-    crop: bool = False
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    labels: str | None = None
     target: str = "pred"
     out: str = "fullgrad-eval"
     methods: tuple[str, ...] = ()  # empty: every method (fgcli.evaluate.methods.ALL_METHODS)
@@ -48,14 +41,12 @@ class EvalConfig:
     samples: int = 25
     seed: int = 0
     layers: str | None = None
-    max_pixels: int = 178_956_970
     command: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         from fgcli.evaluate.methods import parse_methods
 
-        check_not_blank({"--out": self.out, "--labels": self.labels, "--weights": self.weights,
-                         "--target": self.target, "--layers": self.layers})
+        check_not_blank({"--out": self.out, "--target": self.target, "--layers": self.layers})
         if "" in self.inputs:
             raise UsageError("an input is an empty path; give a file or a directory")
 
@@ -76,11 +67,10 @@ class EvalConfig:
                   (self.batch_size >= 1, "--batch-size must be >= 1"),
                   (self.samples >= 1, "--samples must be >= 1"),
                   (bool(self.inputs), "give the images to evaluate on (two or more)"),
-                  (bool(self.model.strip()), "--model is required")]
+                  (bool(self.spec.model.strip()), "--model is required")]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
-        check_normalisation(self.mean, self.std)
 
 
 @dataclass
@@ -162,7 +152,7 @@ def _readable(cfg: EvalConfig, on_failure: Callable[[str, str], None] | None
         found = len(items) + len(failed)
         for item in items:
             try:
-                decode(item.path, cfg.max_pixels)
+                decode(item.path, cfg.spec.max_pixels)
             except DecodeError as exc:
                 failed.append((item.path, str(exc)))
                 if on_failure:
@@ -183,94 +173,121 @@ def _too_few(found: int, usable: int, failed: list[tuple[str, str]]) -> None:
 def _evaluate(cfg: EvalConfig, progress: Callable[[int, int], None] | None,
               on_failure: Callable[[str, str], None] | None) -> EvalResult:
     """:func:`run_eval` once the output place is known to be writable."""
-
-    from fgcli.data.decode import ImageDataset, collate
-    from fgcli.evaluate import metrics as M
-    from fgcli.evaluate.methods import build
-    from fgcli.models.device import resolve_device
-    from fgcli.models.load import load_model
     from fgcli.models.sources.usercode import FORWARD_HINT, user_code
-    from fgcli.models.targets import resolve_target
 
     started = time.perf_counter()
     items, failed = _readable(cfg, on_failure)
-    device = resolve_device(cfg.device)
-    loaded = load_model(cfg.model, cfg.weights, size=cfg.size, crop=cfg.crop, mean=cfg.mean,
-                        std=cfg.std, labels=cfg.labels,
-                        model_args=parse_model_args(cfg.model_args),
-                        trust_pickle=cfg.trust_pickle)
-    model = loaded.model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.register_forward_pre_hook(_copy_input)
-    proc = loaded.preprocessing
-    norm = M.Normalisation(tuple(proc.mean), tuple(proc.std))
-    dataset = ImageDataset(items, proc.size, proc.crop, proc.resize, proc.mean, proc.std,
-                           False, cfg.max_pixels, proc.interpolation)
 
-    def batches():  # decoded lazily: memory does not grow with the number of images
-        for start in range(0, len(items), cfg.batch_size):
-            batch = collate([dataset[i] for i in range(start, min(len(items),
-                                                                  start + cfg.batch_size))])
-            for f in batch.failures:
-                failed.append((items[f.index].path, f.error))
-                if on_failure:
-                    on_failure(items[f.index].path, f.error)
-            yield batch
+    def fail(path: str, reason: str) -> None:
+        failed.append((path, reason))
+        if on_failure:
+            on_failure(path, reason)
 
-    n_classes = loaded.num_classes
-    fixed = resolve_target(cfg.target, loaded.categories, n_classes or 1 << 30)
-    methods = {name: build(name, model, samples=cfg.samples, seed=cfg.seed,
-                           mean=tuple(proc.mean), std=tuple(proc.std),
-                           psi_layers=_layers(cfg.layers))
-               for name in cfg.methods}
-    values: dict[str, dict[str, list[np.ndarray]]] = {
-        m: {k: [] for k in cfg.metrics} for m in cfg.methods}
-    curves: dict[str, dict[str, list[np.ndarray]]] = {
-        m: {k: [] for k in ("deletion", "insertion") if k in cfg.metrics} for m in cfg.methods}
-    evaluated: list[str] = []
+    setup = _Setup(cfg)
+    tally = _Tally(cfg)
     done = 0
-    for batch in batches():
+    for batch in setup.batches(items, fail):
         if batch.x is None:
             continue
         paths = [items[s.index].path for s in batch.samples]
-        with user_code(f"model {cfg.model}", "computing a batch", FORWARD_HINT):
-            scores, reasons = _score_batch(cfg, model, methods, batch.x.to(device), fixed,
-                                           norm)
+        with user_code(f"model {cfg.spec.model}", "computing a batch", FORWARD_HINT):
+            scores, reasons = _score_batch(cfg, setup.model, setup.methods,
+                                           batch.x.to(setup.device), setup.fixed, setup.norm)
         for path, reason in zip(paths, reasons):
             if reason is not None:  # left out, like an unreadable image
-                failed.append((path, reason))
-                if on_failure:
-                    on_failure(path, reason)
-        for name, per in scores.items():
-            for metric, arrays in per.items():
-                values[name][metric].append(arrays[0])
-                if metric in curves[name]:
-                    curves[name][metric].append(arrays[1])
-        evaluated.extend(p for p, r in zip(paths, reasons) if r is None)
+                fail(path, reason)
+        tally.add(scores, [p for p, r in zip(paths, reasons) if r is None])
         done += len(batch.samples)
         if progress:
             progress(done, len(items))
-    if len(evaluated) < 2:
-        _too_few(len(evaluated) + len(failed), len(evaluated), failed)
-    results = {m: {k: summarise(np.concatenate(v)) for k, v in per.items()}
-               for m, per in values.items()}
-    curve_stats = {m: {k: summarise(np.concatenate(c)) for k, c in per.items()}
-                   for m, per in curves.items()}
-    return EvalResult(cfg.model, loaded.weights, evaluated, failed, list(cfg.methods),
-                      list(cfg.ks), cfg.steps, results,
-                      {m: {k: st.mean for k, st in per.items()} for m, per in curve_stats.items()},
-                      {m: {k: st.se for k, st in per.items()} for m, per in curve_stats.items()},
-                      seconds=time.perf_counter() - started)
+    if len(tally.evaluated) < 2:
+        _too_few(len(tally.evaluated) + len(failed), len(tally.evaluated), failed)
+    return tally.result(cfg, setup.loaded.config.weights, failed,
+                        time.perf_counter() - started)
 
 
-def _copy_input(_module: Any, args: tuple) -> tuple:
+class _Setup:
+    """The model (placed, frozen, copying its input), its normalisation, the target and
+    the methods of one evaluation."""
+
+    def __init__(self, cfg: EvalConfig) -> None:
+        from fgcli.evaluate import metrics as M
+        from fgcli.evaluate.methods import build
+        from fgcli.models.device import resolve_device
+        from fgcli.models.load import load
+        from fgcli.models.targets import resolve_target
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.loaded = load(cfg.spec, self.device)
+        self.model = self.loaded.model
+        self.model.register_forward_pre_hook(_copy_input)
+        config = self.loaded.config
+        self.norm = M.Normalisation(tuple(config.mean), tuple(config.std))
+        self.fixed = resolve_target(cfg.target, config.categories, config.num_classes)
+        self.methods = {name: build(name, self.model, samples=cfg.samples, seed=cfg.seed,
+                                    mean=tuple(config.mean), std=tuple(config.std),
+                                    psi_layers=_layers(cfg.layers))
+                        for name in cfg.methods}
+
+    def batches(self, items: list[Any], fail: Callable[[str, str], None]) -> Iterator[Any]:
+        """The images decoded lazily, ``batch_size`` at a time (memory does not grow with
+        their number); an image that cannot be decoded goes to ``fail``."""
+        from fgcli.data.decode import ImageDataset, collate
+
+        c, size = self.loaded.config, self.cfg.batch_size
+        dataset = ImageDataset(items, c.size, c.crop, c.resize, c.mean, c.std, False,
+                               self.cfg.spec.max_pixels, c.interpolation)
+        for start in range(0, len(items), size):
+            batch = collate([dataset[i] for i in range(start, min(len(items), start + size))])
+            for f in batch.failures:
+                fail(items[f.index].path, f.error)
+            yield batch
+
+
+class _Tally:
+    """Per method and metric, the values (and curves) of the images evaluated so far."""
+
+    def __init__(self, cfg: EvalConfig) -> None:
+        self.values: dict[str, dict[str, list[np.ndarray]]] = {
+            m: {k: [] for k in cfg.metrics} for m in cfg.methods}
+        self.curves: dict[str, dict[str, list[np.ndarray]]] = {
+            m: {k: [] for k in ("deletion", "insertion") if k in cfg.metrics}
+            for m in cfg.methods}
+        self.evaluated: list[str] = []
+
+    def add(self, scores: dict[str, dict[str, tuple[np.ndarray, Any]]],
+            paths: list[str]) -> None:
+        for name, per in scores.items():
+            for metric, arrays in per.items():
+                self.values[name][metric].append(arrays[0])
+                if metric in self.curves[name]:
+                    self.curves[name][metric].append(arrays[1])
+        self.evaluated.extend(paths)
+
+    def result(self, cfg: EvalConfig, weights: str, failed: list[tuple[str, str]],
+               seconds: float) -> EvalResult:
+        results = {m: {k: summarise(np.concatenate(v)) for k, v in per.items()}
+                   for m, per in self.values.items()}
+        stats = {m: {k: summarise(np.concatenate(c)) for k, c in per.items()}
+                 for m, per in self.curves.items()}
+        return EvalResult(cfg.spec.model, weights, self.evaluated, failed, list(cfg.methods),
+                          list(cfg.ks), cfg.steps, results,
+                          {m: {k: st.mean for k, st in per.items()} for m, per in stats.items()},
+                          {m: {k: st.se for k, st in per.items()} for m, per in stats.items()},
+                          seconds=seconds)
+
+
+def _copy_input(_module: Any, args: tuple) -> tuple | None:
     """A forward pre-hook: the model gets a copy of its input, so a forward that modifies
     its input in place (``x.mul_(2)``) neither changes the batch every method and metric
-    reads nor fails on captum's leaf inputs."""
-    if args and hasattr(args[0], "clone"):
+    reads nor fails on captum's leaf inputs. The engine's traced pass feeds the model its
+    own copy already (marked with its layout tag): that one is not copied twice."""
+    from fgcli.engine.ops import LAYOUT_ATTR
+
+    if args and hasattr(args[0], "clone") and not hasattr(args[0], LAYOUT_ATTR):
         return (args[0].clone(), *args[1:])
-    return args
+    return None
 
 
 def _nonfinite_rows(t: Any) -> list[bool]:
@@ -289,7 +306,7 @@ def _score_batch(cfg: EvalConfig, model: Any, methods: dict[str, Any], x: Any,
     left out of every method (so every method is averaged over the same images)."""
     import torch
 
-    from fgcli.models.outputs import extract_logits
+    from fgcli.models.outputs import extract_logits, nonfinite_logit
 
     reasons: list[str | None] = [None] * len(x)
     with torch.no_grad():
@@ -297,7 +314,7 @@ def _score_batch(cfg: EvalConfig, model: Any, methods: dict[str, Any], x: Any,
     for j, bad in enumerate(_nonfinite_rows(logits)):
         if bad:  # as dump says it: the first such value
             row = logits[j].detach().float()
-            reasons[j] = f"non-finite logit ({row[~torch.isfinite(row)][0].item()}) from the model"
+            reasons[j] = nonfinite_logit(row[~torch.isfinite(row)][0].item())
     keep = [j for j, r in enumerate(reasons) if r is None]
     maps: dict[str, Any] = {}
     for name, method in methods.items():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -76,63 +77,93 @@ def eval_summary(root: Path, data: dict[str, Any] | None) -> dict[str, Any] | No
     }
 
 
+@dataclass
+class _Tables:
+    """The page's data, built image by image: one row per image, its maps' records in
+    chunks of CHUNK, class names numbered in order of appearance."""
+
+    root: Path
+    terms: TermsCache
+    classes: dict[str, int] = field(default_factory=dict)
+    rows: list[list[Any]] = field(default_factory=list)
+    chunks: list[dict[str, Any]] = field(default_factory=list)
+    next_id: int = 0
+    maps: int = 0
+    prefix: str | None = None  # originals that are <prefix><key> are stored as 1
+
+    def add(self, image: Image) -> None:
+        entries = [row for entry in image.entries if (row := self._entry(image, entry))]
+        first = image.entries[0].record
+        error = first.get("error") if image.status == "failed" else None
+        path = image.original
+        if (self.prefix is None and path and not needs_bytes(path)
+                and path.endswith(image.key)):
+            self.prefix = path[:len(path) - len(image.key)]
+        self.rows.append([image.key, image.status, _original(image, self.prefix), error,
+                          entries])
+
+    def _entry(self, image: Image, entry: Any) -> list[Any] | None:
+        """Store one map's record (and its terms) in the current chunk; its row in the
+        image's list, or None for a failed one."""
+        rec = entry.record
+        ident = self.next_id
+        self.next_id += 1
+        if ident % CHUNK == 0:
+            self.chunks.append({"records": [], "terms": []})
+        chunk = self.chunks[-1]
+        chunk["records"].append(rec)
+        stem = entry.stem
+        found = self.terms.get(stem, self.root / entry.paths["decomp"]) if (
+            stem and "decomp" in entry.paths) else None
+        chunk["terms"].append(found)
+        if rec.get("status") == "failed":
+            return None
+        name = rec.get("target_name")
+        cls = self.classes.setdefault(str(name), len(self.classes)) if name is not None else None
+        mask = sum(bit for kind, bit in MASK.items() if kind in entry.paths)
+        if entry.thumb:
+            mask |= MASK["thumb"]
+        row: list[Any] = [ident, rec.get("rank"), rec.get("target"), cls,
+                          _sig(rec.get("prob"), 4), _sig(rec.get("logit"), 6),
+                          _sig(rec.get("residual"), 3),
+                          None if stem == image.key else stem, mask]
+        odd = {kind: p for kind, p in entry.paths.items()
+               if p != f"{FOLDER[kind]}/{stem}{SUFFIX[kind]}"}
+        if odd:
+            row.append(odd)
+        self.maps += 1
+        return row
+
+
 def write_page(root: Path, images: list[Image], run: dict[str, Any],
                evaluation: dict[str, Any] | None, terms: TermsCache, title: str) -> int:
     """Write data.js, the record chunks, the assets and index.html; returns the number
     of maps on the page."""
-    classes: dict[str, int] = {}
-    rows: list[list[Any]] = []
-    chunks: list[dict[str, Any]] = []
-    next_id = maps = 0
-    prefix: str | None = None  # originals that are <prefix><key> are stored as 1
+    tables = _Tables(root, terms)
     for image in images:
-        entries = []
-        for entry in image.entries:
-            rec = entry.record
-            ident = next_id
-            next_id += 1
-            if ident % CHUNK == 0:
-                chunks.append({"records": [], "terms": []})
-            chunk = chunks[-1]
-            chunk["records"].append(rec)
-            stem = entry.stem
-            found = terms.get(stem, root / entry.paths["decomp"]) if (
-                stem and "decomp" in entry.paths) else None
-            chunk["terms"].append(found)
-            if rec.get("status") == "failed":
-                continue
-            name = rec.get("target_name")
-            cls = classes.setdefault(str(name), len(classes)) if name is not None else None
-            mask = sum(bit for kind, bit in MASK.items() if kind in entry.paths)
-            if entry.thumb:
-                mask |= MASK["thumb"]
-            row: list[Any] = [ident, rec.get("rank"), rec.get("target"), cls,
-                              _sig(rec.get("prob"), 4), _sig(rec.get("logit"), 6),
-                              _sig(rec.get("residual"), 3),
-                              None if stem == image.key else stem, mask]
-            odd = {kind: p for kind, p in entry.paths.items()
-                   if p != f"{FOLDER[kind]}/{stem}{SUFFIX[kind]}"}
-            if odd:
-                row.append(odd)
-            entries.append(row)
-            maps += 1
-        first = image.entries[0].record
-        error = first.get("error") if image.status == "failed" else None
-        path = image.original
-        if prefix is None and path and not needs_bytes(path) and path.endswith(image.key):
-            prefix = path[:len(path) - len(image.key)]
-        rows.append([image.key, image.status, _original(image, prefix), error, entries])
+        tables.add(image)
     gallery = root / "gallery"
     data = {
         "schema": 1, "title": title, "chunk": CHUNK,
         "run": {k: run.get(k) for k in RUN_FIELDS},  # None where run.json has no such key
-        "classes": list(classes), "layers": terms.tables, "eval": evaluation,
-        "originalPrefix": prefix,
-        "images": rows,
+        "classes": list(tables.classes), "layers": terms.tables, "eval": evaluation,
+        "originalPrefix": tables.prefix,
+        "images": tables.rows,
     }
     blob = _js_parsed("fgcliData", data)
     atomic_write(gallery / "data.js", lambda fh: fh.write(blob))
-    records = gallery / "records"
+    _write_chunks(gallery / "records", tables.chunks)
+    package = resources.files("fgcli.gallery") / "assets"
+    for asset in ASSETS:
+        blob = (package / asset).read_bytes()
+        atomic_write(gallery / asset, lambda fh, b=blob: fh.write(b))
+    blob = _render_index(title, data, images).encode("utf-8")
+    atomic_write(root / "index.html", lambda fh: fh.write(blob))
+    return tables.maps
+
+
+def _write_chunks(records: Path, chunks: list[dict[str, Any]]) -> None:
+    """One script file per chunk of records; chunk files of an earlier, longer page go."""
     names = set()
     for n, chunk in enumerate(chunks):
         name = f"{n:05d}.js"
@@ -143,13 +174,6 @@ def write_page(root: Path, images: list[Image], run: dict[str, Any],
         for old in records.iterdir():
             if old.name not in names:
                 old.unlink(missing_ok=True)
-    package = resources.files("fgcli.gallery") / "assets"
-    for asset in ASSETS:
-        blob = (package / asset).read_bytes()
-        atomic_write(gallery / asset, lambda fh, b=blob: fh.write(b))
-    blob = _render_index(title, data, images).encode("utf-8")
-    atomic_write(root / "index.html", lambda fh: fh.write(blob))
-    return maps
 
 
 def _original(image: Image, prefix: str | None) -> str | int | dict[str, str] | None:

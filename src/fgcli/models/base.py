@@ -25,7 +25,6 @@ from __future__ import annotations
 import codecs
 import difflib
 import fnmatch
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,18 +78,6 @@ def _is_timm_model(name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Preprocessing:
-    """How images become model input. Sizes are (height, width)."""
-
-    size: tuple[int, int]  # model input size
-    resize: int  # shorter side before the centre crop (only with crop=True)
-    crop: bool
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"  # or "bicubic" (antialiased either way)
-
-
-@dataclass(frozen=True)
 class Built:
     """What a model source returns, before the command line's overrides.
 
@@ -120,29 +107,44 @@ class Built:
 
 
 @dataclass(frozen=True)
-class LoadedModel:
+class ModelConfig:
+    """What a loaded model takes and gives, once the command line's overrides are applied
+    (as timm's ``PretrainedCfg``): input size (h, w), resize side and crop, mean/std,
+    interpolation, class count and names, and where the weights and names came from.
+    run.json's model fields are written from it (:func:`model_info`)."""
+
     name: str
-    model: nn.Module
     weights: str  # what was loaded, for run.json
     identity: str  # stable description of the weights, for the resume fingerprint
-    categories: tuple[str, ...] | None
-    preprocessing: Preprocessing
+    source: str  # the model source's name: torchvision | timm | code | pickle
+    size: tuple[int, int]  # model input size
+    resize: int  # shorter side before the centre crop (only with crop=True)
+    crop: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"  # or "bicubic" (antialiased either way)
     num_classes: int | None = None  # from the model's head (or one probe forward)
-    source: str = "torchvision"
+    categories: tuple[str, ...] | None = None  # class names, index order
     labels_from: str | None = None  # where the class names come from, for run.json
-    checkpoint: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None  # entry / prefix / kind of a weights file
 
-    def describe(self) -> dict[str, Any]:
-        """The model's part of run.json."""
-        return {"source": self.source, "classes": self.num_classes,
-                "labels": self.labels_from or "none (class indices)",
-                "checkpoint": self.checkpoint,
-                "preprocessing": {"size": list(self.preprocessing.size),
-                                  "crop": self.preprocessing.crop,
-                                  "resize": self.preprocessing.resize,
-                                  "mean": list(self.preprocessing.mean),
-                                  "std": list(self.preprocessing.std),
-                                  "interpolation": self.preprocessing.interpolation}}
+
+def model_info(config: ModelConfig) -> dict[str, Any]:
+    """The model's part of run.json (between ``weights`` and ``method``)."""
+    return {"source": config.source, "classes": config.num_classes,
+            "labels": config.labels_from or "none (class indices)",
+            "checkpoint": config.checkpoint,
+            "preprocessing": {"size": list(config.size), "crop": config.crop,
+                              "resize": config.resize, "mean": list(config.mean),
+                              "std": list(config.std), "interpolation": config.interpolation}}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A built model and its :class:`ModelConfig`."""
+
+    model: nn.Module
+    config: ModelConfig
 
 
 def default_weights(name: str) -> Any | None:
@@ -371,22 +373,3 @@ def _label_text(path: str, data: bytes) -> str:
         raise UsageError(f"--labels: {path}: not UTF-8 text (invalid byte 0x00 at offset "
                          f"{data.index(0)})")
     return text
-
-
-
-
-def source_of(spec: str) -> str:
-    """Which source resolves a ``--model`` value: ``timm`` (``timm/NAME``), ``code``
-    (``file.py:factory``, ``package.module:factory``), ``pickle`` (a model file) or
-    ``torchvision`` (a name)."""
-    spec = spec.strip()
-    if spec.startswith("timm/"):
-        return "timm"
-    rest = re.sub(r"^[A-Za-z]:[\\/]", "", spec)  # a Windows drive letter is no factory
-    if ":" in rest or rest.endswith(".py"):
-        return "code"
-    if rest.lower().endswith(WEIGHT_FILE_SUFFIXES) or "/" in rest or "\\" in rest:
-        return "pickle"
-    return "torchvision"
-
-

@@ -75,7 +75,18 @@ def checked_logits(out: Any, n: int) -> torch.Tensor:
     if not logits.is_floating_point():
         raise TypeError(f"the model returned {logits.dtype} logits of shape "
                         f"{tuple(logits.shape)}; expected floating-point logits")
-    if logits.shape[1] < 1:
-        raise ValueError(f"the model has no classes: it returned logits of shape "
-                         f"{tuple(logits.shape)} for a batch of {n}")
+    check_classes(int(logits.shape[1]), f": it returned logits of shape "
+                                        f"{tuple(logits.shape)} for a batch of {n}")
     return logits
+
+
+def check_classes(n: int, detail: str) -> None:
+    """A classifier has at least one class: the one check of a class count, whether it
+    comes from the head or from the logits (``detail`` says which). ValueError."""
+    if n < 1:
+        raise ValueError(f"the model has no classes{detail}")
+
+
+def nonfinite_logit(value: float) -> str:
+    """Why an image has no result when its logit is NaN or infinite (dump, eval, check)."""
+    return f"non-finite logit ({value}) from the model"

@@ -10,12 +10,12 @@ added later. Shards of one count write into one tree side by side (see
 Shards of another count (``shards/1-of-3`` left from an earlier run next to
 ``0-of-2`` and ``1-of-2``) are merged too, never dropped: every line is a result of
 the same tree keyed by image key (and rank) and carries its settings fingerprint and
-``time``, so the newest line of each (key, rank) wins by :class:`fgcli.tree.writer.Latest`,
+``time``, so the newest line of each (key, rank) wins by :class:`fgcli.tree.manifest.Latest`,
 the rule a resumed run already uses (a shard indexes shards of other counts as earlier
 results, and recomputes an image whose settings differ). So no result is lost, and
 none is mixed up with another image's; the merge names such shards in one warning line.
 
-Lines of any manifest that are malformed (:func:`fgcli.tree.writer.check_record`) are
+Lines of any manifest that are malformed (:func:`fgcli.tree.manifest.check_record`) are
 dropped from the merged manifest, one warning line per file.
 """
 
@@ -30,19 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from fgcli.errors import SetupError, UsageError
-from fgcli.tree.writer import (
-    LOCK,
-    MANIFEST,
-    MANIFEST_SCHEMA,
-    RUN_JSON,
-    SHARDS,
-    BadLines,
-    Latest,
-    LockedError,
-    OutputTree,
-    iter_manifest,
-    shard_manifests,
-)
+from fgcli.tree.atomic import atomic_write
+from fgcli.tree.layout import LOCK, MANIFEST, RUN_JSON, SHARDS
+from fgcli.tree.lock import LockedError
+from fgcli.tree.manifest import MANIFEST_SCHEMA, BadLines, Latest, iter_manifest, shard_manifests
+from fgcli.tree.writer import OutputTree
 
 
 def shard_of(key: str, count: int) -> int:
@@ -57,7 +49,7 @@ class Shard:
     count: int
 
     @classmethod
-    def parse(cls, text: str) -> "Shard":
+    def parse(cls, text: str) -> Shard:
         """``I/N`` with 0 <= I < N (SLURM's ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``
         when the array starts at 0)."""
         index, sep, count = text.strip().partition("/")
@@ -110,7 +102,7 @@ def merge(out: str | Path, command: list[str]) -> MergeReport:
 def merge_locked(tree: OutputTree) -> MergeReport:
     """Fold every shard manifest into ``manifest.jsonl``; the caller holds the tree's lock.
 
-    One line per (key, rank): the latest by :class:`fgcli.tree.writer.Latest` (within a file
+    One line per (key, rank): the latest by :class:`fgcli.tree.manifest.Latest` (within a file
     the later line; across files the later ``time``, ties to the shards). Lines are written
     sorted by key (path components), then rank, so the result does not depend on how
     the images were sharded. The new manifest replaces the old one atomically before
@@ -133,7 +125,7 @@ def merge_locked(tree: OutputTree) -> MergeReport:
         try:
             for key in ordered:
                 _, path, offset = best[key]
-                fh = readers.get(path) or readers.setdefault(path, open(path, "rb"))
+                fh = readers.get(path) or readers.setdefault(path, open(path, "rb"))  # noqa: SIM115
                 fh.seek(offset)
                 line = fh.readline()
                 if key[1] in (None, 1):
@@ -145,7 +137,7 @@ def merge_locked(tree: OutputTree) -> MergeReport:
                 fh.close()
 
     if best or main.exists():
-        tree._atomic(main, write)  # noqa: SLF001 - the tree's own atomic write
+        atomic_write(main, write, tree.scratch)  # through the tree's scratch folder
     report.records = len(ordered)
     report.counts = counts
     runs = []

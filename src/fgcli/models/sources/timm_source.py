@@ -27,6 +27,7 @@ from torch import nn
 from fgcli.errors import SetupError, UsageError
 from fgcli.models.base import Built, head_size
 from fgcli.models.sources import checkpoint as ckpt
+from fgcli.models.sources import register_source
 
 
 def _timm() -> Any:
@@ -164,9 +165,16 @@ def _pretrained(name: str, kwargs: dict[str, Any]) -> nn.Module:
                                                 f"{ckpt._first_line(exc)}")) from exc
 
 
+def _claims(spec: str) -> bool:
+    return spec.strip().startswith("timm/")
+
+
+@register_source("timm", claims=_claims)
 def load(name: str, weights: str, *, model_args: dict[str, Any] | None = None,
          trust_pickle: bool = False, size: int | None = None) -> Built:
-    """Build ``timm/name`` with ``weights`` (see the module docstring)."""
+    """Build ``timm/name`` (the ``timm/`` prefix is optional) with ``weights`` (see the
+    module docstring)."""
+    name = name.strip().removeprefix("timm/")
     timm = _timm()
     name = check_name(name)
     kwargs = dict(model_args or {})

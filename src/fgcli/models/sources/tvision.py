@@ -27,6 +27,7 @@ from fgcli.models.base import (
     smallest_input_size,
 )
 from fgcli.models.sources import checkpoint as ckpt
+from fgcli.models.sources import register_source
 
 # auxiliary classifiers that a fine-tuned checkpoint may have dropped (aux_logits=False)
 _AUX_PREFIXES = {"inception_v3": ("AuxLogits.",), "googlenet": ("aux1.", "aux2.")}
@@ -81,8 +82,9 @@ def _metadata(built: dict[str, Any], meta: Any, n_classes: int | None) -> None:
                                                         f"({meta})")
 
 
+@register_source("torchvision")  # the fallback: every --model value no other source claims
 def load(name: str, weights: str, *, model_args: dict[str, Any] | None = None,
-         trust_pickle: bool = False) -> Built:
+         trust_pickle: bool = False, size: int | None = None) -> Built:
     """Build torchvision's ``name`` with ``weights`` (see :mod:`fgcli.models.base`)."""
     name = check_model_name(name)
     kwargs = dict(model_args or {})

@@ -41,7 +41,7 @@ import importlib
 import importlib.util
 import inspect
 import io
-import math
+import re
 import signal
 import sys
 import threading
@@ -53,9 +53,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from fgcli.config import normalisation_fault
 from fgcli.errors import SIGNALLED, SetupError, UsageError
-from fgcli.models.base import Built, source_of
+from fgcli.models.base import WEIGHT_FILE_SUFFIXES, Built
 from fgcli.models.sources import checkpoint as ckpt
+from fgcli.models.sources import register_source
 
 _INTERPOLATIONS = ("bilinear", "bicubic")
 
@@ -190,14 +192,34 @@ def _import_module(dotted: str, spec: str) -> ModuleType:
             from exc
 
 
+def _local(spec: str) -> str | None:
+    """``spec`` without a Windows drive letter (no factory's colon), or None for
+    ``timm/NAME`` (timm's, whatever else it holds)."""
+    spec = spec.strip()
+    return None if spec.startswith("timm/") else re.sub(r"^[A-Za-z]:[\\/]", "", spec)
+
+
+def is_code(spec: str) -> bool:
+    """``file.py:factory`` or ``package.module:factory`` (the source ``code``)."""
+    rest = _local(spec)
+    return rest is not None and (":" in rest or rest.endswith(".py"))
+
+
+def is_model_file(spec: str) -> bool:
+    """A pickled model file (the source ``pickle``): a path, not a factory."""
+    rest = _local(spec)
+    return rest is not None and not is_code(spec) and (
+        rest.lower().endswith(WEIGHT_FILE_SUFFIXES) or "/" in rest or "\\" in rest)
+
+
 def _is_file(where: str) -> bool:
     return where.endswith(".py") or "/" in where or "\\" in where
 
 
 def _who(spec: str) -> str:
     """How messages name the user's code: ``model file net.py`` or ``model module pkg.mod``."""
-    where = spec.rpartition(":")[0] if source_of(spec) == "code" else spec
-    if source_of(spec) == "code" and not _is_file(where):
+    where = spec.rpartition(":")[0] if is_code(spec) else spec
+    if is_code(spec) and not _is_file(where):
         return f"model module {where}"
     return f"model file {where}"
 
@@ -282,9 +304,10 @@ def _triple(value: Any, name: str, where: str) -> tuple[float, float, float]:
         out = tuple(float(v) for v in value)
     except (TypeError, ValueError) as exc:
         raise SetupError(f"{where}: {name} must be three numbers, got {value!r}") from exc
-    if len(out) != 3 or not all(math.isfinite(v) for v in out):
+    fault = normalisation_fault(out, name == "STD")
+    if fault in ("count", "finite"):
         raise SetupError(f"{where}: {name} must be three finite numbers, got {value!r}")
-    if name == "STD" and min(out) <= 0:
+    if fault == "positive":
         raise SetupError(f"{where}: STD must be three numbers > 0, got {value!r}")
     return out  # type: ignore[return-value]
 
@@ -353,6 +376,8 @@ def probe(model: nn.Module, size: tuple[int, int], spec: str) -> int:
         raise SetupError(f"--model {spec}: {exc}") from exc
 
 
+@register_source("pickle", claims=is_model_file)
+@register_source("code", claims=is_code)
 def load(spec: str, weights: str, *, model_args: dict[str, Any] | None = None,
          trust_pickle: bool = False, size: int | None = None) -> Built:
     """Build a model from your code or a pickled model file (see the module docstring).
@@ -362,7 +387,7 @@ def load(spec: str, weights: str, *, model_args: dict[str, Any] | None = None,
     """
     kwargs = dict(model_args or {})
     module: ModuleType | None = None
-    if source_of(spec) == "code":
+    if is_code(spec):
         factory, module, identity = _factory(spec)
         model = _call(factory, kwargs, spec, _who(spec))
         source, where = "code", spec.rpartition(":")[0]

@@ -1,0 +1,111 @@
+"""``fullgrad eval``: how faithful the maps are, as a table and eval.json/.csv/.png."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from fgcli import names
+from fgcli.cli import options
+from fgcli.cli.console import count_bar, say
+from fgcli.cli.exits import guard
+from fgcli.cli.options import To
+from fgcli.errors import UsageError
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    """``--methods``: checked names (all: every method); unknown ones are a usage error."""
+    from fgcli.evaluate.methods import parse_methods
+
+    try:
+        return tuple(parse_methods(text))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def evaluate(
+    images: Annotated[list[str], typer.Argument(
+        help="Image files or directories (two or more images).", show_default=False),
+        To(options.repeated, field="inputs")],
+    model: options.EvalModel,
+    weights: options.EvalWeights = "DEFAULT",
+    model_args: options.ModelArgs = None,
+    trust_pickle: options.TrustPickle = False,
+    device: options.Device = "auto",
+    size: options.Size = None,
+    crop: options.EvalCrop = False,
+    mean: options.EvalMean = None,
+    std: options.EvalStd = None,
+    labels: options.EvalLabels = None,
+    target: options.EvalTarget = "pred",
+    out: options.EvalOut = "fullgrad-eval",
+    methods: Annotated[str | None, typer.Option(
+        help="Comma-separated methods, or all: fullgrad, fullgrad-signed, fullgrad-abs, "
+             "fullgrad-positive, simple, smooth, gradient, input-x-gradient, smoothgrad, "
+             "integrated-gradients, gradcam, random.  [default: all]"), To(_methods)] = None,
+    metrics: Annotated[str, typer.Option(
+        help="Comma-separated: perturbation, deletion, insertion."), To(options.items)
+    ] = "perturbation,deletion,insertion",
+    ks: Annotated[str, typer.Option(
+        help="Pixel perturbation: percentages of pixels removed, each in (0, 100)."),
+        To(options.floats("--ks"))] = "10,30,50,70,90",
+    steps: Annotated[int, typer.Option(help="Deletion / insertion: steps of the curve.")
+    ] = 20,
+    batch_size: options.EvalBatchSize = 4,
+    samples: options.EvalSamples = 25,
+    seed: options.EvalSeed = 0,
+    layers: options.EvalLayers = None,
+    quiet: options.EvalQuiet = False,
+    debug: options.Debug = False,
+) -> None:
+    """Measure how faithful the maps are: pixel perturbation (the paper's 5.1),
+    deletion and insertion AUC, for fgcli's methods against baselines; prints a table and
+    writes eval.json, eval.csv and eval.png."""
+    given = dict(locals())  # every parameter is an EvalConfig field, but quiet and debug
+    with guard("eval", debug):
+        from fgcli.config import from_options
+        from fgcli.evaluate.run import EvalConfig
+
+        values = options.config_values(evaluate, given, exclude=("quiet", "debug"))
+        cfg = from_options(EvalConfig, {**values, "command": tuple(sys.argv)})
+        _run_eval(cfg, quiet)
+
+
+def _run_eval(cfg: Any, quiet: bool) -> None:
+    """Evaluate, write the files, and print the table (unless quiet)."""
+    from fgcli.evaluate import report
+    from fgcli.evaluate.run import run_eval
+
+    def failure(path: str, reason: str) -> None:
+        say(f"fullgrad: failed: {names.display(path)}: {reason}")
+
+    with count_bar(quiet, "img", f"eval {cfg.spec.model}") as progress:
+        result = run_eval(cfg, progress, failure)
+    paths = report.write(cfg, result)
+    if not quiet:
+        _print_table(cfg, result, paths)
+
+
+def _print_table(cfg: Any, result: Any, paths: list[Any]) -> None:
+    """Plain columns, not a rich table: the width must not depend on the terminal."""
+    header = ["method"]
+    for metric in cfg.metrics:
+        if metric == "perturbation":
+            header += [f"pert {k:g}%" for k in result.ks]
+        else:
+            header.append(f"{metric} AUC")
+    lines = []
+    for method, per in result.results.items():
+        cells = [method]
+        for metric in cfg.metrics:
+            s = per[metric]
+            cells += [f"{m:.3f}±{e:.3f}" for m, e in zip(s.mean, s.se)]
+        lines.append(cells)
+    width = max(len(c[0]) for c in [header, *lines])
+    typer.echo(f"{result.model}, {len(result.images)} images: mean ± standard error")
+    for cells in [header, *lines]:
+        typer.echo(f"{cells[0]:{width}s}  " + "  ".join(f"{c:>13s}" for c in cells[1:]))
+    typer.echo("pixel perturbation: lower is better; deletion: lower; insertion: higher")
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))

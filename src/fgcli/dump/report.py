@@ -1,0 +1,76 @@
+"""What a dump says to its caller: the :class:`RunReport` (counts, exit code) and the
+:class:`Reporter` protocol through which it reports progress (the CLI's console, a
+torchrun rank's heartbeat, or :class:`SilentReporter`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fgcli.signals import EXIT_CODES
+
+
+@dataclass
+class RunReport:
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    out: str = ""
+    stopped_early: bool = False
+    first_error: str | None = None
+    device: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    interrupted: str | None = None  # "SIGINT" / "SIGTERM": stopped by that signal
+
+    @property
+    def images(self) -> int:
+        return self.ok + self.failed + self.skipped
+
+    @property
+    def exit_code(self) -> int:
+        """0: every image ok or skipped as done; 1: some images failed; 130 / 143:
+        stopped by SIGINT / SIGTERM."""
+        if self.interrupted:
+            return EXIT_CODES.get(self.interrupted, 130)
+        return 1 if self.failed else 0
+
+
+class Reporter(Protocol):
+    """How a run talks to its caller. ``alert`` is for problems that must reach the user
+    even with ``--quiet`` (an input without images); failed images come through
+    ``record`` with status ``failed``; ``progress`` is called after every batch the
+    engine finishes (torchrun's heartbeat counts it as a sign of life)."""
+
+    def started(self, info: dict[str, Any]) -> None: ...
+
+    def warn(self, message: str) -> None: ...
+
+    def alert(self, message: str) -> None: ...
+
+    def progress(self) -> None: ...
+
+    def record(self, record: dict[str, Any], line: str, image_done: bool) -> None: ...
+
+    def finished(self, report: RunReport) -> None: ...
+
+
+class SilentReporter:
+    def started(self, info: dict[str, Any]) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        pass
+
+    def alert(self, message: str) -> None:
+        pass
+
+    def progress(self) -> None:
+        pass
+
+    def record(self, record: dict[str, Any], line: str, image_done: bool) -> None:
+        pass
+
+    def finished(self, report: RunReport) -> None:
+        pass
+
