@@ -143,23 +143,6 @@ def _cycles(graph: Edges) -> list[str]:
     return [_cycle(graph, component) for component in _components(graph)]
 
 
-# the one cycle known when this test was written (issue 18 removes it): the engine's modules
-# import `ops` through the package (``from fgcli.engine import ops``) while
-# engine/__init__.py imports them (engine -> saliency -> decompose -> engine)
-KNOWN = {("fgcli.engine.decompose", "fgcli.engine"), ("fgcli.engine.positions", "fgcli.engine")}
-
-
-def test_no_import_cycle_apart_from_the_known_one():
-    graph = import_graph()
-    for module, target in KNOWN:
-        graph.get(module, {}).pop(target, None)
-    cycles = _cycles(graph)
-    assert not cycles, "import cycles in src/fgcli:\n  " + "\n\n  ".join(cycles)
-
-
-@pytest.mark.xfail(strict=False, reason="known cycle: fgcli.engine.decompose and .positions "
-                   "import ops via `from fgcli.engine import ops` while engine/__init__ imports "
-                   "them (engine -> saliency -> decompose -> engine); issue 18 removes it")
 def test_no_import_cycle():
     cycles = _cycles(import_graph())
     assert not cycles, "import cycles in src/fgcli:\n  " + "\n\n  ".join(cycles)

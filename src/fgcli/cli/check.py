@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fgcli.cli import options
+import fgcli.cli.options as options
 from fgcli.cli.console import say
 from fgcli.cli.exits import EXIT_FAILED, EXIT_OK, guard
 from fgcli.errors import UsageError

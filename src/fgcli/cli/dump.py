@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fgcli.cli import options
+import fgcli.cli.options as options
 from fgcli.cli.console import ConsoleReporter, say
 from fgcli.cli.exits import EXIT_FAILED, guard
 from fgcli.cli.gallery import report_gallery

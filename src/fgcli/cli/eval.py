@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
+import fgcli.cli.options as options
 from fgcli import names
-from fgcli.cli import options
 from fgcli.cli.console import count_bar, say
 from fgcli.cli.exits import guard
 from fgcli.cli.options import To

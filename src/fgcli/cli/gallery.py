@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fgcli.cli import options
+import fgcli.cli.options as options
 from fgcli.cli.console import count_bar, fail, say
 from fgcli.cli.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, guard
 from fgcli.config import check_not_blank

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fgcli.cli import options
+import fgcli.cli.options as options
 from fgcli.cli.console import say
 from fgcli.cli.exits import EXIT_OK, guard
 from fgcli.config import check_not_blank

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from fgcli.cli import options
+import fgcli.cli.options as options
 from fgcli.cli.console import fail
 from fgcli.cli.exits import EXIT_USAGE, guard
 
