@@ -141,10 +141,32 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A built model and its :class:`ModelConfig`."""
+    """A built model and its :class:`ModelConfig`.
+
+    ``preprocessing``, ``categories``, ``num_classes`` and ``describe()`` are the Python
+    API documented before the config existed (``fgcli.models.load_model``); they read
+    ``config`` and stay for users' code. fgcli itself reads ``config``.
+    """
 
     model: nn.Module
     config: ModelConfig
+
+    @property
+    def preprocessing(self) -> ModelConfig:
+        """The input size, crop, mean/std and interpolation: the config itself."""
+        return self.config
+
+    @property
+    def categories(self) -> tuple[str, ...] | None:
+        return self.config.categories
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.config.num_classes
+
+    def describe(self) -> dict[str, Any]:
+        """The model's part of run.json (:func:`model_info`)."""
+        return model_info(self.config)
 
 
 def default_weights(name: str) -> Any | None:
