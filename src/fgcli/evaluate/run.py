@@ -283,7 +283,7 @@ def _copy_input(_module: Any, args: tuple) -> tuple | None:
     its input in place (``x.mul_(2)``) neither changes the batch every method and metric
     reads nor fails on captum's leaf inputs. The engine's traced pass feeds the model its
     own copy already (marked with its layout tag): that one is not copied twice."""
-    from fgcli.engine.ops import LAYOUT_ATTR
+    from fgcli.engine.layout import LAYOUT_ATTR
 
     if args and hasattr(args[0], "clone") and not hasattr(args[0], LAYOUT_ATTR):
         return (args[0].clone(), *args[1:])
