@@ -55,9 +55,21 @@ def test_family_subset_covers_every_family():
     assert families <= {_family(n) for n in FAMILY_SUBSET if n not in VARIANTS}  # fast tier
 
 
+# the two costliest families (about 17 s each with the batch-of-one run): in the fast tier
+# batched only (batch == one by one is test_engine's, for every layout), alone in the full
+HEAVY = {"vit_b_32", "maxvit_t"}
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in VARIANTS else n
                                   for n in FAMILY_SUBSET])
 def test_one_classifier_per_family_is_exact(name):
+    _assert_exact(name, alone=name not in HEAVY)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(HEAVY))
+def test_heavy_families_alone_too(name):
+    assert name in FAMILY_SUBSET
     _assert_exact(name)
 
 

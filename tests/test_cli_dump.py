@@ -564,6 +564,7 @@ def test_out_that_is_a_file_is_a_setup_error(tmp_path):
     assert result.exit_code == 2 and "--out" in result.stderr and "cannot write" in result.stderr
 
 
+@pytest.mark.slow  # full tier: transformers' completeness is in the fast tier (test_all_classifiers)
 def test_decomposition_of_a_transformer_sums_to_the_logit(tmp_path):
     """ViT's class token is not a pixel: its share of each layer is stored as offgrid/*."""
     out = tmp_path / "out"

@@ -145,7 +145,7 @@ def test_decomposition_exposes_positions_of_tracked_layers():
             on_grid(dec.bias_terms[layer.name], layer.layout)
 
 
-@pytest.mark.parametrize("size,n", [(224, 3), (160, 1)])
+@pytest.mark.parametrize("size,n", [pytest.param(224, 3, marks=pytest.mark.slow), (160, 1)])
 def test_swin_batches_and_padded_windows(size, n):
     """Batch 3 = Swin-T's stage-1 head count: the batch is dim 0 (windows), not the heads.
     160: the last stage (5x5) is padded to one 7x7 window; its positions, not its shape,

@@ -16,7 +16,8 @@ TRANSFORMER_LAYOUTS = {"tokens", "nhwc", "tracked"}
 
 @pytest.mark.parametrize("name,layouts", [("vit_b_16", {"tokens"}),
                                           ("swin_t", {"nhwc", "tracked"}),
-                                          ("maxvit_t", {"tracked"})])
+                                          pytest.param("maxvit_t", {"tracked"},
+                                                       marks=pytest.mark.slow)])  # 11 s
 def test_transformer_maps_come_from_transformer_layers(name, layouts, monkeypatch):
     from fgcli.engine import decompose
     from fgcli.engine.layout import Layout
@@ -100,8 +101,12 @@ def test_check_usage_errors():
     assert bad.exit_code == 2 and "did you mean" in bad.stderr
 
 
-@pytest.mark.parametrize("name,size", [("resnet18", 64), ("convnext_tiny", 64), ("vit_b_32", 224),
-                                       ("swin_t", 224), ("swin_v2_t", 256), ("maxvit_t", 224)])
+# vit_b_32 (10 s) and swin_v2_t (a second swin) run in the full tier
+@pytest.mark.parametrize("name,size", [("resnet18", 64), ("convnext_tiny", 64),
+                                       pytest.param("vit_b_32", 224, marks=pytest.mark.slow),
+                                       ("swin_t", 224),
+                                       pytest.param("swin_v2_t", 256, marks=pytest.mark.slow),
+                                       ("maxvit_t", 224)])
 def test_models_map_layout_column_matches_tracing(name, size):
     from fgcli.models.base import map_layout
 
