@@ -195,7 +195,7 @@ def test_eval_nan_model_everywhere(imgs, tmp_path):
 
 
 def test_eval_json_guard_writes_null_for_non_finite():
-    from fgcli.tree.writer import finite as strict
+    from fgcli.tree.atomic import finite as strict
 
     data = {"a": [1.0, float("nan")], "b": {"c": float("-inf"), "d": 2}, "e": (float("inf"),)}
     text = json.dumps(strict(data), allow_nan=False)

@@ -120,7 +120,7 @@ def dump(
         values = options.config_values(dump, given, exclude=("config",))
         cfg = build_config({**values, "command": tuple(sys.argv)}, config)
         policy.debug = cfg.debug
-        from fgcli.tree.writer import refuse_if_held
+        from fgcli.tree.lock import refuse_if_held
 
         refuse_if_held(cfg.out)  # a locked --out: refused before torch is even imported
         from fgcli.distributed.launch import run_dump

@@ -35,9 +35,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 
 USAGE_ERRORS: dict[str, tuple[str, ...]] = {
     "*": ("fgcli.errors:UsageError", "fgcli.errors:SetupError"),
     # a locked --out, refused before torch is even imported
-    "dump": ("fgcli.tree.writer:LockedError",),
+    "dump": ("fgcli.tree.lock:LockedError",),
     # OUT not a tree; a page file that cannot be written (a full disk is a SetupError)
-    "gallery": ("fgcli.gallery:GalleryError", "fgcli.tree.writer:WriteFailed"),
+    "gallery": ("fgcli.gallery:GalleryError", "fgcli.tree.atomic:WriteFailed"),
 }
 # commands whose interrupted line says that a rerun resumes
 RESUMABLE = frozenset({"dump"})

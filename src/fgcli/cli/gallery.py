@@ -33,7 +33,7 @@ def gallery(
             fail("--threads must be >= 1", EXIT_USAGE)
         check_not_blank({"OUT": out})
         if os.path.isdir(out):  # else build_gallery says what OUT is not
-            from fgcli.tree.writer import writable_dir
+            from fgcli.tree.atomic import writable_dir
 
             writable_dir(out, "OUT")
         with count_bar(quiet, "thumb", "thumbnails") as progress:

@@ -18,8 +18,9 @@ from fgcli.config import RunConfig
 from fgcli.data.discover import Item
 from fgcli.dump.report import Reporter, RunReport, SilentReporter
 from fgcli.signals import StopSignals
+from fgcli.tree.atomic import TreeWriteError
 from fgcli.tree.manifest import MANIFEST_SCHEMA
-from fgcli.tree.writer import OutputTree, TreeWriteError
+from fgcli.tree.writer import OutputTree
 
 
 class Ledger:

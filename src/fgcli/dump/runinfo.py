@@ -13,10 +13,11 @@ from fgcli.config import RunConfig
 from fgcli.dump.ledger import Ledger
 from fgcli.dump.session import Session
 from fgcli.models.base import model_info
+from fgcli.tree.atomic import TreeWriteError
 from fgcli.tree.info import versions
 from fgcli.tree.manifest import MANIFEST_SCHEMA
 from fgcli.tree.shards import Shard
-from fgcli.tree.writer import OutputTree, TreeWriteError
+from fgcli.tree.writer import OutputTree
 
 
 def finish(tree: OutputTree, info: Callable[[], dict[str, Any]], ledger: Ledger,

@@ -23,7 +23,8 @@ import numpy as np
 from fgcli import render
 from fgcli.config import RunConfig
 from fgcli.dump.ledger import Ledger
-from fgcli.tree.writer import OutputTree, TreeWriteError
+from fgcli.tree.atomic import TreeWriteError
+from fgcli.tree.writer import OutputTree
 
 PENDING_BATCHES = 3  # batches being encoded / written at once
 DRAIN_SECONDS = 30.0  # after a stop signal: how long writes in flight may take to finish

@@ -22,7 +22,7 @@ from typing import Any
 from fgcli import names
 from fgcli.errors import SetupError
 from fgcli.evaluate.run import EvalConfig, EvalResult
-from fgcli.tree.writer import WriteFailed, atomic_write, finite
+from fgcli.tree.atomic import WriteFailed, atomic_write, finite
 
 WHAT = {
     "perturbation": "pixel perturbation |Δf|/|f| after removing the k% least salient pixels "
@@ -35,7 +35,7 @@ WHAT = {
 
 
 def _write(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all (:func:`fgcli.tree.writer.atomic_write`): a full
+    """Write ``path`` whole or not at all (:func:`fgcli.tree.atomic.atomic_write`): a full
     disk is its DiskFullError, any other failure a one-line SetupError naming the file."""
     try:
         atomic_write(path, lambda fh: fh.write(data))

@@ -122,7 +122,7 @@ def run_eval(cfg: EvalConfig, progress: Callable[[int, int], None] | None = None
     inputs listed, before the model loads; a folder made for ``cfg.out`` goes again
     when the evaluation fails.
     """
-    from fgcli.tree.writer import remove_created, writable_dir
+    from fgcli.tree.atomic import remove_created, writable_dir
 
     created = writable_dir(cfg.out, "--out")
     try:

@@ -25,7 +25,9 @@ from pathlib import Path
 from fgcli.gallery.collect import TERMS_CACHE, TermsCache, collect_images, read_json
 from fgcli.gallery.page import eval_summary, write_page
 from fgcli.gallery.thumbs import ThumbJob, ThumbReport, make_thumbs
-from fgcli.tree.writer import MANIFEST, BadLines, atomic_write, shard_manifests
+from fgcli.tree.atomic import atomic_write
+from fgcli.tree.layout import MANIFEST
+from fgcli.tree.manifest import BadLines, shard_manifests
 
 __all__ = ["GalleryError", "GalleryReport", "build_gallery"]
 
@@ -52,8 +54,8 @@ def build_gallery(out: str | Path, threads: int | None = None,
 
     ``threads`` make thumbnails (default: this process's cores); ``progress(done,
     total)`` is called as they are made. Raises :class:`GalleryError` when OUT is not
-    an output tree, :class:`fgcli.tree.writer.DiskFullError` when the disk fills up (the
-    build stops; every file written is whole) and :class:`fgcli.tree.writer.WriteFailed`
+    an output tree, :class:`fgcli.tree.atomic.DiskFullError` when the disk fills up (the
+    build stops; every file written is whole) and :class:`fgcli.tree.atomic.WriteFailed`
     when a file of the page cannot be written.
     """
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Read an output tree into what the gallery shows: images, their maps, the run, an eval.
 
 Reads only: the merged manifest and any shard manifests (the latest line of each
-(key, rank) by :class:`fgcli.tree.writer.Latest`'s rule, so a gallery of a running or
+(key, rank) by :class:`fgcli.tree.manifest.Latest`'s rule, so a gallery of a running or
 sharded dump is a consistent snapshot), ``run.json`` and ``eval.json``. The per-layer
 terms of ``decomp/*.npz`` are summed here (a chart needs one number per layer) and
 cached in ``gallery/terms-cache.json`` by file size and mtime, so a rebuild after a
@@ -19,17 +19,8 @@ from typing import Any
 import numpy as np
 
 from fgcli.names import path_of
-from fgcli.tree.writer import (
-    FOLDER,
-    MANIFEST,
-    RUN_JSON,
-    SUFFIX,
-    BadLines,
-    Latest,
-    TreeFiles,
-    iter_manifest,
-    shard_manifests,
-)
+from fgcli.tree.layout import FOLDER, MANIFEST, RUN_JSON, SUFFIX
+from fgcli.tree.manifest import BadLines, Latest, TreeFiles, iter_manifest, shard_manifests
 
 KINDS = ("overlay", "heatmap", "map", "decomp")
 TERMS_CACHE = "terms-cache.json"

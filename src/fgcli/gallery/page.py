@@ -29,7 +29,8 @@ from typing import Any
 
 from fgcli.gallery.collect import Image, TermsCache
 from fgcli.names import href, needs_bytes, text
-from fgcli.tree.writer import FOLDER, SUFFIX, atomic_write, finite
+from fgcli.tree.atomic import atomic_write, finite
+from fgcli.tree.layout import FOLDER, SUFFIX
 
 CHUNK = 200
 ASSETS = ("app.js", "style.css")

@@ -3,8 +3,8 @@
 Made from the overlay (else the heatmap, else the original image), once: a thumbnail
 newer than its source is kept, so rebuilding the gallery after a resumed dump makes
 only the new ones. Each is written to a hidden temporary name beside it and moved into
-place (:func:`fgcli.tree.writer.atomic_write`), so a killed build leaves whole files only; a
-full disk stops the build (:class:`fgcli.tree.writer.DiskFullError`), any other failure costs
+place (:func:`fgcli.tree.atomic.atomic_write`), so a killed build leaves whole files only; a
+full disk stops the build (:class:`fgcli.tree.atomic.DiskFullError`), any other failure costs
 that thumbnail only. JPEG sources are decoded at a reduced scale
 (``Image.draft``), which makes a thumbnail of a large overlay cost a few milliseconds.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from fgcli.names import display
-from fgcli.tree.writer import DiskFullError, atomic_write
+from fgcli.tree.atomic import DiskFullError, atomic_write
 
 THUMB = 256
 QUALITY = 82

@@ -5,8 +5,6 @@
 the locks (:mod:`fgcli.tree.lock`) and the manifest (:mod:`fgcli.tree.manifest`). Encoding
 a map into heatmaps and overlays is the dump's (:mod:`fgcli.dump.writeback`): the tree
 writes bytes, arrays and images it is given.
-
-The names below the class are re-exported for callers that import them from here.
 """
 
 from __future__ import annotations
@@ -25,43 +23,17 @@ from PIL import Image
 
 from fgcli import names
 from fgcli.tree.atomic import (
-    DISK_FULL,
-    DiskFullError,
-    TreeWriteError,
-    WriteFailed,
     atomic_write,
-    finite,
-    first_missing,
     remove_created,
-    writable_dir,
-    write_all,
 )
 from fgcli.tree.layout import FOLDER, LOCK, MANIFEST, RUN_JSON, SHARDS, SUFFIX, TMP
-from fgcli.tree.lock import LockedError, TreeLock, refuse_if_held, running_shards
+from fgcli.tree.lock import TreeLock
 from fgcli.tree.manifest import (
-    MANIFEST_SCHEMA,
-    NUMBERS,
-    STATUSES,
     BadLines,
-    Latest,
     Manifest,
     TreeFiles,
-    check_record,
     index_manifests,
-    iter_manifest,
-    parse_line,
-    path_problem,
-    shard_manifests,
 )
-
-__all__ = [
-    "DISK_FULL", "FOLDER", "LOCK", "MANIFEST", "MANIFEST_SCHEMA", "NUMBERS", "RUN_JSON",
-    "SHARDS", "STATUSES", "SUFFIX", "TMP", "BadLines", "DiskFullError", "Latest",
-    "LockedError", "OutputTree", "TreeFiles", "TreeWriteError", "WriteFailed",
-    "atomic_write", "check_record", "finite", "first_missing", "iter_manifest",
-    "parse_line", "path_problem", "refuse_if_held", "remove_created", "running_shards",
-    "shard_manifests", "writable_dir", "write_all",
-]
 
 
 class OutputTree:
