@@ -170,7 +170,7 @@ class DriverState:
     def __init__(self) -> None:
         from types import SimpleNamespace
 
-        from fgcli.dump.run import RunReport
+        from fgcli.dump.report import RunReport
         from fgcli.signals import StopSignals
 
         self.cfg = SimpleNamespace(fail_fast=False)

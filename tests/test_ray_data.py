@@ -143,7 +143,7 @@ def test_a_plain_runs_output_resumes_on_ray_without_work(local_ray, tmp_path):
 
 class _FakeState:
     def __init__(self, fail_fast: bool = False) -> None:
-        from fgcli.dump.run import RunReport
+        from fgcli.dump.report import RunReport
         from fgcli.signals import StopSignals
 
         self.cfg = RunConfig(inputs=("x",), spec=ModelSpec("m"), fail_fast=fail_fast)

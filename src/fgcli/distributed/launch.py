@@ -1,7 +1,7 @@
 """Which engine runs a dump: one process, a ``--shard`` of one, torchrun ranks, or Ray.
 
 The CLI calls :func:`run_dump`; everything below it is a
-:class:`fgcli.dump.run.RunReport`.
+:class:`fgcli.dump.report.RunReport`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fgcli.config import RunConfig
-from fgcli.dump.run import Reporter, RunReport, run
+from fgcli.dump.report import Reporter, RunReport
+from fgcli.dump.run import run
 from fgcli.errors import UsageError
 
 # (failure-line prefix, leads: shows progress and the summary) -> a reporter

@@ -63,7 +63,8 @@ from fgcli.config import RunConfig, replace
 from fgcli.data.decode import Box, Failure, ImageDataset, Sample, collate
 from fgcli.data.discover import Item
 from fgcli.dump.ledger import CollectLedger, Ledger
-from fgcli.dump.run import Compute, Dump, Reporter, RunReport, SilentReporter, check_options, run
+from fgcli.dump.report import Reporter, RunReport, SilentReporter
+from fgcli.dump.run import Compute, Dump, check_options, run
 from fgcli.dump.session import Session
 from fgcli.dump.step import step
 from fgcli.dump.writeback import WriteBack

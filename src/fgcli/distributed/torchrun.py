@@ -40,7 +40,8 @@ from datetime import timedelta
 from typing import Any
 
 from fgcli.config import RunConfig, replace
-from fgcli.dump.run import RunReport, run
+from fgcli.dump.report import RunReport
+from fgcli.dump.run import run
 from fgcli.errors import SetupError, UsageError
 from fgcli.signals import Interrupted
 from fgcli.tree.shards import Shard, merge

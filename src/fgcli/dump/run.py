@@ -39,8 +39,7 @@ from fgcli.tree.lock import LockedError
 from fgcli.tree.shards import Shard
 from fgcli.tree.writer import OutputTree
 
-__all__ = ["Compute", "Dump", "LocalCompute", "Reporter", "RunReport", "SilentReporter",
-           "check_options", "run"]
+__all__ = ["Compute", "Dump", "LocalCompute", "check_options", "run"]
 
 
 @dataclass
