@@ -384,3 +384,177 @@ def test_batchnorm_without_affine_parameters():
     (grad_z,) = torch.autograd.grad(logits.gather(1, dec.target[:, None]).sum(), z)
     torch.testing.assert_close(dec.bias_terms["1"], grad_z * b.view(1, 4, 1, 1),
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,fn,kwargs", [
+    ("layer_norm", torch.nn.functional.layer_norm, {"normalized_shape": (6,)}),
+    ("layer_norm", torch.nn.functional.layer_norm, {"normalized_shape": (5, 6)}),
+    ("layer_norm", torch.nn.functional.layer_norm, {"normalized_shape": (6,), "eps": 0.3}),
+    ("layer_norm", torch.nn.functional.layer_norm, {"normalized_shape": (6,), "affine": 1}),
+    ("rms_norm", torch.nn.functional.rms_norm, {"normalized_shape": (6,), "affine": 1}),
+    ("rms_norm", torch.nn.functional.rms_norm, {"normalized_shape": (5, 6), "eps": 0.2}),
+    ("softmax", torch.softmax, {"dim": -1}),
+    ("softmax", torch.softmax, {"dim": 1}),
+])
+@pytest.mark.parametrize("graph", [False, True])
+def test_closed_form_norm_and_softmax_biases_equal_forward_ad(name, fn, kwargs, graph):
+    """Layer norm, RMS norm and softmax: the closed-form residual equals forward-mode AD's
+    (with affine parameters held fixed; a large eps so its term is visible), with and
+    without an autograd graph (layer norm reads its saved statistics from the graph)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from fgcli.engine.implicit import fast_implicit_bias
+
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(3, 4, 5, 6, dtype=torch.float64, generator=g) * 2 + 0.5
+    kwargs = dict(kwargs)
+    if kwargs.pop("affine", None):
+        shape = kwargs["normalized_shape"]
+        kwargs["weight"] = torch.randn(shape, dtype=torch.float64, generator=g)
+        if name == "layer_norm":
+            kwargs["bias"] = torch.randn(shape, dtype=torch.float64, generator=g)
+    ug = u.clone().requires_grad_(True)
+    out = fn(ug if graph else u, **kwargs)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(fn(fwAD.make_dual(u, u), **kwargs)).tangent
+    got = fast_implicit_bias(name, (ug,), kwargs, [u], out)
+    assert got is not None
+    expected = out.detach() - tangent
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert expected.abs().max() > 1e-3  # the residual is not trivially zero
+    if graph:  # the graph's saved tensors are untouched: the gradient is still right
+        (g,) = torch.autograd.grad(out.sum(), ug)
+        ref = u.clone().requires_grad_(True)
+        (g_ref,) = torch.autograd.grad(fn(ref, **kwargs).sum(), ref)
+        torch.testing.assert_close(g, g_ref)
+
+
+def _forward_ad_residual(fn, args, active):
+    """``fn(args) - J u`` by forward-mode AD, tangents = the ``active`` arguments."""
+    import torch.autograd.forward_ad as fwAD
+
+    out = fn(*args)
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(a, a) if i in active else a for i, a in enumerate(args)]
+        tangent = fwAD.unpack_dual(fn(*duals)).tangent
+    return out, out - tangent
+
+
+@pytest.mark.parametrize("case", ["x+c", "c+x", "x-c", "c-x", "rsub", "alpha", "iadd"])
+def test_closed_form_shift_bias_equals_forward_ad(case):
+    """A sum of an activation and a constant: b = y - k u equals the linearisation."""
+    from fgcli.engine.implicit import fast_implicit_bias
+
+    u = torch.randn(2, 5, 3, dtype=torch.float64)
+    c = torch.randn(5, 3, dtype=torch.float64)
+    ug = u.clone().requires_grad_(True)
+    name, args, kwargs, fn = {
+        "x+c": ("add", (ug, c), {}, lambda a: a + c),
+        "c+x": ("add", (c, ug), {"alpha": 2.5}, lambda a: torch.add(c, a, alpha=2.5)),
+        "x-c": ("sub", (ug, c), {}, lambda a: a - c),
+        "c-x": ("sub", (c, ug), {"alpha": 0.5}, lambda a: torch.sub(c, a, alpha=0.5)),
+        "rsub": ("__rsub__", (ug, 3.0), {}, lambda a: 3.0 - a),
+        "alpha": ("add", (ug, c), {"alpha": -2.0}, lambda a: torch.add(a, c, alpha=-2.0)),
+        "iadd": ("__iadd__", (ug, c), {}, lambda a: a + c),
+    }[case]
+    out, expected = _forward_ad_residual(fn, (u,), {0})
+    got = fast_implicit_bias(name, args, kwargs, [u], out)
+    assert got is not None
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["qkv", "kv-constant", "q-constant", "causal", "float-mask",
+                                  "bool-mask", "scale"])
+def test_closed_form_sdpa_bias_equals_forward_ad(case):
+    """scaled_dot_product_attention's closed-form residual equals forward-mode AD's."""
+    import torch.nn.functional as F
+
+    from fgcli.engine.implicit import fast_implicit_bias
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 7, 4, dtype=torch.float64, generator=g) for _ in range(3))
+    kwargs: dict = {}
+    active = {"kv-constant": {0}, "q-constant": {1, 2}}.get(case, {0, 1, 2})
+    if case == "causal":
+        kwargs["is_causal"] = True
+    if case == "float-mask":
+        kwargs["attn_mask"] = torch.randn(7, 7, dtype=torch.float64, generator=g)
+    if case == "bool-mask":
+        kwargs["attn_mask"] = torch.rand(7, 7, generator=g) > 0.3
+        kwargs["attn_mask"].fill_diagonal_(True)
+    if case == "scale":
+        kwargs["scale"] = 0.3
+
+    def fn(*qkv):
+        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(*qkv, **kwargs)
+
+    out, expected = _forward_ad_residual(fn, (q, k, v), active)
+    args = tuple(t.clone().requires_grad_(True) if i in active else t
+                 for i, t in enumerate((q, k, v)))
+    got = fast_implicit_bias("scaled_dot_product_attention", args, kwargs,
+                             [args[i].detach() for i in sorted(active)], out)
+    assert got is not None
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    assert expected.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case", ["self", "cross", "separate", "mask", "no-bias"])
+def test_closed_form_mha_bias_equals_forward_ad(case):
+    """F.multi_head_attention_forward's closed-form residual (projections inside the op)
+    equals forward-mode AD's."""
+    import torch.nn.functional as F
+
+    from fgcli.engine.implicit import fast_implicit_bias
+
+    torch.manual_seed(7)
+    mha = torch.nn.MultiheadAttention(8, 2, bias=case != "no-bias", kdim=6 if case ==
+                                      "separate" else None, vdim=5 if case == "separate"
+                                      else None).double().eval().requires_grad_(False)
+    if case != "no-bias":
+        torch.nn.init.normal_(mha.in_proj_bias if mha.in_proj_bias is not None else
+                              mha.out_proj.bias)
+    x = torch.randn(6, 3, 8, dtype=torch.float64)
+    key = torch.randn(4, 3, 6 if case == "separate" else 8, dtype=torch.float64)
+    value = torch.randn(4, 3, 5 if case == "separate" else 8, dtype=torch.float64)
+    mask = torch.randn(6, 6, dtype=torch.float64) if case == "mask" else None
+    inputs = {"self": (x, x, x), "mask": (x, x, x), "no-bias": (x, x, x),
+              "cross": (x, key, key), "separate": (x, key, value)}[case]
+    active = {0, 1, 2} if case != "cross" else {0}
+    separate = case == "separate"
+
+    def fn(q, k, v):
+        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+            return _mha(q, k, v)
+
+    def _mha(q, k, v):
+        return F.multi_head_attention_forward(
+            q, k, v, 8, 2, mha.in_proj_weight, mha.in_proj_bias, None, None, False, 0.0,
+            mha.out_proj.weight, mha.out_proj.bias, training=False, need_weights=False,
+            attn_mask=mask, use_separate_proj_weight=separate, q_proj_weight=mha.q_proj_weight,
+            k_proj_weight=mha.k_proj_weight, v_proj_weight=mha.v_proj_weight)[0]
+
+    if case in ("self", "mask", "no-bias"):  # one tensor in three places: one tangent
+        import torch.autograd.forward_ad as fwAD
+        out = fn(x, x, x)
+        with fwAD.dual_level():
+            d = fwAD.make_dual(x, x)
+            expected = out - fwAD.unpack_dual(fn(d, d, d)).tangent
+    else:
+        out, expected = _forward_ad_residual(fn, inputs, active)
+    args = tuple(t.requires_grad_(True) if i in active else t
+                 for i, t in enumerate(t.clone() for t in inputs))
+    if case in ("self", "mask", "no-bias"):
+        xg = x.clone().requires_grad_(True)
+        args = (xg, xg, xg)
+    kwargs = {"embed_dim_to_check": 8, "num_heads": 2, "in_proj_weight": mha.in_proj_weight,
+              "in_proj_bias": mha.in_proj_bias, "bias_k": None, "bias_v": None,
+              "add_zero_attn": False, "dropout_p": 0.0, "out_proj_weight": mha.out_proj.weight,
+              "out_proj_bias": mha.out_proj.bias, "training": False, "need_weights": False,
+              "attn_mask": mask, "use_separate_proj_weight": separate,
+              "q_proj_weight": mha.q_proj_weight, "k_proj_weight": mha.k_proj_weight,
+              "v_proj_weight": mha.v_proj_weight}
+    got = fast_implicit_bias("multi_head_attention_forward", args, kwargs,
+                             [a.detach() for a in args if a.requires_grad], out)
+    assert got is not None
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)

@@ -171,7 +171,17 @@ def _old_bias(n: str) -> str:
     return "implicit"
 
 
+NEW_FAST = {"layer_norm": "layer_norm", "rms_norm": "rms_norm", "softmax": "softmax",
+            "scaled_dot_product_attention": "sdpa", "multi_head_attention_forward": "mha",
+            **dict.fromkeys(["add", "__add__", "__radd__", "__iadd__", "add_", "sub",
+                             "__sub__", "__rsub__", "__isub__", "sub_", "subtract"], "shift")}
+"""Closed forms added after the table was made (#19): tested against forward AD in
+tests/test_engine.py."""
+
+
 def _old_fast(n: str) -> str | None:
+    if n in NEW_FAST:
+        return NEW_FAST[n]
     if n.rstrip("_") in _old("UNARY"):
         return "unary"
     if n in _old("PRODUCT_PAIR") or n == "einsum":
@@ -339,7 +349,8 @@ def test_rows_are_consistent():
                 row.images in ("minmax", "reduction", "cumulative", "cat"):
             assert row.dim is not None, row.names
         if row.fast is not None:
-            assert row.bias in ("implicit", "product", "einsum", "quotient"), row.names
+            assert row.bias in ("implicit", "product", "einsum", "quotient", "additive"), \
+                row.names
 
 
 def test_dim_arg_reads_keyword_position_and_default():

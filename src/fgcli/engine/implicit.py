@@ -20,7 +20,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.utils import _pytree as pytree
 
-from fgcli.engine.ops import is_activation, operands
+from fgcli.engine.attention import mha_bias, sdpa_bias
+from fgcli.engine.ops import arg, is_activation, operands
 from fgcli.engine.optable import OpRule, rule_of
 
 
@@ -47,9 +48,9 @@ def _unary_bias(name: str, u: torch.Tensor, out: torch.Tensor,
     elif base == "relu6":
         slope = ((u > 0) & (u < 6)).to(u.dtype)
     elif base == "gelu" and kwargs.get("approximate", "none") == "none":
-        cdf = 0.5 * (1 + torch.erf(u * 0.7071067811865476))
-        pdf = torch.exp(-0.5 * u * u) * 0.3989422804014327  # 1 / sqrt(2 pi)
-        slope = cdf + u * pdf
+        # u Phi(u) - (Phi(u) + u phi(u)) u = -u^2 phi(u), phi(u) = exp(-u^2 / 2) / sqrt(2 pi)
+        square = u.square()
+        return square.mul(-0.5).exp_().mul_(square).mul_(-0.3989422804014327)
     else:
         return None
     return out - u * slope
@@ -82,11 +83,108 @@ def _fast_bias(name: str, row: OpRule, args: Sequence[Any], kwargs: dict[str, An
         ops = operands(args, kwargs) if row.bias != "einsum" else list(acts)
         if len(ops) == 2 and all(is_activation(x) for x in ops):
             return -out.detach()
+    if row.fast in _NORM_BIASES and len(acts) == 1 and acts[0].shape == out.shape:
+        return _NORM_BIASES[row.fast](args, kwargs, acts[0], out)
+    if row.fast == "shift" and len(acts) == 1:
+        return _shift_bias(name, args, kwargs, acts[0], out)
+    if row.fast == "sdpa":
+        return sdpa_bias(args, kwargs)
+    if row.fast == "mha":
+        return mha_bias(args, kwargs)
     if row.fast == "quotient" and len(acts) == 2 and kwargs.get("rounding_mode") is None:
         ops = operands(args, kwargs)
         if len(ops) == 2 and all(is_activation(x) for x in ops):
             return out.detach().clone()
     return None
+
+
+def _constants(*tensors: Any) -> bool:
+    return not any(is_activation(t) for t in tensors)
+
+
+def _layer_norm_bias(args: Sequence[Any], kwargs: dict[str, Any], u: torch.Tensor,
+                     out: torch.Tensor) -> torch.Tensor | None:
+    """``y = g n + beta`` with ``n = (u - mean) / sqrt(var + eps)`` over the normalised
+    dims: along ``u`` itself ``J n u = n eps / (var + eps)`` (``n`` is shift and scale
+    invariant but for ``eps``), so ``b = y - (y - beta) r = y (1 - r) + beta r`` with
+    ``r = eps / (var + eps)`` per row: one variance, two passes, no forward AD."""
+    shape = arg(args, kwargs, 1, "normalized_shape")
+    weight, beta = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
+    eps = arg(args, kwargs, 4, "eps", 1e-5)
+    if not _constants(weight, beta) or isinstance(eps, torch.Tensor):
+        return None
+    r = _layer_norm_rstd(out, u, shape, eps).square().mul_(eps)  # eps / (var + eps)
+    b = out.detach() * (1 - r)
+    return b if beta is None else b.addcmul_(r, beta.detach().to(out.dtype))
+
+
+def _layer_norm_rstd(out: torch.Tensor, u: torch.Tensor, shape: Any,
+                     eps: float) -> torch.Tensor:
+    """``1 / sqrt(var + eps)`` per row (read-only): the one the kernel saved for its
+    backward where autograd exposes it (no pass over the tensor), else from
+    ``native_layer_norm`` (torch's ``var`` over a short last dim is ~6x slower than the
+    layer norm itself)."""
+    saved = getattr(out.grad_fn, "_saved_result2", None)
+    if isinstance(saved, torch.Tensor) and saved.dim() == out.dim():
+        return saved.detach().to(out.dtype)
+    shape = list(shape) if isinstance(shape, (tuple, list, torch.Size)) else [shape]
+    return torch.native_layer_norm(u.to(out.dtype), shape, None, None, eps)[2]
+
+
+def _rms_norm_bias(args: Sequence[Any], kwargs: dict[str, Any], u: torch.Tensor,
+                   out: torch.Tensor) -> torch.Tensor | None:
+    """``y = g u / sqrt(ms + eps)``: ``J u = y eps / (ms + eps)``, so
+    ``b = y ms / (ms + eps)`` (``ms`` the mean square over the normalised dims)."""
+    shape = arg(args, kwargs, 1, "normalized_shape")
+    weight, eps = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "eps")
+    if not _constants(weight) or isinstance(eps, torch.Tensor):
+        return None
+    if eps is None:
+        eps = torch.finfo(u.dtype).eps  # torch's default
+    dims = tuple(range(-len(shape), 0)) if isinstance(shape, (tuple, list, torch.Size)) \
+        else (-1,)
+    ms = u.to(out.dtype).square().mean(dim=dims, keepdim=True)
+    return out.detach() * (ms / (ms + eps))
+
+
+def _softmax_bias(args: Sequence[Any], kwargs: dict[str, Any], u: torch.Tensor,
+                  out: torch.Tensor) -> torch.Tensor | None:
+    """``y = softmax(u)`` along ``dim``: ``J u = y (u - <y, u>)``, so
+    ``b = y (1 - u + <y, u>)`` (sums along ``dim``)."""
+    dim = arg(args, kwargs, 1, "dim")
+    if not isinstance(dim, int):
+        return None
+    u, out = u.to(out.dtype), out.detach()
+    s = (out * u).sum(dim, keepdim=True).add_(1)
+    return (s - u).mul_(out)
+
+
+_SUBTRACT = frozenset({"sub", "__sub__", "__isub__", "sub_", "subtract"})
+
+
+def _shift_bias(name: str, args: Sequence[Any], kwargs: dict[str, Any], u: torch.Tensor,
+                out: torch.Tensor) -> torch.Tensor | None:
+    """A sum of one activation ``u`` and a constant (a positional embedding, an attention
+    mask, ``x + 3``) is affine in ``u``: ``J u = k u`` with ``k`` = 1, ``alpha`` or
+    ``-alpha`` by the operand's place, so ``b = y - k u`` (the constant, rounded as the
+    op rounded it)."""
+    ops = operands(args, kwargs)
+    alpha = kwargs.get("alpha", 1)
+    if len(ops) != 2 or isinstance(alpha, (torch.Tensor, bool)):
+        return None
+    first = is_activation(ops[0])
+    if name == "__rsub__":  # other - self, with self the first argument
+        k = -1 if first else 1
+    elif first:
+        k = 1
+    else:
+        k = -alpha if name in _SUBTRACT else alpha
+    out = out.detach()
+    return out - u.to(out.dtype) if k == 1 else out - k * u.to(out.dtype)
+
+
+_NORM_BIASES = {"layer_norm": _layer_norm_bias, "rms_norm": _rms_norm_bias,
+                "softmax": _softmax_bias}
 
 
 def implicit_biases(func, name: str, row: OpRule, args: Any, kwargs: dict[str, Any],

@@ -43,7 +43,8 @@ PASSTHROUGH_RULES = ("passthrough", "overwrites")  # overwrites: x[i] = y
 ZERO_RULES = ("structural", "additive", "additive_seq", "product", "einsum", "quotient",
               "pad", "prelu")
 CLOSED_RULES = ("conv", "linear", "batch_norm")
-FAST_RULES = ("unary", "bilinear", "quotient")
+FAST_RULES = ("unary", "bilinear", "quotient", "layer_norm", "rms_norm", "softmax", "shift",
+              "sdpa", "mha")
 CATEGORIES = ("activation", "normalisation", "attention", "operands", "constant", "other")
 LAYOUT_RULES = ("inherit", "nchw", "layer_norm", "moves", "getitem", "permute")
 POSITION_RULES = ("move", "reshape", "copy", "join", "pad", "pooled", "conversion",
@@ -159,7 +160,7 @@ ROWS: tuple[OpRule, ...] = (
          **_PER_SAMPLE),
     # -- sums, products, quotients of operands
     _row("add __add__ __radd__ __iadd__ add_ sub __sub__ __rsub__ __isub__ sub_ subtract",
-         bias="additive", category="constant", **_EW),
+         bias="additive", fast="shift", category="constant", **_EW),
     _row("cat concat concatenate", bias="additive_seq", category="constant", position="join",
          images="cat", dim=Dim(1, 0)),
     _row("stack", bias="additive_seq", category="constant", position="join",
@@ -188,20 +189,22 @@ ROWS: tuple[OpRule, ...] = (
     _row("batch_norm", bias="batch_norm", category="normalisation", layout="nchw",
          position="elementwise", grad_format=True, **_PER_SAMPLE),
     # -- normalisation and attention (implicit biases)
-    _row("layer_norm", category="normalisation", layout="layer_norm", position="mix_norm",
+    _row("layer_norm", fast="layer_norm", category="normalisation", layout="layer_norm",
+         position="mix_norm", images="positions", rows="mix_norm"),
+    _row("rms_norm", fast="rms_norm", category="normalisation", position="mix_norm",
          images="positions", rows="mix_norm"),
-    _row("rms_norm", category="normalisation", position="mix_norm", images="positions",
-         rows="mix_norm"),
     _row("group_norm instance_norm local_response_norm", category="normalisation",
          layout="nchw", **_PER_SAMPLE),
     _row("normalize", category="normalisation", position="mix_dim", images="positions",
          rows="dim", dim=Dim(2, 1)),
-    _row("softmax log_softmax softmin", category="attention", position="mix_dim",
+    _row("softmax", fast="softmax", category="attention", position="mix_dim",
          images="positions", rows="dim", dim=Dim(1)),
-    _row("scaled_dot_product_attention", category="attention", position="query_first",
-         images="positions", rows="batched"),
-    _row("multi_head_attention_forward", category="attention", position="query_first",
-         images="positions", dense_inputs=True),
+    _row("log_softmax softmin", category="attention", position="mix_dim",
+         images="positions", rows="dim", dim=Dim(1)),
+    _row("scaled_dot_product_attention", fast="sdpa", category="attention",
+         position="query_first", images="positions", rows="batched"),
+    _row("multi_head_attention_forward", fast="mha", category="attention",
+         position="query_first", images="positions", dense_inputs=True),
     # -- activations (implicit biases)
     _row("silu silu_ gelu gelu_ hardswish hardswish_ hardsigmoid hardsigmoid_ relu6 relu6_ "
          "sigmoid_ tanh tanh_", fast="unary", **_ACT),
