@@ -558,3 +558,21 @@ def test_closed_form_mha_bias_equals_forward_ad(case):
                              [a.detach() for a in args if a.requires_grad], out)
     assert got is not None
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_closed_form_tanh_gelu_bias_equals_forward_ad():
+    """GELU's tanh approximation takes its own backward kernel (its ``approximate``)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from fgcli.engine.implicit import fast_implicit_bias
+
+    u = torch.linspace(-9, 9, 2001, dtype=torch.float64).reshape(1, -1)
+    out = torch.nn.functional.gelu(u, approximate="tanh")
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(torch.nn.functional.gelu(
+            fwAD.make_dual(u, u), approximate="tanh")).tangent
+    got = fast_implicit_bias("gelu", (u.requires_grad_(True),), {"approximate": "tanh"},
+                             [u.detach()], out)
+    torch.testing.assert_close(got, out - tangent, rtol=1e-12, atol=1e-12)
+    exact = fast_implicit_bias("gelu", (u,), {}, [u.detach()], out)
+    assert not torch.allclose(got, exact, rtol=1e-9, atol=1e-9)

@@ -25,35 +25,33 @@ from fgcli.engine.ops import arg, is_activation, operands
 from fgcli.engine.optable import OpRule, rule_of
 
 
+_A = torch.ops.aten
+_UNARY_JVP = {
+    "silu": lambda u, out, kw: _A.silu_backward(u, u),
+    "gelu": lambda u, out, kw: _A.gelu_backward(u, u, approximate=kw.get("approximate", "none")),
+    "sigmoid": lambda u, out, kw: _A.sigmoid_backward(u, out),
+    "tanh": lambda u, out, kw: _A.tanh_backward(u, out),
+    "hardswish": lambda u, out, kw: _A.hardswish_backward(u, u),
+    "hardsigmoid": lambda u, out, kw: _A.hardsigmoid_backward(u, u),
+    "relu6": lambda u, out, kw: _A.hardtanh_backward(u, u, 0.0, 6.0),
+}
+"""``J u = phi'(u) u`` of elementwise activations by the kernels autograd's own backward
+runs (``*_backward(grad=u, ...)``): one fused pass, the same derivative conventions at the
+kinks as the gradients the map is built from."""
+
+
 def _unary_bias(name: str, u: torch.Tensor, out: torch.Tensor,
                 kwargs: dict[str, Any]) -> torch.Tensor | None:
     """``phi(u) - phi'(u) u`` in closed form for common elementwise activations.
 
-    ``phi(u)`` is the kernel's own output and ``phi'`` the derivative autograd's
-    backward uses (same conventions at the kinks), so completeness is exactly as
-    with forward-mode AD; only that extra pass is saved. None: no formula here.
+    ``phi(u)`` is the kernel's own output and ``phi'(u) u`` comes from the activation's
+    backward kernel (:data:`_UNARY_JVP`), so completeness is exactly as with forward-mode
+    AD; only that extra pass is saved: two passes, one new tensor. None: no formula here.
     """
-    base = name.rstrip("_")
-    if base == "silu":
-        # u s - u * s (1 + u (1 - s)) = -u^2 s (1 - s) = out (out - u): two passes, no sigmoid
-        return out * (out - u)
-    if base == "sigmoid":
-        slope = out * (1 - out)
-    elif base == "tanh":
-        slope = 1 - out * out
-    elif base == "hardswish":
-        slope = torch.where(u < -3, 0.0, torch.where(u <= 3, u / 3 + 0.5, 1.0))
-    elif base == "hardsigmoid":
-        slope = torch.where((u > -3) & (u < 3), 1.0 / 6.0, 0.0)
-    elif base == "relu6":
-        slope = ((u > 0) & (u < 6)).to(u.dtype)
-    elif base == "gelu" and kwargs.get("approximate", "none") == "none":
-        # u Phi(u) - (Phi(u) + u phi(u)) u = -u^2 phi(u), phi(u) = exp(-u^2 / 2) / sqrt(2 pi)
-        square = u.square()
-        return square.mul(-0.5).exp_().mul_(square).mul_(-0.3989422804014327)
-    else:
+    jvp = _UNARY_JVP.get(name.rstrip("_"))
+    if jvp is None:
         return None
-    return out - u * slope
+    return jvp(u.to(out.dtype), out, kwargs).neg_().add_(out)
 
 
 

@@ -166,7 +166,8 @@ def _cells(index: torch.Tensor, grid: tuple[int, int], n: int
     return cell, image, cells
 
 
-def psi_tracked(t: torch.Tensor, positions, n: int, psi: str = "abs-rescale") -> torch.Tensor:
+def psi_tracked(t: torch.Tensor, positions, n: int, psi: str = "abs-rescale",
+                inplace: bool = False) -> torch.Tensor:
     """psi + sum per pixel for a ``tracked`` layer (see :mod:`fgcli.engine.positions`):
     (N, 1, h, w), every element that belongs to a pixel counting like a channel of it.
 
@@ -176,7 +177,8 @@ def psi_tracked(t: torch.Tensor, positions, n: int, psi: str = "abs-rescale") ->
     ``max(t, 0)``).
     """
     if psi == "abs-rescale":
-        a = t.float().abs() if t.dtype in (torch.float16, torch.bfloat16) else t.abs()
+        a = t.float().abs_() if t.dtype in (torch.float16, torch.bfloat16) else \
+            t.abs_() if inplace else t.abs()
     else:
         check_psi(psi)
         a = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -251,7 +253,7 @@ class MapAccumulator:
         """psi + channel sum of a spatial layer's term, added at its own resolution
         (``positions``: the pixel positions of a ``tracked`` layer)."""
         if layout.kind == "tracked":
-            m = psi_tracked(t, positions, self.total.shape[0], self.psi)
+            m = psi_tracked(t, positions, self.total.shape[0], self.psi, inplace)
         else:
             grid_t, channel_dim = on_grid(t, layout)
             m = psi_channel_sum(grid_t, channel_dim,
