@@ -24,7 +24,6 @@ from fgcli.engine.attention import mha_bias, sdpa_bias
 from fgcli.engine.ops import arg, is_activation, operands
 from fgcli.engine.optable import OpRule, rule_of
 
-
 _A = torch.ops.aten
 _UNARY_JVP = {
     "silu": lambda u, out, kw: _A.silu_backward(u, u),
