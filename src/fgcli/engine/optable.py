@@ -11,8 +11,10 @@ one :class:`OpRule` row, whose columns say
   ``implicit`` (the linearisation residual by forward-mode AD,
   :mod:`fgcli.engine.implicit`);
 * ``fast`` -- a closed form of the implicit bias that saves the forward-AD pass
-  (``unary``, ``bilinear``, ``quotient``), ``category`` -- the kind reported for an
-  implicit bias (``operands``: ``product`` or ``constant`` by the operands);
+  (``unary``, ``bilinear``, ``quotient``, ``shift``, ``layer_norm``, ``rms_norm``,
+  ``softmax``, ``sdpa``, ``mha``: :mod:`fgcli.engine.implicit`,
+  :mod:`fgcli.engine.attention`), ``category`` -- the kind reported for an implicit bias
+  (``operands``: ``product`` or ``constant`` by the operands);
 * ``layout`` -- the layout tag of its 4-D output (:mod:`fgcli.engine.layout`);
 * ``position`` -- how pixel positions follow it (:mod:`fgcli.engine.positions`);
   None: tracking ends there;
