@@ -576,3 +576,20 @@ def test_closed_form_tanh_gelu_bias_equals_forward_ad():
     torch.testing.assert_close(got, out - tangent, rtol=1e-12, atol=1e-12)
     exact = fast_implicit_bias("gelu", (u,), {}, [u.detach()], out)
     assert not torch.allclose(got, exact, rtol=1e-9, atol=1e-9)
+
+
+def test_closed_form_einsum_of_two_activations():
+    """An einsum of two activations is bilinear: b = -y, no forward-AD pass (MaxViT's
+    attention scores and values)."""
+    from fgcli.engine.implicit import fast_implicit_bias
+
+    q = torch.randn(1, 2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    eq = "B G H I D, B G H J D -> B G H I J"
+    out = torch.einsum(eq, q, k)
+    got = fast_implicit_bias("einsum", (eq, q, k), {}, [q.detach(), k.detach()], out)
+    assert got is not None and torch.equal(got, -out.detach())
+    listed = fast_implicit_bias("einsum", (eq, [q, k]), {}, [q.detach(), k.detach()], out)
+    assert listed is not None and torch.equal(listed, -out.detach())
+    one = torch.einsum(eq, q, k.detach())  # one activation: zero bias, not this path
+    assert fast_implicit_bias("einsum", (eq, q, k.detach()), {}, [q.detach()], one) is None

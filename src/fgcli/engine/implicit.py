@@ -77,7 +77,8 @@ def _fast_bias(name: str, row: OpRule, args: Sequence[Any], kwargs: dict[str, An
         if not others:
             return _unary_bias(name, acts[0], out.detach(), kwargs)
     if row.fast == "bilinear" and len(acts) == 2:
-        ops = operands(args, kwargs) if row.bias != "einsum" else list(acts)
+        ops = operands(args, kwargs) if row.bias != "einsum" else \
+            [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
         if len(ops) == 2 and all(is_activation(x) for x in ops):
             return -out.detach()
     if row.fast in _NORM_BIASES and len(acts) == 1 and acts[0].shape == out.shape:
