@@ -593,3 +593,34 @@ def test_closed_form_einsum_of_two_activations():
     assert listed is not None and torch.equal(listed, -out.detach())
     one = torch.einsum(eq, q, k.detach())  # one activation: zero bias, not this path
     assert fast_implicit_bias("einsum", (eq, q, k.detach()), {}, [q.detach()], one) is None
+
+
+@pytest.mark.parametrize("act", ["silu", "hardswish", "relu6", "gelu"])
+def test_inplace_activation_bias_without_a_copy(act):
+    """An in-place activation whose derivative reads its input gets J u before the op
+    overwrites u (no copy of u): the decomposition still adds up, and its bias equals the
+    out-of-place model's."""
+    fns = {"silu": lambda x: torch.nn.functional.silu(x, inplace=True),
+           "hardswish": lambda x: torch.nn.functional.hardswish(x, inplace=True),
+           "relu6": lambda x: torch.nn.functional.relu6(x, inplace=True),
+           "gelu": lambda x: torch._C._nn.gelu_(x)}
+
+    class Net(torch.nn.Module):
+        def __init__(self, inplace: bool) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.head = torch.nn.Linear(4, 3)
+            self.inplace = inplace
+
+        def forward(self, x):
+            y = self.conv(x) * 3
+            y = fns[act](y) if self.inplace else getattr(torch.nn.functional, act)(y)
+            return self.head(y.mean((2, 3)))
+
+    x = torch.randn(2, 3, 8, 8)
+    a = FullGrad(Net(True)).decompose(x)
+    b = FullGrad(Net(False)).decompose(x)
+    assert a.residual.abs().max() < 1e-5 * a.logit.abs().max()
+    for (name, ta), tb in zip(a.bias_terms.items(), b.bias_terms.values()):
+        torch.testing.assert_close(ta, tb, rtol=1e-5, atol=1e-6, msg=name)

@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from fgcli.engine.images import IMG_ATTR, images_of
-from fgcli.engine.implicit import implicit_biases
+from fgcli.engine.implicit import implicit_biases, jvp_before_inplace
 from fgcli.engine.layout import LAYOUT_ATTR, Layout, batch_layout, layout_of, layout_tag
 from fgcli.engine.ops import (
     CLOSED_FORM_KINDS,
@@ -177,7 +177,10 @@ class BiasTracer(TorchFunctionMode):
             return out
 
         inplace = is_inplace(name, kwargs)
-        saved = [leaves[i].detach().clone() for i in act_idx] if inplace else None
+        early = jvp_before_inplace(name, row, args, kwargs, [leaves[i] for i in act_idx]) \
+            if inplace else None
+        saved = [leaves[i].detach().clone() for i in act_idx] \
+            if inplace and early is None else None
         if row.dense_inputs:
             args, kwargs, leaves = _dense_activations(leaves, spec, act_idx)
         out = self._tagged(func(*args, **kwargs), row, args, kwargs, leaves)
@@ -188,8 +191,9 @@ class BiasTracer(TorchFunctionMode):
             return out
         kind = implicit_category(row, args, kwargs)
         outs = [out_leaves[j] for j in out_idx]
-        biases = implicit_biases(func, name, row, args, kwargs, leaves, spec, act_idx, saved,
-                                 outs, out_idx)
+        biases = [early.neg_().add_(outs[0].detach())] if early is not None else \
+            implicit_biases(func, name, row, args, kwargs, leaves, spec, act_idx, saved,
+                            outs, out_idx)
         for o, b in zip(outs, biases):
             self._record(o, name, row, kind, b)
         return out

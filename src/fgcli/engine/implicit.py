@@ -39,6 +39,22 @@ runs (``*_backward(grad=u, ...)``): one fused pass, the same derivative conventi
 kinks as the gradients the map is built from."""
 
 
+_FROM_INPUT = frozenset({"silu", "gelu", "hardswish", "hardsigmoid", "relu6"})
+
+
+def jvp_before_inplace(name: str, row: OpRule, args: Sequence[Any], kwargs: dict[str, Any],
+                       acts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``J u`` of an in-place activation whose derivative reads ``u`` alone, computed
+    before the op overwrites ``u`` (``silu_``, ``SiLU(inplace=True)``), so ``u`` need not
+    be copied first; the bias is then ``jvp.neg_().add_(out)``. None: copy ``u``."""
+    base = name.rstrip("_")
+    if row.fast != "unary" or base not in _FROM_INPUT or len(acts) != 1:
+        return None
+    if any(isinstance(x, torch.Tensor) for x in list(args[1:]) + list(kwargs.values())):
+        return None
+    return _UNARY_JVP[base](acts[0].detach(), None, kwargs)
+
+
 def _unary_bias(name: str, u: torch.Tensor, out: torch.Tensor,
                 kwargs: dict[str, Any]) -> torch.Tensor | None:
     """``phi(u) - phi'(u) u`` in closed form for common elementwise activations.
