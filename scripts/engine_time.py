@@ -29,9 +29,7 @@ from collections.abc import Callable
 import torch
 import torchvision
 
-import fgcli.engine.decompose as decompose
-import fgcli.engine.saliency as saliency
-from fgcli.engine import FullGrad
+from fgcli.engine import FullGrad, decompose, saliency
 
 PARTS = {"biases": (decompose, "implicit_biases"), "closed": (decompose, "closed_form")}
 METHODS = {"tracking": (decompose.BiasTracer, "_track"), "map": (saliency._MapSink, "layer")}
