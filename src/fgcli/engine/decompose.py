@@ -123,6 +123,7 @@ class _Record:
     images_lead: bool = False  # followed, and the batch is dim 0 (no index needed)
     off_grid: bool = False  # followed from the grid, but none of its elements is a pixel
     tokens_agree: bool = False  # a token reading of the shape matches the positions
+    whole: bool = False  # tracked, and each image's elements are its batch-major block
     info: LayerInfo | None = None
 
 
@@ -296,16 +297,19 @@ def _host_checks(records: list[_Record], by_shape: list[Layout], n: int) -> None
     """One host sync for all records: keep image indices only where every element has
     one, mark tracked records none of whose elements is a pixel (``off_grid``), and
     whether a token reading of a tracked record's shape puts every token where its
-    positions say (``tokens_agree``; Hiera's unrolled tokens are not row-major)."""
+    positions say (``tokens_agree``; Hiera's unrolled tokens are not row-major), and
+    whether each image's elements are its batch-major block (``whole``)."""
     images = [r for r in records if r.images is not None]
     tracked = [r for r in records if r.positions is not None]
+    blocks = [r for r in tracked if r.shape and r.shape[0] % n == 0]
     tokens = [(r, s) for r, s in zip(records, by_shape) if r.positions is not None
               and s.kind == "tokens" and s.grid == r.positions.grid]
     if not images and not tracked:
         return
     flags = torch.stack([(compact_index(r.images) >= 0).all() for r in images]
                         + [(compact_index(r.positions.index) >= 0).any() for r in tracked]
-                        + [_tokens_agree(r, s, n) for r, s in tokens]).tolist()
+                        + [_tokens_agree(r, s, n) for r, s in tokens]
+                        + [_whole(r, n) for r in blocks]).tolist()
     for r, ok in zip(images, flags):
         if not ok:
             r.images = None
@@ -314,6 +318,20 @@ def _host_checks(records: list[_Record], by_shape: list[Layout], n: int) -> None
             r.positions, r.off_grid = None, True
     for (r, _), ok in zip(tokens, flags[len(images) + len(tracked):]):
         r.tokens_agree = bool(ok)
+    for r, ok in zip(blocks, flags[len(images) + len(tracked) + len(tokens):]):
+        r.whole = bool(ok) and r.positions is not None
+
+
+def _whole(r: _Record, n: int) -> torch.Tensor:
+    """Whether every element of a tracked record is a pixel of the image whose
+    batch-major block of dim 0 holds it (a 0-dim bool tensor): then each image's min and
+    max run over its block, without a scatter (see ``psi_tracked``)."""
+    index = compact_index(r.positions.index)
+    if index.dim() == 0 or index.shape[0] % n:
+        return torch.tensor(False, device=index.device)
+    h, w = r.positions.grid
+    image = torch.arange(n, device=index.device).view(n, 1)
+    return (index.reshape(n, -1).div(h * w, rounding_mode="floor") == image).all()
 
 
 def _tokens_agree(r: _Record, layout: Layout, n: int) -> torch.Tensor:
@@ -351,7 +369,8 @@ def _layout(r: _Record, by_shape: Layout, n: int) -> Layout:
         batch = "merged"
     else:
         batch = batch_layout(r.shape, n)
-    return Layout("tracked", batch, r.positions.grid)
+    return Layout("tracked", batch, r.positions.grid,
+                  whole=r.whole and batch in ("lead", "merged"))
 
 
 def _dense_activations(leaves: list[Any], spec: Any, act_idx: list[int]

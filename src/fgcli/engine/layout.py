@@ -41,13 +41,16 @@ class Layout:
     ``merged`` (dim 0 is the batch times a factor, batch-major, e.g. attention
     windows) or ``unknown``.
     grid: the layer's (h, w) for spatial kinds. skip: for ``tokens``, how many
-    leading tokens are not on the grid (1 for a class token).
+    leading tokens are not on the grid (1 for a class token). whole: for ``tracked``,
+    every element is a pixel of the image whose batch-major block of dim 0 holds it
+    (checked on the positions once per pass).
     """
 
     kind: str
     batch: str
     grid: tuple[int, int] | None = None
     skip: int = 0
+    whole: bool = False
 
     @property
     def spatial(self) -> bool:
