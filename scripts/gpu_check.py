@@ -44,8 +44,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
 
@@ -223,15 +223,20 @@ def run_section(results: dict[str, Any], plan: Plan, name: str,
     try:
         section.check(name)
         fn(plan, section)
-    except Exception as exc:  # a failing section must not lose the others
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        record = {"status": "partial" if section.rows else "skipped", "reason": reason}
+    except Exception as exc:  # noqa: BLE001 - a failing section must not lose the others
+        record = {"status": "partial" if section.rows else "skipped",
+                  "reason": failure(exc)}
     record.update(seconds=round(time.monotonic() - start, 1), rows=section.rows,
                   notes=section.notes)
     results["sections"][name] = record
     release_memory(plan)
     write_results(results, plan.out)
     print(f"gpu_check: {name}: {record['status']} in {record['seconds']} s", flush=True)
+
+
+def failure(exc: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
 def release_memory(plan: Plan) -> None:
@@ -341,8 +346,8 @@ def residual_section(plan: Plan, section: Section) -> None:
                 row["amp"] = relative_residual(FullGrad(loaded.model).explain(x))
             row["amp_dtype"] = str(amp.fast_dtype).removeprefix("torch.")
             section.rows.append(row)
-        except Exception as exc:  # one model's failure: noted, the others still run
-            section.notes.append(f"{name}: {type(exc).__name__}: {exc}".splitlines()[0])
+        except Exception as exc:  # noqa: BLE001 - one model's failure is a note
+            section.notes.append(f"{name}: {failure(exc)}")
         finally:
             loaded = None
             release_memory(plan)
@@ -437,8 +442,8 @@ def engine_section(plan: Plan, section: Section) -> None:
                                                loaded.config.size, plan))
         except OutOfTime:
             raise
-        except Exception as exc:
-            section.notes.append(f"{name}: {type(exc).__name__}: {exc}".splitlines()[0])
+        except Exception as exc:  # noqa: BLE001 - one model's failure is a note
+            section.notes.append(f"{name}: {failure(exc)}")
         finally:
             loaded = None
             release_memory(plan)
@@ -451,31 +456,31 @@ def photo_name(i: int) -> str:
     return f"img{i:05d}.png" if i % 8 == 7 else f"img{i:05d}.jpg"
 
 
-def write_photo(args: tuple[Path, int]) -> None:
-    """Photo ``i``: a smooth random field at one of :data:`PHOTO_SIZES` (textured enough
-    for realistic JPEG sizes), deterministic in ``i``."""
+def write_photo(folder: Path, i: int) -> None:
+    """Photo ``i``: smooth random colour fields at two scales (textured enough for
+    realistic JPEG sizes) at one of :data:`PHOTO_SIZES`, deterministic in ``i``. Pillow
+    does the full-size work (it releases the GIL: threads make the photos in parallel)."""
     import numpy as np
     from PIL import Image
 
-    folder, i = args
     w, h = PHOTO_SIZES[i % len(PHOTO_SIZES)]
     rng = np.random.default_rng(i)
-    coarse = rng.integers(0, 256, (max(2, h // 32), max(2, w // 32), 3), dtype=np.uint8)
-    img = Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC)
-    fine = rng.integers(-12, 13, (h, w, 3))
-    pixels = np.clip(np.asarray(img, dtype=np.int16) + fine, 0, 255).astype(np.uint8)
+
+    def field(step: int) -> Image.Image:
+        small = rng.integers(0, 256, (max(2, h // step), max(2, w // step), 3), dtype=np.uint8)
+        return Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+
+    img = Image.blend(field(32), field(4), 0.25)
     name = photo_name(i)
-    Image.fromarray(pixels).save(folder / name, **({"quality": 90} if name.endswith(".jpg")
-                                                  else {}))
+    img.save(folder / name, **({"quality": 90} if name.endswith(".jpg") else {}))
 
 
 def write_photos(folder: Path, n: int) -> Path:
-    """``n`` synthetic photos in ``folder`` (made in parallel, once: kept if present)."""
+    """``n`` synthetic photos in ``folder`` (made in threads, once: kept if present)."""
     folder.mkdir(parents=True, exist_ok=True)
-    todo = [(folder, i) for i in range(n) if not (folder / photo_name(i)).exists()]
-    if todo:
-        with Pool(max(1, min(16, os.cpu_count() or 1))) as pool:
-            pool.map(write_photo, todo, chunksize=16)
+    todo = [i for i in range(n) if not (folder / photo_name(i)).exists()]
+    with ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:
+        list(pool.map(lambda i: write_photo(folder, i), todo))
     return folder
 
 
