@@ -106,7 +106,7 @@ def test_plan_sizes(tmp_path: Path) -> None:
         gpu_check.ENGINE_MODELS, (32, 64), 2000, 256, 5)
     assert (quick.images, quick.torchrun_images, quick.repeats) == (200, 64, 3)
     assert full.cuda and not plan(tmp_path, "--device", "cpu").cuda
-    assert sum(gpu_check.CAPS.values()) <= 450 == full.budget
+    assert full.budget == 420 and sum(gpu_check.CAPS.values()) < 480  # 8 minutes
 
 
 def test_failing_and_partial_sections_are_recorded_and_written(tmp_path: Path) -> None:
