@@ -467,11 +467,11 @@ def write_photo(folder: Path, i: int) -> None:
     w, h = PHOTO_SIZES[i % len(PHOTO_SIZES)]
     rng = np.random.default_rng(i)
 
-    def field(step: int) -> Image.Image:
+    def colours(step: int) -> Image.Image:
         small = rng.integers(0, 256, (max(2, h // step), max(2, w // step), 3), dtype=np.uint8)
         return Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
 
-    img = Image.blend(field(32), field(4), 0.25)
+    img = Image.blend(colours(32), colours(4), 0.25)
     name = photo_name(i)
     img.save(folder / name, **({"quality": 90} if name.endswith(".jpg") else {}))
 
