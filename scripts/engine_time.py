@@ -31,7 +31,8 @@ import torchvision
 
 from fgcli.engine import FullGrad, decompose, saliency
 
-PARTS = {"biases": (decompose, "implicit_biases"), "closed": (decompose, "closed_form")}
+PARTS = {"implicit_biases": decompose, "closed_form": decompose, "jvp_before_inplace": decompose}
+"""Functions whose time is the biases' (those a checkout lacks are skipped)."""
 METHODS = {"tracking": (decompose.BiasTracer, "_track"), "map": (saliency._MapSink, "layer")}
 
 
@@ -47,8 +48,9 @@ def instrument(spent: Counter) -> None:
                 spent[key] += time.process_time() - t0
         return timed
 
-    for key, (owner, name) in PARTS.items():
-        setattr(owner, name, wrap(getattr(owner, name), "biases" if key == "closed" else key))
+    for name, owner in PARTS.items():
+        if hasattr(owner, name):
+            setattr(owner, name, wrap(getattr(owner, name), "biases"))
     for key, (owner, name) in METHODS.items():
         setattr(owner, name, wrap(getattr(owner, name), key))
 

@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from fgcli.engine.images import IMG_ATTR, images_of
-from fgcli.engine.implicit import implicit_biases, jvp_before_inplace
+from fgcli.engine.implicit import implicit_biases, jvp_before_inplace, residual
 from fgcli.engine.layout import LAYOUT_ATTR, Layout, batch_layout, layout_of, layout_tag
 from fgcli.engine.ops import (
     CLOSED_FORM_KINDS,
@@ -192,7 +192,7 @@ class BiasTracer(TorchFunctionMode):
             return out
         kind = implicit_category(row, args, kwargs)
         outs = [out_leaves[j] for j in out_idx]
-        biases = [early.neg_().add_(outs[0].detach())] if early is not None else \
+        biases = [residual(outs[0], early)] if early is not None else \
             implicit_biases(func, name, row, args, kwargs, leaves, spec, act_idx, saved,
                             outs, out_idx)
         for o, b in zip(outs, biases):

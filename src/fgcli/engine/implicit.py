@@ -46,7 +46,7 @@ def jvp_before_inplace(name: str, row: OpRule, args: Sequence[Any], kwargs: dict
                        acts: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """``J u`` of an in-place activation whose derivative reads ``u`` alone, computed
     before the op overwrites ``u`` (``silu_``, ``SiLU(inplace=True)``), so ``u`` need not
-    be copied first; the bias is then ``jvp.neg_().add_(out)``. None: copy ``u``."""
+    be copied first; the bias is then ``residual(out, jvp)``. None: copy ``u``."""
     base = name.rstrip("_")
     if row.fast != "unary" or base not in _FROM_INPUT or len(acts) != 1:
         return None
@@ -66,7 +66,13 @@ def _unary_bias(name: str, u: torch.Tensor, out: torch.Tensor,
     jvp = _UNARY_JVP.get(name.rstrip("_"))
     if jvp is None:
         return None
-    return jvp(u.to(out.dtype), out, kwargs).neg_().add_(out)
+    return residual(out, jvp(u.to(out.dtype), out, kwargs))
+
+
+def residual(out: torch.Tensor, jvp: torch.Tensor) -> torch.Tensor:
+    """``out - jvp`` written into ``jvp`` (a tensor of our own): one pass."""
+    return torch.sub(out.detach(), jvp, out=jvp) if jvp.shape == out.shape \
+        else out.detach() - jvp
 
 
 
