@@ -50,7 +50,7 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "examples" / "photos"
 DEFAULT_MODELS = "resnet50,vgg16_bn,efficientnet_b0,convnext_tiny,vit_b_16,swin_t"
-DUMP_SIZES = (64, 128)
+DUMP_SIZES = (64, 128)  # the steady-state window: images 64..127 of a 128-image run
 
 
 REFERENCE_BATCH = {"resnet50": 16, "vgg16_bn": 16}  # the issue's reference batch for these
@@ -226,19 +226,19 @@ def dump_outputs(out: Path, key: str, save: tuple[str, ...]) -> dict[str, Path]:
     return {kind: out / FOLDER[kind] / f"{key}{SUFFIX[kind]}" for kind in save}
 
 
-def io_floor_per_image(folder: Path, out: Path, save: tuple[str, ...], scratch: Path
-                       ) -> tuple[float, float]:
+def io_floor_per_image(folder: Path, out: Path, save: tuple[str, ...], scratch: Path,
+                       sizes: tuple[int, int] = DUMP_SIZES) -> tuple[float, float]:
     """Mean unavoidable I/O per image over images 64..127 (the steady-state window),
     wall and CPU seconds: each distinct photo timed (median of 3 rounds), weighted by
     how often it occurs there."""
     files = sorted(folder.iterdir())
-    count = len(list(PHOTOS.iterdir()))
+    count = min(len(files), len(list(PHOTOS.iterdir())))
     per_photo = []
     for f in files[:count]:
         times = [io_floor_seconds(f, dump_outputs(out, f.name, save), scratch)
                  for _ in range(3)]
         per_photo.append([statistics.median(t[k] for t in times) for k in (0, 1)])
-    window = [per_photo[i % count] for i in range(*DUMP_SIZES)]
+    window = [per_photo[i % count] for i in range(*sizes)]
     return statistics.fmean(w[0] for w in window), statistics.fmean(w[1] for w in window)
 
 
@@ -251,11 +251,12 @@ def dump_round(args: argparse.Namespace, folders: dict[int, Path], floor: Callab
     cpu = core_seconds()
     compute = statistics.median(seconds(floor, device) for _ in range(3)) / batch
     compute_cpu = (core_seconds() - cpu) / 3 / batch
-    t = {n: dump_seconds(args, folders[n], root / f"out-{n}", save) for n in DUMP_SIZES}
+    small, big = args.dump_images
+    t = {n: dump_seconds(args, folders[n], root / f"out-{n}", save) for n in (small, big)}
     scratch = root / "scratch"
     scratch.mkdir(exist_ok=True)
-    small, big = DUMP_SIZES
-    io, io_cpu = io_floor_per_image(folders[big], root / f"out-{big}", save, scratch)
+    io, io_cpu = io_floor_per_image(folders[big], root / f"out-{big}", save, scratch,
+                                    (small, big))
     dump_rate = (big - small) / (t[big][0] - t[small][0])
     floor_rate = 1.0 / (compute + io)
     dump_cpu = (t[big][1] - t[small][1]) / (big - small)
@@ -284,9 +285,9 @@ def dump_rows(args: argparse.Namespace) -> list[dict[str, object]]:
     rounds: dict[str, list[dict[str, float]]] = {k: [] for k in saves}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        folders = {n: make_folder(n, root) for n in DUMP_SIZES}
+        folders = {n: make_folder(n, root) for n in args.dump_images}
         for save in saves.values():  # warm-up: page cache, imports, allocator
-            dump_seconds(args, folders[DUMP_SIZES[0]], root / "warm", save)
+            dump_seconds(args, folders[args.dump_images[0]], root / "warm", save)
             floor()
         for _ in range(args.repeats):
             for label, save in saves.items():
@@ -310,7 +311,8 @@ def print_tables(engine: list[dict], dumps: list[dict], args: argparse.Namespace
             print(f"| {r['model']} | {r['batch']} | {r['floor_img_s']:.2f} | "
                   f"{r['fullgrad_img_s']:.2f} | {r['engine_floor']:.2f} |")
     if dumps:
-        print(f"\nDump steady state ({DUMP_SIZES[0]}- vs {DUMP_SIZES[1]}-image runs of the "
+        small, big = args.dump_images
+        print(f"\nDump steady state ({small}- vs {big}-image runs of the "
               "example photos; floor = compute floor + unavoidable I/O, serial)\n")
         print("| model | batch | outputs | compute floor ms/img | I/O floor ms/img | "
               "dump-floor img/s | dump img/s | dump/dump-floor | core-ms/img floor / dump "
@@ -321,6 +323,14 @@ def print_tables(engine: list[dict], dumps: list[dict], args: argparse.Namespace
                   f"| {r['io_floor_ms']:.1f} | {r['dump_floor_img_s']:.2f} | "
                   f"{r['dump_img_s']:.2f} | {r['ratio']:.2f} | {r['floor_core_ms']:.0f} / "
                   f"{r['dump_core_ms']:.0f} ({r['core_ratio']:.2f}) |")
+
+
+def image_counts(text: str) -> tuple[int, int]:
+    """``64,128`` -> (64, 128): two image counts, the second larger."""
+    small, big = (int(v) for v in text.split(","))
+    if not 0 < small < big:
+        raise argparse.ArgumentTypeError(f"{text!r}: two counts, 0 < first < second")
+    return small, big
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -341,6 +351,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the dump's --batch-size (default: the dump's own, 8 on a CPU)")
     parser.add_argument("--dump-outputs", default="default,map", choices=[
         "default,map", "default", "map"], help="which dump rows (default: both)")
+    parser.add_argument("--dump-images", default="64,128", type=image_counts,
+                        help="the two runs whose difference is the steady state "
+                             "(default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None,
                         help="the dump's --workers (default: the dump's own)")
     parser.add_argument("--json", default=None, help="write the results here")
