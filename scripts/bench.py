@@ -26,6 +26,11 @@ Dump rows (``--dump-model``, default resnet50, at the dump's default CPU batch u
                 quality 90, ``.npy`` map of the model-resolution float32 map) into a file.
                 The files encoded are the dump's own outputs, read back.
   ratio         dump / dump floor, median over rounds that interleave floor and dumps.
+  engine        ``FullGrad.saliency`` per image at the dump's batch: dump / (engine + I/O
+                floor) is what the dump itself adds, apart from the engine's own cost.
+  core-ms       the same figures in CPU time (every thread and DataLoader worker): on a
+                shared, loaded machine wall-clock rates swing with other processes, CPU
+                time much less; the load average of each round is printed.
 
 Batch per model: ``name:N`` in ``--models``, else ``--batch-size N``, else the reference
 batch: 16 for resnet50 and vgg16_bn, 8 for every other model.
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -101,8 +107,9 @@ def seconds(fn: Callable[[], object], device: torch.device) -> float:
 def core_seconds() -> float:
     """CPU time of this process's threads and of its finished children (DataLoader
     workers): the work done, which other processes on a shared machine barely change."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def floor_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -242,15 +249,23 @@ def io_floor_per_image(folder: Path, out: Path, save: tuple[str, ...], scratch: 
     return statistics.fmean(w[0] for w in window), statistics.fmean(w[1] for w in window)
 
 
-def dump_round(args: argparse.Namespace, folders: dict[int, Path], floor: Callable[[], object],
-               batch: int, save: tuple[str, ...], root: Path) -> dict[str, float]:
-    """One round: compute floor per image (median of 3 batches), the 64- and the
-    128-image dumps, then the I/O floor of the 128-image dump's own outputs."""
+def per_image(fn: Callable[[], object], batch: int, device: torch.device
+              ) -> tuple[float, float]:
+    """Wall and core seconds per image of ``fn`` (one batch): median / mean of 3 calls."""
+    cpu = core_seconds()
+    wall = statistics.median(seconds(fn, device) for _ in range(3)) / batch
+    return wall, (core_seconds() - cpu) / 3 / batch
+
+
+def dump_round(args: argparse.Namespace, folders: dict[int, Path],
+               fns: dict[str, Callable[[], object]], batch: int, save: tuple[str, ...],
+               root: Path) -> dict[str, float]:
+    """One round: compute floor and engine per image (3 batches each), the two dumps,
+    then the I/O floor of the larger dump's own outputs."""
     device = torch.device(args.device)
     load = os.getloadavg()[0]
-    cpu = core_seconds()
-    compute = statistics.median(seconds(floor, device) for _ in range(3)) / batch
-    compute_cpu = (core_seconds() - cpu) / 3 / batch
+    compute, compute_cpu = per_image(fns["floor"], batch, device)
+    engine, engine_cpu = per_image(fns["engine"], batch, device)
     small, big = args.dump_images
     t = {n: dump_seconds(args, folders[n], root / f"out-{n}", save) for n in (small, big)}
     scratch = root / "scratch"
@@ -258,13 +273,15 @@ def dump_round(args: argparse.Namespace, folders: dict[int, Path], floor: Callab
     io, io_cpu = io_floor_per_image(folders[big], root / f"out-{big}", save, scratch,
                                     (small, big))
     dump_rate = (big - small) / (t[big][0] - t[small][0])
-    floor_rate = 1.0 / (compute + io)
     dump_cpu = (t[big][1] - t[small][1]) / (big - small)
     return {"compute_floor_ms": compute * 1e3, "io_floor_ms": io * 1e3,
-            "dump_floor_img_s": floor_rate, "dump_img_s": dump_rate,
-            "ratio": dump_rate / floor_rate, f"t{small}": t[small][0], f"t{big}": t[big][0],
+            "dump_floor_img_s": 1.0 / (compute + io), "dump_img_s": dump_rate,
+            "ratio": dump_rate * (compute + io), f"t{small}": t[small][0],
+            f"t{big}": t[big][0], "engine_ms": engine * 1e3,
+            "dump_vs_engine": dump_rate * (engine + io),
             "floor_core_ms": (compute_cpu + io_cpu) * 1e3, "dump_core_ms": dump_cpu * 1e3,
-            "core_ratio": (compute_cpu + io_cpu) / dump_cpu,
+            "engine_core_ms": engine_cpu * 1e3, "core_ratio": (compute_cpu + io_cpu) / dump_cpu,
+            "core_vs_engine": (engine_cpu + io_cpu) / dump_cpu,
             "load_before": load, "load_after": os.getloadavg()[0]}
 
 
@@ -279,8 +296,12 @@ def dump_rows(args: argparse.Namespace) -> list[dict[str, object]]:
     model = build_model(args.dump_model, args.size, device)
     x = torch.randn(batch, 3, args.size, args.size,
                     generator=torch.Generator().manual_seed(0)).to(device)
-    floor = floor_fn(model, x)
-    floor()
+    from fgcli.engine import FullGrad
+
+    engine = FullGrad(model)
+    fns = {"floor": floor_fn(model, x), "engine": lambda: engine.saliency(x)}
+    for fn in fns.values():
+        fn()
     saves = {k: SAVES[k] for k in args.dump_outputs.split(",")}
     rounds: dict[str, list[dict[str, float]]] = {k: [] for k in saves}
     with tempfile.TemporaryDirectory() as tmp:
@@ -288,10 +309,9 @@ def dump_rows(args: argparse.Namespace) -> list[dict[str, object]]:
         folders = {n: make_folder(n, root) for n in args.dump_images}
         for save in saves.values():  # warm-up: page cache, imports, allocator
             dump_seconds(args, folders[args.dump_images[0]], root / "warm", save)
-            floor()
         for _ in range(args.repeats):
             for label, save in saves.items():
-                rounds[label].append(dump_round(args, folders, floor, batch, save, root))
+                rounds[label].append(dump_round(args, folders, fns, batch, save, root))
     rows = []
     for label, found in rounds.items():
         row: dict[str, object] = {"model": args.dump_model, "batch": batch, "save": label}
@@ -315,14 +335,21 @@ def print_tables(engine: list[dict], dumps: list[dict], args: argparse.Namespace
         print(f"\nDump steady state ({small}- vs {big}-image runs of the "
               "example photos; floor = compute floor + unavoidable I/O, serial)\n")
         print("| model | batch | outputs | compute floor ms/img | I/O floor ms/img | "
-              "dump-floor img/s | dump img/s | dump/dump-floor | core-ms/img floor / dump "
-              "(ratio) |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "dump-floor img/s | dump img/s | dump/dump-floor | engine ms/img | "
+              "dump/(engine+I/O) | core-ms/img floor / engine / dump | core ratios |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in dumps:
             print(f"| {r['model']} | {r['batch']} | {r['save']} | {r['compute_floor_ms']:.1f} "
                   f"| {r['io_floor_ms']:.1f} | {r['dump_floor_img_s']:.2f} | "
-                  f"{r['dump_img_s']:.2f} | {r['ratio']:.2f} | {r['floor_core_ms']:.0f} / "
-                  f"{r['dump_core_ms']:.0f} ({r['core_ratio']:.2f}) |")
+                  f"{r['dump_img_s']:.2f} | {r['ratio']:.2f} | {r['engine_ms']:.1f} | "
+                  f"{r['dump_vs_engine']:.2f} | {r['floor_core_ms']:.0f} / "
+                  f"{r['engine_core_ms']:.0f} / {r['dump_core_ms']:.0f} | "
+                  f"{r['core_ratio']:.2f} / {r['core_vs_engine']:.2f} |")
+        print("\ncore-ms: CPU time of every thread and DataLoader worker, which other "
+              "processes on a shared machine barely change; core ratios: floor / dump and "
+              "(engine + I/O floor) / dump. Load average (1 min) over the rounds: "
+              + ", ".join(f"{r['load_before']:.1f}-{r['load_after']:.1f}"
+                          for d in dumps for r in d["rounds"]))
 
 
 def image_counts(text: str) -> tuple[int, int]:

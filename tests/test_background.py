@@ -35,11 +35,10 @@ def test_lower_priority_nices_the_calling_thread_only():
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
 
 
-def test_writer_pool_threads_are_niced(tmp_path):
-    from fgcli.config import RunConfig
+def test_writer_pool_threads_are_niced():
     from fgcli.dump.writeback import WriteBack
 
-    pool = WriteBack(None, RunConfig(out=str(tmp_path)), None, 2).pool  # type: ignore[arg-type]
+    pool = WriteBack(None, None, None, 2).pool  # type: ignore[arg-type]
     try:
         nice = pool.submit(lambda: os.getpriority(os.PRIO_PROCESS,
                                                   threading.get_native_id())).result()

@@ -5,6 +5,7 @@ No model code here. Which files are inputs and their keys: :mod:`fgcli.data.disc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -75,10 +76,8 @@ def decode_pixels(path: str, max_pixels: int) -> tuple[np.ndarray, np.ndarray | 
                     raise DecodeError(f"decompression bomb: {w}x{h} pixels is over the "
                                       f"--max-pixels limit of {max_pixels}")
                 img.load()
-                try:
+                with contextlib.suppress(Exception):  # broken EXIF: the stored orientation
                     img = ImageOps.exif_transpose(img)
-                except Exception:  # noqa: BLE001 - broken EXIF: keep the stored orientation
-                    pass
                 return _to_rgb(img)
     except DecodeError:
         raise
@@ -229,7 +228,7 @@ class Batch:
     failures: list[Failure]
     encoded: list[Encoded] = field(default_factory=list)  # JPEGs still to decode
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         if self.x is not None:
             self.x = self.x.pin_memory()
         return self

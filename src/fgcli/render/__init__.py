@@ -97,7 +97,7 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
 
     Integer arithmetic in 1/256 steps of alpha (within one grey level of the float blend).
     """
-    a = int(round(alpha * 256))
+    a = round(alpha * 256)
     mixed = image.astype(np.uint16)  # in place from here: one buffer per operand
     mixed *= 256 - a
     weighted = heat.astype(np.uint16)
