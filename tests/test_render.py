@@ -65,3 +65,9 @@ def test_overlay_is_the_integer_blend_for_every_alpha():
         a = round(alpha * 256)
         expected = (img.astype(np.uint32) * (256 - a) + heat.astype(np.uint32) * a + 128) >> 8
         assert np.array_equal(render.overlay(img, heat, alpha), expected.astype(np.uint8))
+
+
+def test_heatmap_is_a_writable_array_of_its_own():
+    heat = render.heatmap(np.eye(4, dtype=np.float32), 5, 3, "inferno")
+    heat[0, 0] = 0  # callers may draw on it
+    assert heat.flags.writeable and heat.flags.owndata

@@ -80,7 +80,7 @@ def heatmap_indices(saliency: np.ndarray, width: int, height: int) -> np.ndarray
 
 def colormapped(indices: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 ``lut[indices]``, by Pillow's palette conversion (several times
-    faster than NumPy's gather, the same bytes)."""
+    faster than NumPy's gather, the same bytes); read-only (a view of Pillow's buffer)."""
     img = Image.frombytes("P", (indices.shape[1], indices.shape[0]),
                           np.ascontiguousarray(indices, dtype=np.uint8).tobytes())
     img.putpalette(np.ascontiguousarray(lut, dtype=np.uint8).tobytes())
@@ -89,7 +89,8 @@ def colormapped(indices: np.ndarray, lut: np.ndarray) -> np.ndarray:
 
 def heatmap(saliency: np.ndarray, width: int, height: int, colormap: str) -> np.ndarray:
     """(height, width, 3) uint8 RGB heatmap of a 2-D map."""
-    return colormapped(heatmap_indices(saliency, width, height), colormap_table(colormap))
+    return np.array(colormapped(heatmap_indices(saliency, width, height),
+                                colormap_table(colormap)))
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
