@@ -228,7 +228,14 @@ def test_the_run_loop_gives_decoding_workers_the_signal_guard(tmp_path, monkeypa
                         "weights": str(SQUEEZENET_WEIGHTS), "size": 64, "workers": 1,
                         "out": str(tmp_path / "out")}, None)
     assert run(cfg).ok == 1
-    assert seen == [fgsignals.ignore_stop_signals]
+    from fgcli.dump import session
+
+    assert seen == [session.background_worker]
+    calls = []  # the worker's start: the signal guard, then the lowered priority
+    monkeypatch.setattr(session, "ignore_stop_signals", lambda i: calls.append(("guard", i)))
+    monkeypatch.setattr(session, "lower_priority", lambda: calls.append(("nice",)))
+    seen[0](3)
+    assert calls == [("guard", 3), ("nice",)]
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ No model code here. Which files are inputs and their keys: :mod:`fgcli.data.disc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -26,28 +27,44 @@ class DecodeError(Exception):
 
 def _to_rgb_float(img: Image.Image) -> np.ndarray:
     """(H, W, 3) float32 in [0, 1] for any Pillow mode; alpha composited over white."""
+    return _to_rgb(img)[0]
+
+
+def _to_rgb(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`_to_rgb_float`'s pixels and, for 8-bit images without alpha, the (H, W, 3)
+    uint8 pixels they came from (read-only; None for other modes), which are exactly
+    ``(float * 255 + 0.5)`` as uint8, without that pass."""
     mode = img.mode
     if mode.startswith("I;16") or mode == "I":
         arr = np.asarray(img, dtype=np.float32)
         scale = 65535.0 if mode != "I" or arr.max(initial=0) > 255 else 255.0
         arr = np.clip(arr / scale, 0.0, 1.0)
-        return np.repeat(arr[..., None], 3, axis=2)
+        return np.repeat(arr[..., None], 3, axis=2), None
     if mode == "F":
         arr = np.asarray(img, dtype=np.float32)
         if arr.max(initial=0) > 1.0:
             arr = arr / 255.0
-        return np.repeat(np.clip(arr, 0.0, 1.0)[..., None], 3, axis=2)
+        return np.repeat(np.clip(arr, 0.0, 1.0)[..., None], 3, axis=2), None
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
         mode in ("P", "L", "RGB") and "transparency" in img.info)
     if has_alpha:
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
         a = rgba[..., 3:4]
-        return rgba[..., :3] * a + (1.0 - a)
-    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        return rgba[..., :3] * a + (1.0 - a), None
+    pixels = np.asarray(img.convert("RGB"))
+    rgb = pixels.astype(np.float32)
+    rgb /= 255.0
+    return rgb, pixels
 
 
 def decode(path: str, max_pixels: int) -> np.ndarray:
     """Read an image as (H, W, 3) float32 RGB in [0, 1], EXIF orientation applied."""
+    return decode_pixels(path, max_pixels)[0]
+
+
+def decode_pixels(path: str, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`decode`, and the uint8 pixels when the file has plain 8-bit ones
+    (:func:`_to_rgb`): the overlay's original without a float round trip."""
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
@@ -59,11 +76,9 @@ def decode(path: str, max_pixels: int) -> np.ndarray:
                     raise DecodeError(f"decompression bomb: {w}x{h} pixels is over the "
                                       f"--max-pixels limit of {max_pixels}")
                 img.load()
-                try:
+                with contextlib.suppress(Exception):  # broken EXIF: the stored orientation
                     img = ImageOps.exif_transpose(img)
-                except Exception:  # noqa: BLE001 - broken EXIF: keep the stored orientation
-                    pass
-                return _to_rgb_float(img)
+                return _to_rgb(img)
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -189,10 +204,13 @@ class ImageDataset(torch.utils.data.Dataset):
             except OSError:
                 pass  # the Pillow path below words the error
         try:
-            rgb = decode(self.items[index].path, self.max_pixels)
+            rgb, pixels = decode_pixels(self.items[index].path, self.max_pixels)
             x, box = preprocess(rgb, *self.args)
             original = None
-            if self.keep_original:
+            if self.keep_original and pixels is not None:
+                original = torch.from_numpy(np.array(
+                    pixels[box.top:box.bottom, box.left:box.right], order="C"))
+            elif self.keep_original:
                 region = rgb[box.top:box.bottom, box.left:box.right]
                 original = torch.from_numpy((region * 255.0 + 0.5).astype(np.uint8))
             return Sample(index, x, original, box)
@@ -210,7 +228,7 @@ class Batch:
     failures: list[Failure]
     encoded: list[Encoded] = field(default_factory=list)  # JPEGs still to decode
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         if self.x is not None:
             self.x = self.x.pin_memory()
         return self

@@ -17,6 +17,7 @@ import torch
 from fgcli.config import RunConfig
 from fgcli.data.decode import Batch, ImageDataset, collate
 from fgcli.data.discover import Item
+from fgcli.dump.background import lower_priority
 from fgcli.dump.host import to_host
 from fgcli.dump.report import Reporter
 from fgcli.errors import UsageError
@@ -103,7 +104,7 @@ class Session:
             num_workers=self.workers, collate_fn=collate,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=2 if self.workers > 0 else None,
-            worker_init_fn=ignore_stop_signals if self.workers > 0 else None)
+            worker_init_fn=background_worker if self.workers > 0 else None)
 
     def decode(self, batch: Batch) -> Batch:
         """--device-jpeg: JPEG bytes become model input on the device."""
@@ -210,6 +211,13 @@ def _concat(parts: list[Any]) -> Any:
         residual=torch.cat([p.residual for p in parts]), layers=parts[0].layers,
         compact=compact)
 
+
+
+def background_worker(worker_id: int) -> None:
+    """A DataLoader worker: stop signals are the main process's, and its decoding runs
+    below the compute threads' priority (:mod:`fgcli.dump.background`)."""
+    ignore_stop_signals(worker_id)
+    lower_priority()
 
 
 def cores_per_process() -> int:

@@ -22,6 +22,7 @@ import numpy as np
 
 from fgcli import render
 from fgcli.config import RunConfig
+from fgcli.dump.background import lower_priority
 from fgcli.dump.ledger import Ledger
 from fgcli.tree.atomic import TreeWriteError
 from fgcli.tree.writer import OutputTree
@@ -68,7 +69,7 @@ def write_outputs(tree: OutputTree, job: ImageJob, save: tuple[str, ...], colorm
             if kind == "heatmap":
                 tree.write_palette_png(dest, indices, lut)
             else:
-                heat = lut[indices]
+                heat = render.colormapped(indices, lut)
                 if job.original is not None and not isinstance(job.original, np.ndarray):
                     from fgcli.render.device import encode_overlays  # blend + encode on device
 
@@ -90,7 +91,8 @@ class WriteBack:
     def __init__(self, tree: OutputTree, cfg: RunConfig, ledger: Ledger, writers: int
                  ) -> None:
         self.tree, self.cfg, self.ledger = tree, cfg, ledger
-        self.pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="fgcli-writer")
+        self.pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="fgcli-writer",
+                                       initializer=lower_priority)
         self.pending: deque[tuple[list[dict[str, Any]], list[Future]]] = deque()
         self.drain_until: float | None = None  # deadline for writes in flight once stopping
 

@@ -14,6 +14,8 @@ def _chw(image: torch.Tensor | np.ndarray, device: torch.device, what: str) -> t
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"{what}: expected an (H, W, 3) uint8 array, got "
                              f"{image.dtype} {image.shape}")
+        if not image.flags.writeable:  # e.g. render.colormapped's: torch wants writable
+            image = image.copy()
         return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)
     if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
         raise ValueError(f"{what}: expected a (3, H, W) uint8 tensor, got "
