@@ -32,16 +32,16 @@ from fgcli.engine.ops import arg, is_activation
 
 
 def _softmax_jvp_residual(scores: torch.Tensor, mask: torch.Tensor | None, v: torch.Tensor,
-                          ds_scale: float, ds_extra: torch.Tensor | None
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A v, dA v) for ``A = softmax(scores + mask)`` and
-    ``dS = ds_scale * scores - ds_extra``."""
+                          ds_scale: float, ds_extra: torch.Tensor | None, need_y: bool
+                          ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(A v or None, dA v) for ``A = softmax(scores + mask)`` and
+    ``dS = ds_scale * scores - ds_extra`` (``A v`` only if ``need_y``)."""
     a = torch.softmax(scores if mask is None else scores + mask, dim=-1)
     ds = scores * ds_scale
     if ds_extra is not None:
         ds = ds - ds_extra
-    da = ds.sub_((a * ds).sum(-1, keepdim=True)).mul_(a)
-    return a @ v, da @ v
+    da = ds.sub_(torch.einsum("...i,...i->...", a, ds).unsqueeze(-1)).mul_(a)
+    return (a @ v if need_y else None), da @ v
 
 
 def _mask(attn_mask: Any, is_causal: bool, length: int, source: int,
@@ -83,8 +83,8 @@ def sdpa_bias(args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor | Non
     aq, ak, av = (float(is_activation(t)) for t in (q, k, v))
     q, k, v = q.detach(), k.detach(), v.detach()
     scores = (q * scale) @ k.transpose(-2, -1)
-    y, dav = _softmax_jvp_residual(scores, mask, v, aq + ak, None)
-    return y.mul_(1 - av).sub_(dav) if av != 1 else dav.neg_()
+    y, dav = _softmax_jvp_residual(scores, mask, v, aq + ak, None, av != 1)
+    return dav.neg_() if y is None else y.mul_(1 - av).sub_(dav)
 
 
 _MHA_UNSUPPORTED = (("bias_k", 7), ("bias_v", 8), ("static_k", 21), ("static_v", 22),
@@ -125,8 +125,8 @@ def mha_bias(args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor | None
         extra = (bq.reshape(1, heads, 1, d).expand(n, heads, 1, d).reshape(n * heads, 1, d)
                  * (aq * scale)) @ k.transpose(-2, -1)
     scores = (q * scale) @ k.transpose(-2, -1)
-    y, dav = _softmax_jvp_residual(scores, mask, v, aq + ak, extra)
-    core = dav.neg_() if av == 1 else y.mul_(1 - av).sub_(dav)
+    y, dav = _softmax_jvp_residual(scores, mask, v, aq + ak, extra, av != 1)
+    core = dav.neg_() if y is None else y.mul_(1 - av).sub_(dav)
     core = core.transpose(0, 1).reshape(length, n, embed)
     if av and bv is not None:
         core = core + bv
