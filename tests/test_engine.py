@@ -624,3 +624,23 @@ def test_inplace_activation_bias_without_a_copy(act):
     assert a.residual.abs().max() < 1e-5 * a.logit.abs().max()
     for (name, ta), tb in zip(a.bias_terms.items(), b.bias_terms.values()):
         torch.testing.assert_close(ta, tb, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_scratch_buffer_is_reused_and_shaped_like_the_term():
+    """FullGrad's term buffer: one storage for every layer, shaped and strided like the
+    gradient (also channels-last), and no buffer where the product needs its own tensor."""
+    from fgcli.engine.saliency import Scratch
+
+    scratch = Scratch()
+    g = torch.randn(2, 3, 4, 5)
+    a = scratch.like(g, torch.randn(1, 3, 1, 1))
+    assert a is not None and a.shape == g.shape and a.is_contiguous()
+    cl = g.contiguous(memory_format=torch.channels_last)
+    b = scratch.like(cl, torch.randn(1, 3, 1, 1))
+    assert b is not None and b.stride() == cl.stride()
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    torch.mul(cl, 2.0, out=b)
+    torch.testing.assert_close(b, cl * 2)
+    assert scratch.like(g.half(), torch.randn(1, 3, 1, 1).half()) is None
+    assert scratch.like(torch.randn(1, 3, 4, 5), torch.randn(2, 3, 4, 5)) is None
+    assert scratch.like(g.transpose(1, 3), torch.randn(3)) is None  # neither layout

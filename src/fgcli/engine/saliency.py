@@ -231,7 +231,9 @@ class Scratch:
     A fresh full-size tensor per layer costs the page faults of new memory (on this
     project's CPU a product into fresh memory took 2.7x as long as into a reused
     buffer); the map needs each term only until its psi is summed, so every layer of a
-    pass (and, kept by the engine, every pass) writes into the same buffer.
+    pass (and, kept per thread, every pass) writes into the same buffer. CPU only: it
+    holds the largest layer's size (38 MB for ConvNeXt-T's MLP at batch 8) for the
+    thread's life.
     """
 
     def __init__(self) -> None:
@@ -240,9 +242,10 @@ class Scratch:
     def like(self, grad: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
         """A view of the buffer shaped and strided as ``grad * bias`` will be, or None
         where that product needs a new tensor (broadcast, low precision, odd strides)."""
-        if grad.dtype != torch.float32 or bias.dtype != torch.float32 or \
+        if grad.device.type != "cpu" or grad.dtype != torch.float32 or \
+                bias.dtype != torch.float32 or \
                 torch.broadcast_shapes(grad.shape, bias.shape) != grad.shape:
-            return None
+            return None  # GPU allocators reuse memory already: keep nothing there
         if grad.is_contiguous():
             stride = None
         elif grad.dim() == 4 and grad.is_contiguous(memory_format=torch.channels_last):
