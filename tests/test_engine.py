@@ -644,3 +644,27 @@ def test_scratch_buffer_is_reused_and_shaped_like_the_term():
     assert scratch.like(g.half(), torch.randn(1, 3, 1, 1).half()) is None
     assert scratch.like(torch.randn(1, 3, 4, 5), torch.randn(2, 3, 4, 5)) is None
     assert scratch.like(g.transpose(1, 3), torch.randn(3)) is None  # neither layout
+
+
+def test_an_exception_that_empties_the_mode_stack_is_not_replaced():
+    """A stop signal's exception can arise while torch has the tracer popped for a
+    dispatch: the caller gets that exception, not "trying to pop from empty mode stack"
+    (a second SIGINT during a dump exited 3 with that internal error)."""
+
+    class Stop(BaseException):
+        pass
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 2, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            torch._C._pop_torch_function_stack()  # as if interrupted inside a dispatch
+            raise Stop
+
+    depth = torch._C._len_torch_function_stack()
+    with pytest.raises(Stop):
+        FullGrad(Net()).saliency(torch.randn(1, 3, 8, 8))
+    assert torch._C._len_torch_function_stack() == depth

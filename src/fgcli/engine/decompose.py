@@ -393,6 +393,22 @@ def _dense_activations(leaves: list[Any], spec: Any, act_idx: list[int]
 
 
 @contextlib.contextmanager
+def _entered(mode: TorchFunctionMode) -> Iterator[None]:
+    """``with mode:``, except that an exception already on its way out (a second stop
+    signal's, raised by its handler at whatever bytecode runs, possibly while torch has
+    the mode popped for a dispatch) is not replaced by the mode stack's "trying to pop
+    from empty mode stack" on the way out."""
+    mode.__enter__()
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(RuntimeError):
+            mode.__exit__(None, None, None)
+        raise
+    mode.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
 def traced_model(model: nn.Module) -> Iterator[BiasTracer]:
     """:func:`frozen_eval` plus module-path tracking hooks, all removed afterwards.
 
@@ -499,7 +515,7 @@ def run_pass(model: nn.Module, x: torch.Tensor, target: Any, sink: Sink) -> Pass
         setattr(xm, LAYOUT_ATTR, "nchw")
         tracer.begin(n, height, width)
         tracer.start_images(xm)
-        with tracer:
+        with _entered(tracer):
             out = model(xm)
         logits = checked_logits(out, n)
         if not logits.requires_grad:
