@@ -660,7 +660,7 @@ def test_an_exception_that_empties_the_mode_stack_is_not_replaced():
             self.conv = torch.nn.Conv2d(3, 2, 3)
 
         def forward(self, x):
-            y = self.conv(x)
+            self.conv(x)  # one traced op, then the stack is emptied
             torch._C._pop_torch_function_stack()  # as if interrupted inside a dispatch
             raise Stop
 
