@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def test_whole_script_on_a_tiny_model(bench, tmp_path, capsys):
     assert [d["save"] for d in result["dump"]] == ["default", "map"]
     default, only_map = result["dump"]
     for d in (default, only_map):
-        assert d["dump_floor_img_s"] > 0 and d["ratio"] > 0 and d["io_floor_ms"] > 0
+        # a 6- vs 12-image difference on a tiny model is within timing noise on a loaded
+        # machine (CI once measured t12 < t6): the ratio's sign is not asserted
+        assert d["dump_floor_img_s"] > 0 and d["io_floor_ms"] > 0
+        assert math.isfinite(d["ratio"]) and d["t12"] > 0 and d["t6"] > 0
     # encoding a heatmap and an overlay costs more than one .npy
     assert default["io_floor_ms"] > only_map["io_floor_ms"]

@@ -316,3 +316,29 @@ def test_writes_in_flight_get_a_bounded_wait_after_a_stop(monkeypatch):
     assert not state._finished(Future())  # a write that never ends is given up on
     assert 0.25 < time.monotonic() - began < 3
     assert state._finished(done)
+
+
+def test_a_broken_pipe_in_a_background_thread_after_a_stop_is_not_printed(capsys):
+    """Once a stop signal arrived, multiprocessing's descriptor sharer reporting a broken
+    pipe (its DataLoader workers went away with the run) prints nothing; other errors,
+    and the same error before a stop, still do."""
+    import sys
+    import threading
+
+    from fgcli.signals import stop_signals
+
+    def report(exc: BaseException) -> None:
+        t = threading.Thread(target=lambda: sys.excepthook(type(exc), exc, None))
+        t.start()
+        t.join()
+
+    before = sys.excepthook
+    with stop_signals() as stop:
+        report(BrokenPipeError(32, "Broken pipe"))
+        assert "BrokenPipeError" in capsys.readouterr().err  # no stop yet: printed
+        stop.name = "SIGINT"
+        report(BrokenPipeError(32, "Broken pipe"))
+        assert capsys.readouterr().err == ""
+        report(ValueError("real"))
+        assert "ValueError" in capsys.readouterr().err
+    assert sys.excepthook is before  # restored after the run

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 from fgcli.errors import SIGNALLED
 
@@ -123,11 +125,31 @@ def stop_signals() -> Iterator[StopSignals]:
                 previous[sig] = signal.signal(sig, stop.handle)
                 stop.signals.append(sig)
         _active = stop
-        yield stop
+        hook = sys.excepthook
+        sys.excepthook = _quiet_after_stop(stop, hook)
+        try:
+            yield stop
+        finally:
+            sys.excepthook = hook
     finally:
         _active = None
         for sig, old in previous.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def _quiet_after_stop(stop: StopSignals, hook: Any) -> Any:
+    """``sys.excepthook`` that, once a stop signal arrived, does not print a broken pipe
+    from a background thread: multiprocessing's descriptor sharer reports it through
+    ``sys.excepthook`` when DataLoader workers go away with the stopped run, and the
+    stop's one line must stay the only one."""
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if stop.requested and issubclass(kind, (BrokenPipeError, ConnectionError)) and \
+                threading.current_thread() is not threading.main_thread():
+            return
+        hook(kind, value, tb)
+
+    return excepthook
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
