@@ -334,24 +334,38 @@ def residual_section(plan: Plan, section: Section) -> None:
     """Completeness residuals on the example photos, float32 and under --amp's autocast."""
     from fgcli.engine import FullGrad
 
+    def measure(name: str, loaded: Any) -> None:
+        x = photo_batch(loaded.config).to(plan.device)
+        row: dict[str, Any] = {"model": name, "images": len(x)}
+        row["fp32"] = relative_residual(FullGrad(loaded.model).explain(x))
+        amp = amp_context(plan.device)
+        with amp:
+            row["amp"] = relative_residual(FullGrad(loaded.model).explain(x))
+        row["amp_dtype"] = str(amp.fast_dtype).removeprefix("torch.")
+        section.rows.append(row)
+
     models = map_models(plan) + [(m, "random") for m in plan.models if m != plan.dump_model]
     for name, weights in models:
         section.check(name)
-        try:
-            loaded = load_model(name, weights, plan.device, plan.size)
-            x = photo_batch(loaded.config).to(plan.device)
-            row: dict[str, Any] = {"model": name, "images": len(x)}
-            row["fp32"] = relative_residual(FullGrad(loaded.model).explain(x))
-            amp = amp_context(plan.device)
-            with amp:
-                row["amp"] = relative_residual(FullGrad(loaded.model).explain(x))
-            row["amp_dtype"] = str(amp.fast_dtype).removeprefix("torch.")
-            section.rows.append(row)
-        except Exception as exc:  # noqa: BLE001 - one model's failure is a note
-            section.notes.append(f"{name}: {failure(exc)}")
-        finally:
-            loaded = None
-            release_memory(plan)
+        per_model(plan, section, name, weights, measure)
+
+
+def per_model(plan: Plan, section: Section, name: str, weights: str,
+              measure: Callable[[str, Any], None]) -> None:
+    """Load one model and ``measure(name, loaded)`` it: a failure becomes a note of the
+    section (its time cap still ends the section), and the model's memory is released
+    either way."""
+    loaded = None
+    try:
+        loaded = load_model(name, weights, plan.device, plan.size)
+        measure(name, loaded)
+    except OutOfTime:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one model's failure is a note
+        section.notes.append(f"{name}: {failure(exc)}")
+    finally:
+        loaded = None
+        release_memory(plan)
 
 
 def relative_residual(exp: Any) -> float:
@@ -433,21 +447,15 @@ def engine_row(model: Any, name: str, batch: int, size: tuple[int, int], plan: P
 
 def engine_section(plan: Plan, section: Section) -> None:
     """engine / floor per model and batch size; a model that fails is noted, not fatal."""
+    def measure(name: str, loaded: Any) -> None:
+        for batch in plan.batches:
+            section.check(f"{name} at batch {batch}")
+            section.rows.append(engine_row(loaded.model, name, batch, loaded.config.size,
+                                           plan))
+
     for name in plan.models:
         section.check(name)
-        try:
-            loaded = load_model(name, "random", plan.device, plan.size)
-            for batch in plan.batches:
-                section.check(f"{name} at batch {batch}")
-                section.rows.append(engine_row(loaded.model, name, batch,
-                                               loaded.config.size, plan))
-        except OutOfTime:
-            raise
-        except Exception as exc:  # noqa: BLE001 - one model's failure is a note
-            section.notes.append(f"{name}: {failure(exc)}")
-        finally:
-            loaded = None
-            release_memory(plan)
+        per_model(plan, section, name, "random", measure)
 
 
 # ---------------------------------------------------------------------------- photos, dumps
