@@ -20,7 +20,7 @@ def direct(m: np.ndarray, region: Box) -> dict[str, float | None]:
     i, j = np.unravel_index(np.argmax(m), m.shape)
     out: dict[str, float | None] = {
         "peak_x": region.left + (j + 0.5) * bw / w, "peak_y": region.top + (i + 0.5) * bh / h}
-    p = np.maximum(m, 0).astype(np.float64)
+    p = m.astype(np.float64) - m.min()
     total = p.sum()
     if total == 0:
         return out | {k: None for k in STAT_NAMES[2:]}
@@ -73,12 +73,12 @@ def test_a_single_hot_pixel() -> None:
 
 def test_a_uniform_map() -> None:
     m = np.ones((20, 20), np.float32)
+    m[0, 0] = 0.0  # one pixel at the minimum: the rest is uniform mass
     got = check(m, Box(0, 0, 40, 40))
-    assert got["entropy"] == pytest.approx(1.0)
-    assert got["concentration"] == pytest.approx(0.5)
-    assert got["border"] == pytest.approx(1 - 0.8 * 0.8)  # 16 of 20 centres inside per side
-    assert got["centre"] == pytest.approx(0.25)  # 10 of 20 per side
-    assert (got["com_x"], got["com_y"]) == (20.0, 20.0)
+    assert got["entropy"] == pytest.approx(math.log(399) / math.log(400), rel=1e-5)
+    assert got["concentration"] == pytest.approx(0.5)  # 200 pixels hold 199.5 of 399
+    assert got["border"] == pytest.approx((400 - 16 * 16 - 1) / 399, rel=1e-5)  # 16 of 20
+    assert got["centre"] == pytest.approx(100 / 399, rel=1e-5)  # centres inside per side: 10
 
 
 def test_a_map_in_the_border_only() -> None:
@@ -98,12 +98,18 @@ def test_random_maps_with_negative_values_and_a_crop_region() -> None:
         assert 32 <= got["peak_x"] <= 288 and 16 <= got["peak_y"] <= 272
 
 
-def test_a_map_without_positive_mass_has_only_a_peak() -> None:
-    m = -np.ones((5, 5), np.float32)
-    m[1, 2] = -0.5
+def test_a_constant_map_has_only_a_peak() -> None:
+    m = np.full((5, 5), 0.7, np.float32)
     got = check(m, Box(0, 0, 5, 5))
-    assert (got["peak_x"], got["peak_y"]) == (2.5, 1.5)
+    assert (got["peak_x"], got["peak_y"]) == (0.5, 0.5)  # the first maximum
     assert all(got[k] is None for k in STAT_NAMES[2:])
+
+
+def test_the_mass_is_measured_above_the_map_minimum() -> None:
+    m = np.full((10, 10), 5.0, np.float32)  # a floor, as FullGrad's rescaled layers give
+    m[3, 4] = 6.0
+    got = check(m, Box(0, 0, 10, 10))
+    assert got["entropy"] == 0.0 and got["concentration"] == pytest.approx(0.01)
 
 
 def test_a_batch_is_computed_image_by_image() -> None:

@@ -150,8 +150,8 @@ class RunConfig:
             (self.ray_actors is None or self.ray_actors >= 1, "--ray-actors must be >= 1"),
             (self.dist_timeout > 0, "--dist-timeout must be > 0"),
             (self.point_tolerance >= 0, "--point-tolerance must be >= 0"),
-            (self.boxes is None or self.masks is None, "--boxes and --masks exclude each "
-                                                       "other: give one annotation source"),
+            (self.boxes is None or self.masks is None,
+             "--boxes and --masks exclude each other: give one annotation source"),
             (bool(self.spec.model.strip()), "--model is required (see `fullgrad models`)"),
             (bool(self.inputs) or self.files_from is not None,
              "give at least one input: a directory, an image, - for a list on stdin, "

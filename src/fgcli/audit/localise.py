@@ -9,9 +9,9 @@ whatever ``--crop`` and ``--size`` did to the model input. Definitions
 * **pointing game** (Zhang et al., 2016): the map's maximum (its pixel's centre) lies
   within ``tolerance`` pixels (Euclidean distance to the box, 0 inside) of an object:
   a box used, or, for a mask, a mask pixel's square;
-* **energy** (Score-CAM's energy-based pointing game): the share of the map's positive
-  mass in the map pixels whose centre lies inside a box used (a mask pixel), no
-  tolerance;
+* **energy** (Score-CAM's energy-based pointing game): the share of the map's mass
+  (m - min(m): the heatmap's values, as in :mod:`fgcli.audit.stats`) in the map pixels
+  whose centre lies inside a box used (a mask pixel), no tolerance;
 * **box**: the index, in the image's annotation order, of the used box nearest the
   peak among those within tolerance.
 """
@@ -84,8 +84,8 @@ def mask_in_map(saliency: np.ndarray, region: Box, mask: np.ndarray) -> np.ndarr
 def mask_hit(px: float, py: float, mask: np.ndarray, tolerance: float) -> bool:
     """Whether an object pixel's square [c, c+1] x [r, r+1] lies within ``tolerance``
     of (px, py)."""
-    r0, r1 = max(int(math.floor(py - tolerance)) - 1, 0), int(math.ceil(py + tolerance)) + 1
-    c0, c1 = max(int(math.floor(px - tolerance)) - 1, 0), int(math.ceil(px + tolerance)) + 1
+    r0, r1 = max(math.floor(py - tolerance) - 1, 0), math.ceil(py + tolerance) + 1
+    c0, c1 = max(math.floor(px - tolerance) - 1, 0), math.ceil(px + tolerance) + 1
     window = mask[r0:r1, c0:c1]
     if not window.any():
         return False
@@ -107,7 +107,7 @@ def point_boxes(saliency: np.ndarray, region: Box, boxes: Sequence[Any], toleran
                 ) -> tuple[bool, float | None, int | None]:
     """(hit, energy, index into ``boxes`` of the nearest box within tolerance)."""
     px, py = _peak(saliency, region)
-    positive = np.maximum(saliency, 0)
+    positive = saliency - saliency.min()
     energy = _energy(positive, boxes_in_map(saliency, region, boxes)) if boxes else (
         None if positive.sum() <= 0 else 0.0)
     dist = _box_distances(px, py, boxes)
@@ -120,7 +120,7 @@ def point_mask(saliency: np.ndarray, region: Box, mask: np.ndarray, tolerance: f
                ) -> tuple[bool, float | None]:
     """(hit, energy) against a boolean object mask."""
     px, py = _peak(saliency, region)
-    positive = np.maximum(saliency, 0)
+    positive = saliency - saliency.min()
     return mask_hit(px, py, mask, tolerance), _energy(positive, mask_in_map(
         saliency, region, mask))
 
@@ -136,7 +136,7 @@ def locate(saliency: np.ndarray, region: Box, objects: Any, target: int, target_
 
     saliency = np.asarray(saliency, dtype=np.float32)
     rec: dict[str, Any] = {"source": "masks" if objects.mask is not None else "boxes",
-                           "tolerance": float(tolerance)}
+                           "name": objects.name, "tolerance": float(tolerance)}
     if objects.mask is not None:
         mask = objects.mask_array()
         check_mask(mask, region, str(objects.mask))

@@ -3,8 +3,11 @@
 Computed on the maps' own device for a whole batch at once (:func:`map_stats`), before
 the maps leave it, then placed in the original image's pixels per image
 (:func:`stats_record`). Definitions (docs/audit.md#statistics), with m the engine's map
-(at model resolution, over the region of the original image the model saw) and
-m+ = max(m, 0):
+(at model resolution, over the region of the original image the model saw) and its mass
+m+ = m - min(m): the heatmap's values up to scale (a heatmap shows (m - min) / (max - min)).
+FullGrad's maps sum per-layer maps rescaled to [0, 1], so they carry a floor that would
+make every raw map look spread out; the mass above the minimum is what a heatmap shows
+and what these statistics measure.
 
 * ``peak_x``, ``peak_y``: the centre of the map pixel holding m's maximum (the first in
   row-major order on ties), in original-image pixels (pixel i covers [i, i + 1));
@@ -18,7 +21,7 @@ m+ = max(m, 0):
 * ``centre``: m+'s share in the pixels whose centre lies in the middle half of both the
   width and the height.
 
-All but the peak are undefined (``None``) for a map with no positive mass.
+All but the peak are undefined (``None``) for a constant map.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def map_stats(maps: torch.Tensor) -> torch.Tensor:
     m = m.reshape(n, h, w)
     u, v = _centres(w, m.device), _centres(h, m.device)
     peak = m.reshape(n, -1).argmax(1)
-    pos = m.clamp(min=0)
+    pos = m - m.amin((1, 2), keepdim=True)
     total = pos.sum((1, 2))
     defined = total > 0
     safe = torch.where(defined, total, torch.ones_like(total))
