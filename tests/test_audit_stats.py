@@ -127,3 +127,17 @@ def test_values_are_rounded_to_six_significant_digits() -> None:
     got = stats_record(map_stats(torch.from_numpy(m)[None, None])[0].numpy(),
                        Box(0, 0, 1000, 7))
     assert got["peak_x"] == 166.667 and got["peak_y"] == 1.16667
+
+
+@pytest.mark.parametrize("power", [1, 4, 16])
+def test_the_cpu_concentration_counts_as_a_full_sort_does(power: int) -> None:
+    """The CPU's binned search and the GPU's sort give the same count of pixels."""
+    from fgcli.audit.stats import _needed_by_bins, _needed_by_sort
+
+    rng = np.random.default_rng(power)
+    flat = torch.from_numpy(rng.random((6, 3000)) ** power).float()
+    flat[1] = 0.0  # a row without mass
+    flat[1, 5] = 2.0
+    flat[2, :10] = 1.0  # ties
+    total = flat.sum(1)
+    assert _needed_by_bins(flat, total).tolist() == _needed_by_sort(flat, total).tolist()

