@@ -119,6 +119,9 @@ class RunConfig:
     ray_actors: int | None = None  # None: one per GPU, else one per (cores - 1)
     dist_timeout: float = 600.0  # seconds a rank without progress is waited for
     gallery: bool = False  # build OUT/index.html after the run (fgcli.gallery)
+    boxes: str | None = None  # object annotations (fgcli.audit.annotations): boxes ...
+    masks: str | None = None  # ... or masks; adds the pointing game and energy to records
+    point_tolerance: float = 15.0  # pixels (Zhang et al. 2016)
     quiet: bool = False
     json: bool = False
     debug: bool = False
@@ -127,7 +130,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_not_blank({"--out": self.out, "--files-from": self.files_from,
                          "--target": self.target, "--layers": self.layers,
-                         "--shard": self.shard, "--ray-address": self.ray_address})
+                         "--shard": self.shard, "--ray-address": self.ray_address,
+                         "--boxes": self.boxes, "--masks": self.masks})
         if "" in self.inputs:
             raise UsageError("an input is an empty path; give a file, a directory or -")
         bad = [s for s in self.save if s not in OUTPUT_KINDS]
@@ -145,6 +149,9 @@ class RunConfig:
             (0.0 <= self.alpha <= 1.0, "--alpha must be between 0 and 1"),
             (self.ray_actors is None or self.ray_actors >= 1, "--ray-actors must be >= 1"),
             (self.dist_timeout > 0, "--dist-timeout must be > 0"),
+            (self.point_tolerance >= 0, "--point-tolerance must be >= 0"),
+            (self.boxes is None or self.masks is None,
+             "--boxes and --masks exclude each other: give one annotation source"),
             (bool(self.spec.model.strip()), "--model is required (see `fullgrad models`)"),
             (bool(self.inputs) or self.files_from is not None,
              "give at least one input: a directory, an image, - for a list on stdin, "
@@ -170,7 +177,8 @@ class RunConfig:
         precision changes maps visibly. ``--model-arg`` values and the resize
         interpolation count where they are used (absent or bilinear, the hash is the
         one earlier versions wrote, so their runs still resume). So do ``--psi``,
-        ``--layers`` and ``--overlay`` when not their defaults.
+        ``--layers`` and ``--overlay`` when not their defaults, and ``--boxes``/``--masks``
+        with ``--point-tolerance`` when given (the records' ``objects`` depend on them).
         """
         spec = self.spec
         keys = ("model", "method", "size", "crop", "mean", "std", "labels", "target",
@@ -190,6 +198,8 @@ class RunConfig:
             data["layers"] = self.layers
         if self.overlay != "blend":
             data["overlay"] = self.overlay
+        if self.boxes is not None or self.masks is not None:  # records gain "objects"
+            data.update(boxes=self.boxes, masks=self.masks, tolerance=self.point_tolerance)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -205,6 +215,8 @@ _BLANK_HINTS = {
     "--shard": "give I/N",
     "--ray-address": "give auto or ray://HOST:PORT, or leave the option out",
     "--config": "give a TOML file",
+    "--boxes": "give a folder of XML files, a COCO .json or a .csv of boxes",
+    "--masks": "give a folder of mask PNGs",
     "OUT": "give the output directory of a dump",
 }
 

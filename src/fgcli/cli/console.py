@@ -113,6 +113,8 @@ class ConsoleReporter:
         rate = report.ok / report.seconds if report.seconds > 0 else 0.0
         table.add_row("time", f"{report.seconds:.1f} s ({rate:.2f} img/s)")
         table.add_row("output", report.out)
+        if getattr(report, "objects", None) is not None:
+            table.add_row("annotations", report.objects.line())
         if report.stopped_early:
             table.add_row("stopped", "--fail-fast: stopped at the first failure")
         err.print(table)

@@ -105,6 +105,9 @@ def dump(
     gallery: Annotated[bool | None, typer.Option(
         "--gallery/--no-gallery", help="Then write OUT/index.html, a static gallery of the "
                                        "tree (see `fullgrad gallery`).")] = None,
+    boxes: options.DumpBoxes = None,
+    masks: options.DumpMasks = None,
+    point_tolerance: options.DumpTolerance = None,
     quiet: options.DumpQuiet = None,
     json: Annotated[bool | None, typer.Option(
         "--json/--no-json", help="Print each manifest line to stdout as it is written.")

@@ -173,3 +173,20 @@ GalleryQuiet = Annotated[bool, typer.Option(
 _DEBUG_HELP = "Show tracebacks of unexpected errors (the exit code stays 3)."
 DumpDebug = Annotated[bool | None, typer.Option("--debug/--no-debug", help=_DEBUG_HELP)]
 Debug = Annotated[bool, typer.Option("--debug/--no-debug", help=_DEBUG_HELP)]
+
+# -- object annotations: the pointing game and energy (dump, eval) ---------------------------
+_BOXES_HELP = ("Object boxes in original-image pixels: a folder of Pascal VOC / ImageNet XML "
+               "files, a COCO instances .json, or a .csv (path,x0,y0,x1,y1[,label]); adds the "
+               "pointing game and the energy inside the boxes (docs/audit.md).")
+_MASKS_HELP = "A folder of object-mask PNGs named like the images (nonzero = object)."
+_TOLERANCE_HELP = ("Pointing game: a peak this many original pixels from an object still "
+                   "hits it (Zhang et al. 2016).")
+DumpBoxes = Annotated[str | None, typer.Option("--boxes", help=_BOXES_HELP,
+                                               show_default=False)]
+DumpMasks = Annotated[str | None, typer.Option("--masks", help=_MASKS_HELP,
+                                               show_default=False)]
+DumpTolerance = Annotated[float | None, typer.Option(
+    "--point-tolerance", help=_TOLERANCE_HELP + "  [default: 15]")]
+Boxes = Annotated[str | None, typer.Option("--boxes", help=_BOXES_HELP, show_default=False)]
+Masks = Annotated[str | None, typer.Option("--masks", help=_MASKS_HELP, show_default=False)]
+PointTolerance = Annotated[float, typer.Option("--point-tolerance", help=_TOLERANCE_HELP)]

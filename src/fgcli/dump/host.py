@@ -1,5 +1,6 @@
 """A computed batch on its way to the host: scores, maps (asynchronously on CUDA), the
-decomposition arrays, and per image why it has no finite result."""
+maps' statistics (computed on their device), the decomposition arrays, and per image why
+it has no finite result."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from fgcli.audit.stats import map_stats
 
 
 class MapOf:
@@ -100,6 +103,7 @@ def to_host(exp: Any) -> dict[str, Any]:
         "logit": logit.double().cpu().numpy(),
         "prob": prob.cpu().numpy(),
         "residual": exp.residual.double().cpu().numpy(),
+        "stats": map_stats(exp.maps).cpu().numpy(),  # on the maps' device, then small
     }
     if exp.compact is not None:
         host["compact_input"] = exp.compact.input.float().cpu().numpy()

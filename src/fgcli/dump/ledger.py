@@ -97,6 +97,8 @@ class ManifestLedger(Ledger):
         if first_rank:
             if status == "ok":
                 self.report.ok += 1
+                if self.report.objects is not None:
+                    self.report.objects.count(record)
             elif status == "skipped":
                 self.report.skipped += 1
             else:

@@ -11,6 +11,37 @@ from fgcli.signals import EXIT_CODES
 
 
 @dataclass
+class ObjectsTally:
+    """--boxes / --masks: how many of this run's images matched an annotation, and how
+    many annotations matched none of them (``names``: the annotation's size)."""
+
+    source: str
+    names: int
+    annotated: int = 0
+    unannotated: int = 0
+    matched: set[str] = field(default_factory=set)  # bounded by the annotation's size
+
+    def count(self, record: dict[str, Any]) -> None:
+        """One image's ok record (its first rank)."""
+        objects = record.get("objects")
+        if objects is None:
+            self.unannotated += 1
+            return
+        self.annotated += 1
+        if objects.get("name") is not None:
+            self.matched.add(objects["name"])
+
+    def line(self) -> str:
+        """The one summary line: e.g. ``boxes: 5 of 6 images annotated; 1 without an
+        annotation; 2 annotations match no image of this run``."""
+        images = self.annotated + self.unannotated
+        return (f"{self.source}: {self.annotated} of {images} images annotated; "
+                f"{self.unannotated} without an annotation; "
+                f"{max(self.names - len(self.matched), 0)} annotations match no image of "
+                "this run")
+
+
+@dataclass
 class RunReport:
     ok: int = 0
     failed: int = 0
@@ -22,6 +53,7 @@ class RunReport:
     device: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     interrupted: str | None = None  # "SIGINT" / "SIGTERM": stopped by that signal
+    objects: ObjectsTally | None = None  # --boxes / --masks
 
     @property
     def images(self) -> int:

@@ -27,7 +27,7 @@ from typing import Any
 from fgcli.config import RunConfig
 from fgcli.dump.ledger import ManifestLedger
 from fgcli.dump.plan import Plan
-from fgcli.dump.report import Reporter, RunReport, SilentReporter
+from fgcli.dump.report import ObjectsTally, Reporter, RunReport, SilentReporter
 from fgcli.dump.runinfo import finish, run_info
 from fgcli.dump.session import Session
 from fgcli.dump.step import step
@@ -161,7 +161,8 @@ def _start(cfg: RunConfig, reporter: Reporter, stdin: Any, stop: StopSignals,
     check_options(cfg)
     session = Session(cfg, reporter)
     dump = Dump(cfg, reporter, stop, shard, tree, session,
-                RunReport(out=cfg.out, device=str(session.device)))
+                RunReport(out=cfg.out, device=str(session.device),
+                          objects=objects_tally(session.annotations)))
     created = _lock(tree, cfg)
     try:
         session.load()
@@ -205,3 +206,10 @@ def _execute(dump: Dump, compute: Compute, started: float, started_at: str) -> N
         finish(dump.tree, lambda: compute.describe(
             dump, run_info(cfg, session, dump.ledger, dump.shard, started_at)),
             dump.ledger, started)
+
+
+def objects_tally(annotations: Any) -> ObjectsTally | None:
+    """The --boxes / --masks summary's counters (None without annotations)."""
+    if annotations is None:
+        return None
+    return ObjectsTally(annotations.source, len(annotations))

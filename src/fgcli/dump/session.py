@@ -36,6 +36,8 @@ class Session:
         self.cfg = cfg
         self.reporter = reporter  # warns when the batch is halved
         self.device = resolve_device(cfg.device)
+        self.annotations = annotations(cfg)  # a malformed file: refused before any model
+        self.by_class = False  # whether the annotations' labels name the model's classes
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # streams and events of cuda:N, not cuda:0
 
@@ -49,6 +51,8 @@ class Session:
         self.categories = self.loaded.config.categories
         self.n_classes = self.loaded.config.num_classes
         self.fixed_target = resolve_target(cfg.target, self.categories, self.n_classes)
+        if self.annotations is not None:
+            self.by_class = self.annotations.names_classes(self.categories, self.n_classes)
         if cfg.topk is not None and cfg.topk > self.n_classes:
             raise UsageError(f"--topk {cfg.topk}: the model has only {self.n_classes} classes")
         self.engine = self._engine(model)
@@ -233,3 +237,13 @@ def cores_per_process() -> int:
         local = 1
     return max(1, cores // local)
 
+
+
+def annotations(cfg: RunConfig) -> Any:
+    """--boxes / --masks read (:func:`fgcli.audit.annotations.read_annotations`), or None.
+    Raises UsageError naming the file (and line) that is malformed."""
+    if cfg.boxes is None and cfg.masks is None:
+        return None
+    from fgcli.audit.annotations import read_annotations
+
+    return read_annotations(boxes=cfg.boxes, masks=cfg.masks)

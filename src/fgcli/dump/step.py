@@ -4,9 +4,15 @@ run's loop and a Ray actor share (:func:`step`)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from fgcli.data.decode import Batch
+import numpy as np
+
+from fgcli.audit.localise import locate
+from fgcli.audit.stats import stats_record
+from fgcli.data.decode import Batch, Box
 from fgcli.data.discover import Item
 from fgcli.dump.host import MapOf, decomp_arrays, first_reasons
 from fgcli.dump.ledger import Ledger
@@ -71,7 +77,21 @@ def _jobs(session: Session, ledger: Ledger, todo: list[Item], batch: Batch,
             original = sample.original
             if original is not None and not sample.on_device:
                 original = original.numpy()
+            rec["stats"] = stats_record(host["stats"][j], box)
             job = ImageJob(item.key, rank, cls, MapOf(host["maps"], j), original,
-                           (box.right - box.left, box.bottom - box.top), decomp)
+                           (box.right - box.left, box.bottom - box.top), decomp,
+                           _locator(session, item.key, box, cls, rec["target_name"]))
             jobs.append((rec, job))
     return jobs
+
+
+def _locator(session: Session, key: str, region: Box, cls: int, name: str
+             ) -> Callable[[np.ndarray], dict[str, Any]] | None:
+    """With --boxes/--masks and an annotation for ``key``: the record's ``objects`` as a
+    function of the image's map (run in a writer thread, on the host map)."""
+    annotations = session.annotations
+    objects = annotations.find(key) if annotations is not None else None
+    if objects is None:
+        return None
+    return partial(locate, region=region, objects=objects, target=cls, target_name=name,
+                   tolerance=session.cfg.point_tolerance, by_class=session.by_class)

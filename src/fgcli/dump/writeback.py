@@ -43,6 +43,23 @@ class ImageJob:
     # tensor on the model's device (--device-jpeg), or None
     size: tuple[int, int]  # (width, height) of that region
     decomp: dict[str, np.ndarray] | None
+    locate: Callable[[np.ndarray], dict[str, Any]] | None = None  # --boxes/--masks: the
+    # record's "objects" from the map (fgcli.audit.localise.locate, bound to the image)
+
+
+def write_job(tree: OutputTree, job: ImageJob, cfg: RunConfig
+              ) -> tuple[dict[str, str], dict[str, Any]]:
+    """One image in a writer thread: its files (:func:`write_outputs`) and the record
+    fields computed from its map on the host (``objects``). A mask that cannot be read
+    leaves the image's result whole: its ``objects`` say why instead."""
+    written = write_outputs(tree, job, cfg.save, cfg.colormap, cfg.alpha, cfg.overlay)
+    fields: dict[str, Any] = {}
+    if job.locate is not None:
+        try:
+            fields["objects"] = job.locate(job.saliency())
+        except (OSError, ValueError) as exc:
+            fields["objects"] = {"source": "masks", "error": one_line(exc)}
+    return written, fields
 
 
 def write_outputs(tree: OutputTree, job: ImageJob, save: tuple[str, ...], colormap: str,
@@ -99,10 +116,8 @@ class WriteBack:
     def submit(self, jobs: list[tuple[dict[str, Any], ImageJob]]) -> None:
         """Queue one batch's (record, job) pairs; wait while too many batches are in
         flight (their lines are written meanwhile)."""
-        cfg = self.cfg
         records = [rec for rec, _ in jobs]
-        futures = [self.pool.submit(write_outputs, self.tree, job, cfg.save, cfg.colormap,
-                                    cfg.alpha, cfg.overlay) for _, job in jobs]
+        futures = [self.pool.submit(write_job, self.tree, job, self.cfg) for _, job in jobs]
         self.pending.append((records, futures))
         self.drain(PENDING_BATCHES)
 
@@ -123,7 +138,8 @@ class WriteBack:
     def _settle(self, rec: dict[str, Any], fut: Future) -> None:
         """The manifest line of one image whose writes are done."""
         try:
-            rec["outputs"] = fut.result()
+            rec["outputs"], fields = fut.result()
+            rec.update(fields)
         except TreeWriteError as exc:
             self.ledger.halt(exc)
             return
@@ -140,7 +156,8 @@ class WriteBack:
                 records, futures = self.pending.popleft()
                 for rec, fut in zip(records, futures):
                     if fut.done() and not fut.cancelled() and fut.exception() is None:
-                        rec["outputs"] = fut.result()
+                        rec["outputs"], fields = fut.result()
+                        rec.update(fields)
                         self.ledger.emit(rec)
 
     def _finished(self, fut: Future) -> bool:
