@@ -8,44 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from audit_util import direct_stats as direct
 
 from fgcli.audit.stats import STAT_NAMES, map_stats, stats_record
 from fgcli.data.decode import Box
-
-
-def direct(m: np.ndarray, region: Box) -> dict[str, float | None]:
-    """Each statistic straight from its definition, one pixel at a time where simple."""
-    h, w = m.shape
-    bw, bh = region.right - region.left, region.bottom - region.top
-    i, j = np.unravel_index(np.argmax(m), m.shape)
-    out: dict[str, float | None] = {
-        "peak_x": region.left + (j + 0.5) * bw / w, "peak_y": region.top + (i + 0.5) * bh / h}
-    p = m.astype(np.float64) - m.min()
-    total = p.sum()
-    if total == 0:
-        return out | {k: None for k in STAT_NAMES[2:]}
-    xs = region.left + (np.arange(w) + 0.5) * bw / w
-    ys = region.top + (np.arange(h) + 0.5) * bh / h
-    out["com_x"] = float((p * xs[None, :]).sum() / total)
-    out["com_y"] = float((p * ys[:, None]).sum() / total)
-    values = sorted(p.ravel(), reverse=True)
-    acc, k = 0.0, 0
-    while acc < 0.5 * total:
-        acc += values[k]
-        k += 1
-    out["concentration"] = k / (h * w)
-    q = p.ravel() / total
-    out["entropy"] = float(-sum(x * math.log(x) for x in q if x > 0) / math.log(h * w))
-    border = centre = 0.0
-    for r in range(h):
-        for c in range(w):
-            u, v = (c + 0.5) / w, (r + 0.5) / h
-            if u < 0.1 or u > 0.9 or v < 0.1 or v > 0.9:
-                border += p[r, c]
-            if 0.25 <= u <= 0.75 and 0.25 <= v <= 0.75:
-                centre += p[r, c]
-    out["border"], out["centre"] = border / total, centre / total
-    return out
 
 
 def check(m: np.ndarray, region: Box) -> dict[str, float | None]:

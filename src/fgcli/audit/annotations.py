@@ -154,13 +154,25 @@ class Annotations:
                 matched += 1
                 used.add(name)
             ambiguous += unclear
-        line = (f"{self.source}: {matched} of {total} image{'s' if total != 1 else ''} "
-                f"annotated; {total - matched} without an annotation")
-        if ambiguous:
-            line += f" ({ambiguous} with a stem shared by several annotations)"
-        unused = len(self._images) - len(used)
-        return line + (f"; {unused} annotation{'s' if unused != 1 else ''} "
-                       f"match{'es' if unused == 1 else ''} no image")
+        return summary_line(self.source, matched, total, len(self._images) - len(used),
+                            ambiguous)
+
+
+def summary_line(source: str, matched: int, images: int, unused: int, ambiguous: int = 0,
+                 by_class: bool | None = None) -> str:
+    """The one summary line of an annotated run (dump and eval say the same): how many
+    images matched an annotation, how many annotations matched no image, and (when known)
+    whether the labels name the model's classes."""
+    line = (f"{source}: {matched} of {images} image{'s' if images != 1 else ''} "
+            f"annotated; {images - matched} without an annotation")
+    if ambiguous:
+        line += f" ({ambiguous} with a stem shared by several annotations)"
+    line += (f"; {unused} annotation{'s' if unused != 1 else ''} "
+             f"match{'es' if unused == 1 else ''} no image")
+    if by_class is not None and source == "boxes":
+        line += ("; labels name the model's classes: the target's boxes count" if by_class
+                 else "; labels are not all class names: every box counts")
+    return line
 
 
 def _names_class(label: str, names: set[str], n_classes: int) -> bool:

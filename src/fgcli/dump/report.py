@@ -20,6 +20,7 @@ class ObjectsTally:
     annotated: int = 0
     unannotated: int = 0
     matched: set[str] = field(default_factory=set)  # bounded by the annotation's size
+    by_class: bool | None = None  # the labels name the model's classes (once loaded)
 
     def count(self, record: dict[str, Any]) -> None:
         """One image's ok record (its first rank)."""
@@ -32,13 +33,11 @@ class ObjectsTally:
             self.matched.add(objects["name"])
 
     def line(self) -> str:
-        """The one summary line: e.g. ``boxes: 5 of 6 images annotated; 1 without an
-        annotation; 2 annotations match no image of this run``."""
-        images = self.annotated + self.unannotated
-        return (f"{self.source}: {self.annotated} of {images} images annotated; "
-                f"{self.unannotated} without an annotation; "
-                f"{max(self.names - len(self.matched), 0)} annotations match no image of "
-                "this run")
+        """The one summary line (:func:`fgcli.audit.annotations.summary_line`)."""
+        from fgcli.audit.annotations import summary_line
+
+        return summary_line(self.source, self.annotated, self.annotated + self.unannotated,
+                            max(self.names - len(self.matched), 0), by_class=self.by_class)
 
 
 @dataclass

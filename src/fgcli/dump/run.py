@@ -161,11 +161,11 @@ def _start(cfg: RunConfig, reporter: Reporter, stdin: Any, stop: StopSignals,
     check_options(cfg)
     session = Session(cfg, reporter)
     dump = Dump(cfg, reporter, stop, shard, tree, session,
-                RunReport(out=cfg.out, device=str(session.device),
-                          objects=objects_tally(session.annotations)))
+                RunReport(out=cfg.out, device=str(session.device)))
     created = _lock(tree, cfg)
     try:
         session.load()
+        dump.report.objects = objects_tally(session)
         compute.prepared(dump)
         dump.ledger = ManifestLedger(tree, cfg, session.fingerprint, session.ranks[0],
                                      reporter, stop, dump.report)
@@ -208,8 +208,9 @@ def _execute(dump: Dump, compute: Compute, started: float, started_at: str) -> N
             dump.ledger, started)
 
 
-def objects_tally(annotations: Any) -> ObjectsTally | None:
+def objects_tally(session: Session) -> ObjectsTally | None:
     """The --boxes / --masks summary's counters (None without annotations)."""
-    if annotations is None:
+    if session.annotations is None:
         return None
-    return ObjectsTally(annotations.source, len(annotations))
+    return ObjectsTally(session.annotations.source, len(session.annotations),
+                        by_class=session.by_class)
