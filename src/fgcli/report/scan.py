@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from typing_extensions import Self
 
 from fgcli.tree.layout import MANIFEST
 from fgcli.tree.manifest import BadLines, check_record, parse_line, shard_manifests
@@ -101,7 +100,8 @@ class LatestRecords:
         self.lines = 0  # well-formed lines, every file
         self.repeated: set[int] = set()  # hashes of (key, rank)s seen more than once
 
-    def __enter__(self) -> Self:
+    def open(self) -> None:
+        """Open every manifest of the tree (the merged one, then the shards')."""
         for path in [self.root / MANIFEST, *shard_manifests(self.root)]:
             try:
                 fh = open(path, "rb")
