@@ -104,7 +104,7 @@ class LatestRecords:
         """Open every manifest of the tree (the merged one, then the shards')."""
         for path in [self.root / MANIFEST, *shard_manifests(self.root)]:
             try:
-                fh = open(path, "rb")
+                fh = open(path, "rb")  # noqa: SIM115 - closed by close()
             except FileNotFoundError:
                 continue
             except OSError as exc:
