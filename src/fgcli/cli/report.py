@@ -16,7 +16,7 @@ from fgcli.config import check_not_blank
 def report(
     out: Annotated[str, typer.Argument(help="The output tree of a dump.")],
     top: Annotated[int, typer.Option(
-        "--top", "-k", help="Entries in each off-object list.")] = 50,
+        "--top", help="Entries in each off-object list (0: none).")] = 50,
     grid: Annotated[int, typer.Option(
         "--grid", help="Cells per side of the common grid of the class-mean maps.")] = 32,
     quiet: Annotated[bool, typer.Option(

@@ -162,7 +162,7 @@ class TopList:
     def _prune(self) -> None:
         self.items.sort(key=lambda item: item[0])
         del self.items[self.k:]
-        if len(self.items) == self.k:
+        if self.items and len(self.items) == self.k:
             self.limit = self.items[-1][0]
 
     def result(self) -> list[dict[str, Any]]:

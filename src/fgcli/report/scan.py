@@ -39,15 +39,16 @@ _TICK = 4096  # lines between progress calls
 
 def stamp_code(stamp: Any) -> int:
     """A line's ``time`` as an integer in the order of the strings (to the millisecond):
-    ``2026-01-02T03:04:05.678+00:00`` -> 20260102030405678; -1 (oldest) when missing or
-    not in that format."""
+    ``2026-01-02T03:04:05.678+00:00`` -> 2 * 20260102030405678 + 1 (the last bit: it has
+    a fraction, which sorts after none, as ``.`` after ``+``); -1 (oldest) when missing
+    or not in that format."""
     if not isinstance(stamp, str):
         return -1
     match = _STAMP.match(stamp)
     if match is None:
         return -1
     *parts, ms = match.groups()
-    return int("".join(parts) + (ms or "").ljust(3, "0"))
+    return 2 * int("".join(parts) + (ms or "").ljust(3, "0")) + (ms is not None)
 
 
 def _parse(line: bytes) -> tuple[dict[str, Any] | None, str | None]:
@@ -97,7 +98,7 @@ class LatestRecords:
         self.root = Path(root)
         self.bad = bad
         self.sources: list[_Source] = []
-        self.lines = 0  # well-formed lines, every file
+        self.lines = 0  # lines pass 1 found usable, every file (the progress total)
         self.repeated: set[int] = set()  # hashes of (key, rank)s seen more than once
 
     def open(self) -> None:
@@ -121,10 +122,14 @@ class LatestRecords:
         hashes = array("q")
         for source in self.sources:
             for _, _, line in source.lines():
-                rec = _parse(line)[0]
-                if rec is not None:
-                    hashes.append(hash((rec["key"], rec.get("rank"))))
-        self.lines = len(hashes)
+                try:  # no check_record here (a third of the time): a malformed line
+                    rec = parse_line(line)  # can only add a false repeat, which the
+                    key, rank = rec["key"], rec.get("rank")  # rule then resolves alone
+                except (ValueError, RecursionError, TypeError, KeyError, AttributeError):
+                    continue
+                if isinstance(key, str) and (rank is None or type(rank) is int):
+                    hashes.append(hash((key, rank)))
+        self.lines = len(hashes)  # an estimate for progress: malformed lines counted
         if len(hashes) > 1:
             flat = np.frombuffer(hashes, dtype=np.int64).copy()
             del hashes
