@@ -20,8 +20,8 @@ from fgcli.render import colormap_table
 from fgcli.report import accumulate, write_report
 from fgcli.report.accumulate import STATS
 from fgcli.report.grid import COLORMAP, tile_origin, to_grid
-from fgcli.report.scan import stamp_code, winners
-from fgcli.tree.manifest import Latest
+from fgcli.report.scan import LatestRecords, stamp_code, winners
+from fgcli.tree.manifest import BadLines, Latest
 
 T0 = "2026-01-01T00:00:00.000+00:00"
 T1 = "2026-01-02T00:00:00.000+00:00"
@@ -102,7 +102,9 @@ def test_class_rows_match_numpy(tmp_path, monkeypatch, chunk):
     monkeypatch.setattr(accumulate, "_CHUNK", chunk)
     records = _random_records(150, seed=1)
     write_lines(tmp_path / "manifest.jsonl", records)
-    summary = write_report(tmp_path)
+    calls = []
+    summary = write_report(tmp_path, progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (150, 150)
     assert (summary.records, summary.images, summary.classes) == (150, 150, 3)
     assert summary.with_stats == sum("stats" in r for r in records)
     rows = read_csv(tmp_path / "report" / "classes.csv")
@@ -297,6 +299,23 @@ def test_failed_lines_and_older_records_are_counted_not_fatal(tmp_path):
     assert "2 of 4 records have no stats (an older dump): the stat columns count only the " \
            "others" in summary.notes
     assert report_json(tmp_path)["classes"][0]["mean"]["border"] == pytest.approx(0.4)
+
+
+def test_only_repeated_lines_are_held(tmp_path):
+    """Memory: pass 1 keeps the hashes of the (key, rank)s written twice, nothing else."""
+    write_lines(tmp_path / "manifest.jsonl", [
+        *(rec(f"k{i}.jpg") for i in range(100)), rec("k7.jpg", time=T1),
+        rec("k8.jpg", rank=2), "[]\n"])
+    latest = LatestRecords(tmp_path, BadLines())
+    latest.open()
+    try:
+        assert latest.index() == 102
+        assert latest.repeated == {hash(("k7.jpg", None))}
+        got = [(r["key"], r.get("rank"), r["time"]) for r in latest.records()]
+    finally:
+        latest.close()
+    assert len(got) == 101 and got[-1] == ("k7.jpg", None, T1)
+    assert ("k7.jpg", None, T0) not in got
 
 
 def test_winners_follow_the_latest_rule():
