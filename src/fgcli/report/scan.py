@@ -131,8 +131,7 @@ class LatestRecords:
                     hashes.append(hash((key, rank)))
         self.lines = len(hashes)  # an estimate for progress: malformed lines counted
         if len(hashes) > 1:
-            flat = np.frombuffer(hashes, dtype=np.int64).copy()
-            del hashes
+            flat = np.frombuffer(hashes, dtype=np.int64)  # a view: sorted in place
             flat.sort()
             same = flat[1:] == flat[:-1]
             self.repeated = set(np.unique(flat[1:][same]).tolist())
