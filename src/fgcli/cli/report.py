@@ -7,9 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from fgcli.cli import options
 from fgcli.cli.console import count_bar, say
 from fgcli.cli.exits import EXIT_FAILED, EXIT_OK, guard
+from fgcli.cli.options import Debug
 from fgcli.config import check_not_blank
 
 
@@ -23,7 +23,7 @@ def report(
         "--quiet/--no-quiet", "-q", help="No progress bar, notes or summary line.")] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the summary as one JSON object on stdout.")] = False,
-    debug: options.Debug = False,
+    debug: Debug = False,
 ) -> None:
     """Write OUT/report/: per-class statistics and pointing game (classes.csv), the
     class-mean maps (class_means.png), the most off-object images (offobject.csv), all
