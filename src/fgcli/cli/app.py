@@ -15,6 +15,7 @@ from fgcli.cli.eval import evaluate
 from fgcli.cli.gallery import gallery
 from fgcli.cli.merge import merge
 from fgcli.cli.models import models
+from fgcli.cli.report import report
 
 app = typer.Typer(
     name="fullgrad",
@@ -24,7 +25,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 for _name, _command in (("dump", dump), ("check", check), ("eval", evaluate),
-                        ("merge", merge), ("gallery", gallery), ("models", models)):
+                        ("merge", merge), ("gallery", gallery), ("report", report),
+                        ("models", models)):
     app.command(_name)(_command)
 
 

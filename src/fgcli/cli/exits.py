@@ -38,6 +38,9 @@ USAGE_ERRORS: dict[str, tuple[str, ...]] = {
     "dump": ("fgcli.tree.lock:LockedError",),
     # OUT not a tree; a page file that cannot be written (a full disk is a SetupError)
     "gallery": ("fgcli.gallery:GalleryError", "fgcli.tree.atomic:WriteFailed"),
+    # OUT not a tree; a file of OUT/report (or of the gallery it rebuilds) not writable
+    "report": ("fgcli.report:ReportError", "fgcli.gallery:GalleryError",
+               "fgcli.tree.atomic:WriteFailed"),
 }
 # commands whose interrupted line says that a rerun resumes
 RESUMABLE = frozenset({"dump"})
