@@ -141,26 +141,26 @@ def test_one_record_has_no_spread_and_no_objects_leave_pointing_empty(tmp_path):
 
 # -- the class-mean grid ---------------------------------------------------------------
 
-def test_to_grid_keeps_the_positive_mass_by_area():
-    m = np.zeros((3, 3), np.float32)
-    m[0, 0], m[1, 1], m[2, 2], m[0, 2] = 4.0, 2.0, 2.0, -5.0  # the negative part is dropped
+def test_to_grid_keeps_the_mass_above_the_minimum_by_area():
+    m = np.full((3, 3), -5.0, np.float32)  # the minimum: no mass
+    m[0, 0], m[1, 1], m[2, 2] = -1.0, -3.0, -3.0  # masses 4, 2, 2
     grid = to_grid(m, 2)
     # cells cover 1.5 pixels a side: the centre pixel splits in four, corners stay whole
     assert grid == pytest.approx(np.array([[0.5 + 0.0625, 0.0625],
                                            [0.0625, 0.25 + 0.0625]]))
     assert grid.sum() == pytest.approx(1.0)
-    assert to_grid(np.full((4, 4), -1.0), 2) is None  # no positive mass
-    assert to_grid(np.ones((1, 6, 4)), 3).sum() == pytest.approx(1.0)  # (1, H, W), any aspect
+    assert to_grid(np.full((4, 4), -1.0), 2) is None  # a constant map has no mass
+    assert to_grid(np.arange(24.0).reshape(1, 6, 4), 3).sum() == pytest.approx(1.0)  # any aspect
 
 
 def _tree_with_maps(root: Path) -> None:
-    """Class 5 with a hot-corner map and a uniform one; class 9 with one all-negative map
-    (unusable); one record whose map file is missing."""
+    """Class 5 with a hot-corner map and an anti-diagonal one; class 9 with a constant map
+    (no mass: unusable); one record whose map file is missing."""
     (root / "maps").mkdir(parents=True)
     hot = np.full((4, 4), -1.0, np.float32)
     hot[0, 0], hot[3, 3] = 3.0, 1.0
     np.save(root / "maps" / "a.npy", hot)
-    np.save(root / "maps" / "b.npy", np.ones((2, 2), np.float32))
+    np.save(root / "maps" / "b.npy", np.array([[0, 1], [1, 0]], np.float32))
     np.save(root / "maps" / "c.npy", -np.ones((4, 4), np.float32))
     write_lines(root / "manifest.jsonl", [
         rec("a.jpg", 5, outputs={"map": "maps/a.npy"}),
@@ -178,13 +178,14 @@ def test_grid_tiles_show_the_class_mean(tmp_path):
     assert grid["file"] == "class_means.png" and grid["cells"] == 2 and grid["tile"] == 96
     five, nine = data["classes"]
     assert (five["maps"], five["tile"], nine["maps"], nine["tile"]) == (2, [0, 0], 0, None)
-    # mean of [[.75, 0], [0, .25]] and [[.25, .25], [.25, .25]]: [[.5, .125], [.125, .25]];
-    # min-max over the tile: [[1, 0], [0, 1/3]] -> colormap indices [[255, 0], [0, 85]]
+    # masses above the minimum: a: 4 and 2 in opposite corners; b: .5 off the diagonal;
+    # mean of [[2/3, 0], [0, 1/3]] and [[0, .5], [.5, 0]]: [[1/3, 1/4], [1/4, 1/6]];
+    # min-max over the tile: [[1, .5], [.5, 0]] -> colormap indices [[255, 128], [128, 0]]
     lut = colormap_table(COLORMAP)
     png = np.asarray(Image.open(tmp_path / "report" / "class_means.png").convert("RGB"))
     x0, y0 = tile_origin(0, 0, grid["tile"])
     half = grid["tile"] // 2
-    for (r, c), index in {(0, 0): 255, (0, 1): 0, (1, 0): 0, (1, 1): 85}.items():
+    for (r, c), index in {(0, 0): 255, (0, 1): 128, (1, 0): 128, (1, 1): 0}.items():
         block = png[y0 + r * half:y0 + (r + 1) * half, x0 + c * half:x0 + (c + 1) * half]
         assert (block == lut[index]).all(), (r, c)
     assert any("2 map file(s) missing" in n for n in summary.notes)
@@ -380,8 +381,11 @@ def test_cli_summary_json_and_gallery_rebuild(tmp_path):
 
 def test_report_of_a_real_dump(tmp_path):
     out = tmp_path / "out"
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("path,x0,y0,x1,y1,label\nchelsea.png,100,20,350,280,cat\n"
+                     "coffee.png,150,100,450,350,cup\ngrace_hopper.jpg,0,0,20,20,x\n")
     result = cli("dump", str(PHOTOS), *SQUEEZENET, "--workers", "0", "--out", str(out),
-                 "--save", "heatmap,map", "--quiet")
+                 "--save", "heatmap,map", "--quiet", "--boxes", str(boxes))
     assert result.exit_code == 0, result.output
     manifest = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     result = cli("report", str(out), "--grid", "16")
@@ -396,6 +400,13 @@ def test_report_of_a_real_dump(tmp_path):
     png = Image.open(out / "report" / "class_means.png")
     columns = data["grid"]["columns"]
     assert png.width == columns * data["grid"]["tile"] + (columns + 1) * data["grid"]["gap"]
-    # TODO(lead): once the dump writes `stats`, assert data["with_stats"] == 6 and the
-    # border list's length
-    assert data["with_stats"] in (0, 6)
+    assert data["with_stats"] == 6 and data["with_objects"] == 3
+    border = sorted(((r["stats"]["border"], r["key"]) for r in manifest), reverse=True)
+    assert [(e["value"], e["key"]) for e in data["lists"]["border"]] == border
+    for row in rows:  # each class's means and pointing, straight from the manifest
+        mine = [r for r in manifest if r["target"] == int(row["target"])]
+        assert float(row["border_mean"]) == pytest.approx(
+            np.mean([r["stats"]["border"] for r in mine]), rel=1e-6)
+        located = [r["objects"] for r in mine if "objects" in r]
+        assert int(row["located"]) == len(located)
+        assert int(row["hits"]) == sum(o["hit"] for o in located)

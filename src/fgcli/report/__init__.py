@@ -195,8 +195,8 @@ def _notes(scan: _Scan, root: Path) -> list[str]:
                else "no map file could be used")
         notes.append(f"{why}: {GRID_FILE} skipped")
     elif s.maps_unusable:
-        notes.append(f"{s.maps_unusable} map file(s) missing, unreadable or with no "
-                     f"positive mass: left out of {GRID_FILE}")
+        notes.append(f"{s.maps_unusable} map file(s) missing, unreadable or constant: "
+                     f"left out of {GRID_FILE}")
     if s.records and s.with_stats < s.records:
         notes.append(f"{s.records - s.with_stats} of {s.records} records have no stats "
                      "(an older dump): the stat columns count only the others")

@@ -15,8 +15,10 @@ from urllib.parse import quote
 
 import numpy as np
 
+from fgcli.audit.stats import STAT_NAMES
+
 # the manifest's `stats` keys (spec20.md; fgcli.audit.stats.STAT_NAMES once merged)
-STATS = ("peak_x", "peak_y", "com_x", "com_y", "concentration", "entropy", "border", "centre")
+STATS = STAT_NAMES
 LOCATED = ("class", "any")  # objects.match values that count for the pointing game
 _COLUMNS = (*STATS, "energy")
 _CHUNK = 8192  # records buffered before they are folded into the class arrays

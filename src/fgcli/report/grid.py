@@ -1,10 +1,11 @@
 """Class-mean maps on a common grid, and the one PNG that shows them.
 
-Each map's positive part m+ = max(map, 0) is normalised to sum 1, then resampled to
+Each map's mass s = m - min(m) (the heatmap's values up to scale, as the statistics use
+it: docs/audit.md) is normalised to sum 1, then resampled to
 ``cells`` x ``cells`` by area: a grid cell gets the mass of the map pixels it covers
 (a map pixel split between cells is split by the area of its parts), so the resampled
 map still sums to 1 whatever the map's size or aspect. A class's mean is the mean of
-its maps so resampled; a map whose m+ sums to 0 (or is not finite) is left out.
+its maps so resampled; a constant map (no mass) or one that is not finite is left out.
 Memory: one float64 grid per class.
 """
 
@@ -40,14 +41,15 @@ def area_weights(size: int, cells: int) -> np.ndarray:
 
 
 def to_grid(saliency: np.ndarray, cells: int) -> np.ndarray | None:
-    """The map's m+ normalised to sum 1 and resampled to (cells, cells) by area; None
-    when m+ sums to 0 or the map is not a finite 2-D array."""
+    """The map's mass m - min(m) normalised to sum 1 and resampled to (cells, cells) by
+    area; None for a constant map or one that is not a finite 2-D array."""
     m = np.asarray(saliency)
     while m.ndim > 2 and m.shape[0] == 1:
         m = m[0]
     if m.ndim != 2 or m.size == 0 or not np.issubdtype(m.dtype, np.number):
         return None
-    pos = np.maximum(m.astype(np.float64), 0.0)
+    pos = m.astype(np.float64)
+    pos -= pos.min()
     total = float(pos.sum())
     if not math.isfinite(total) or total <= 0.0:
         return None
@@ -62,7 +64,7 @@ class MeanMaps:
         self.cells = cells
         self.sums: dict[int, np.ndarray] = {}
         self.counts: dict[int, int] = {}
-        self.unusable = 0  # map files that could not be read, or whose m+ sums to 0
+        self.unusable = 0  # map files that could not be read, or constant maps
 
     def add(self, target: int, path: Path) -> None:
         try:
