@@ -103,10 +103,13 @@ def test_masks_and_an_unreadable_mask(monkeypatch: pytest.MonkeyPatch, tmp_path:
     mask[40:60, 170:190] = 1  # gradient's peak without crop, at (176.6, 50.8)
     Image.fromarray(mask).save(masks / "a.png")
     (masks / "b.png").write_bytes(b"broken")
+    Image.fromarray(np.ones((10, 10), np.uint8)).save(masks / "c.png")  # not the image's size
     loc = _eval(monkeypatch, images, tmp_path / "out", "--masks", str(masks))
-    assert (loc["source"], loc["annotated"], loc["unannotated"]) == ("masks", 1, 1)
-    assert [u["image"].endswith("b.png") for u in loc["unreadable"]] == [True]
-    assert "1 unreadable mask" in loc["summary"]
+    assert (loc["source"], loc["annotated"], loc["unannotated"]) == ("masks", 1, 0)
+    errors = [(Path(e["image"]).name, e["error"]) for e in loc["mask_errors"]]
+    assert [name for name, _ in errors] == ["b.png", "c.png"]
+    assert "b.png" in errors[0][1] and "smaller than its image" in errors[1][1]
+    assert "2 masks not usable (eval.json: mask_errors)" in loc["summary"]
     assert loc["results"]["gradient"]["hits"] == 1 and loc["results"]["fullgrad"]["hits"] == 0
     assert loc["results"]["gradient"]["energy"] == 1.0
 

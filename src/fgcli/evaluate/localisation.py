@@ -8,8 +8,8 @@ original pixels. Per method: pointing accuracy = hits / located records (match "
 "any" with an object), its standard error sqrt(p (1 - p) / n); mean energy over the
 located records whose energy is defined, its standard error sample std / sqrt(n). Images
 without an annotation are left out of both (and counted); "absent" records (the labels
-name classes, none of the target's) are counted apart; an unreadable mask leaves its image
-out of both, with its reason.
+name classes, none of the target's) are counted apart; a mask that cannot be read, or is
+smaller than its image, leaves the image out of both, with the reason (``mask_errors``).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Localiser:
         self.methods = {m: _PerMethod() for m in methods}
         self.keys: list[str] = []
         self.annotated = 0
-        self.unreadable: list[tuple[str, str]] = []  # (image path, one-line reason)
+        self.mask_errors: list[tuple[str, str]] = []  # (image path, one-line reason)
 
     def target_name(self, target: int) -> str:
         if self.categories is not None and 0 <= target < len(self.categories):
@@ -96,7 +96,7 @@ class Localiser:
                                     self.tolerance, by_class=self.by_class)
                        for name, m in maps.items()}
         except ValueError as exc:  # a mask that cannot be read, or not the image's size
-            self.unreadable.append((path, str(exc).splitlines()[0]))
+            self.mask_errors.append((path, str(exc).splitlines()[0]))
             return
         self.annotated += 1
         for name, rec in records.items():
@@ -112,9 +112,9 @@ class Localiser:
         """One line: the annotations' match counts over the evaluated images, and what
         pointing and energy are averaged over."""
         line = self.annotations.summary(self.keys)
-        if self.unreadable:
-            line += (f"; {len(self.unreadable)} unreadable mask"
-                     f"{'s' if len(self.unreadable) != 1 else ''}")
+        if self.mask_errors:
+            n = len(self.mask_errors)
+            line += f"; {n} mask{'s' if n != 1 else ''} not usable (eval.json: mask_errors)"
         return (line + f"; pointing and energy over the {self.annotated} annotated "
                 f"image{'s' if self.annotated != 1 else ''}")
 
@@ -132,8 +132,8 @@ class Localiser:
         return {"source": self.annotations.source, "path": str(self.annotations.path),
                 "tolerance": self.tolerance, "by_class": self.by_class,
                 "images": len(self.keys), "annotated": self.annotated,
-                "unannotated": len(self.keys) - self.annotated - len(self.unreadable),
-                "unreadable": [{"image": p, "error": r} for p, r in self.unreadable],
+                "unannotated": len(self.keys) - self.annotated - len(self.mask_errors),
+                "mask_errors": [{"image": p, "error": r} for p, r in self.mask_errors],
                 "summary": self.summary(), "results": per}
 
 
