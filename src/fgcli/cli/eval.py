@@ -57,11 +57,15 @@ def evaluate(
     samples: options.EvalSamples = 25,
     seed: options.EvalSeed = 0,
     layers: options.EvalLayers = None,
+    boxes: options.Boxes = None,
+    masks: options.Masks = None,
+    point_tolerance: options.PointTolerance = 15.0,
     quiet: options.EvalQuiet = False,
     debug: options.Debug = False,
 ) -> None:
     """Measure how faithful the maps are: pixel perturbation (the paper's 5.1),
-    deletion and insertion AUC, for fgcli's methods against baselines; prints a table and
+    deletion and insertion AUC, for fgcli's methods against baselines (with --boxes or
+    --masks also pointing-game accuracy and energy in the objects); prints a table and
     writes eval.json, eval.csv and eval.png."""
     given = dict(locals())  # every parameter is an EvalConfig field, but quiet and debug
     with guard("eval", debug):
@@ -96,16 +100,24 @@ def _print_table(cfg: Any, result: Any, paths: list[Any]) -> None:
             header += [f"pert {k:g}%" for k in result.ks]
         else:
             header.append(f"{metric} AUC")
+    loc = result.localisation
+    if loc is not None:
+        from fgcli.evaluate.localisation import cells as loc_cells
+
+        header += ["pointing", "energy"]
     lines = []
     for method, per in result.results.items():
-        cells = [method]
+        row = [method]
         for metric in cfg.metrics:
             s = per[metric]
-            cells += [f"{m:.3f}±{e:.3f}" for m, e in zip(s.mean, s.se)]
-        lines.append(cells)
+            row += [f"{m:.3f}±{e:.3f}" for m, e in zip(s.mean, s.se)]
+        lines.append(row + (loc_cells(loc, method) if loc is not None else []))
     width = max(len(c[0]) for c in [header, *lines])
     typer.echo(f"{result.model}, {len(result.images)} images: mean ± standard error")
-    for cells in [header, *lines]:
-        typer.echo(f"{cells[0]:{width}s}  " + "  ".join(f"{c:>13s}" for c in cells[1:]))
-    typer.echo("pixel perturbation: lower is better; deletion: lower; insertion: higher")
+    for line in [header, *lines]:
+        typer.echo(f"{line[0]:{width}s}  " + "  ".join(f"{c:>13s}" for c in line[1:]))
+    typer.echo("pixel perturbation: lower is better; deletion: lower; insertion: higher"
+               + ("; pointing, energy: higher" if loc is not None else ""))
+    if loc is not None:
+        typer.echo(loc["summary"])
     typer.echo("wrote " + ", ".join(str(p) for p in paths))

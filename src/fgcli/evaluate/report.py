@@ -7,7 +7,9 @@ per method and metric the mean and standard error over images
 deletion and insertion curves with their standard errors. ``eval.csv``: one row per (method, metric, k) with mean,
 se and n. ``eval.png``: one panel per metric, mean curves with ±1 standard-error bands
 (pixel perturbation against k; deletion and insertion mean curves against the fraction
-of pixels changed, with bands too).
+of pixels changed, with bands too). With ``--boxes`` / ``--masks``: ``localisation`` in
+eval.json, ``pointing`` and ``energy`` rows in eval.csv and one more panel in eval.png
+(:mod:`fgcli.evaluate.localisation`).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def as_json(cfg: EvalConfig, result: EvalResult) -> dict[str, Any]:
         "results": {method: {metric: asdict(s) for metric, s in per.items()}
                     for method, per in result.results.items()},
         "curves": result.curves, "curves_se": result.curves_se,
+        "localisation": result.localisation,
         "seconds": round(result.seconds, 3),
         "versions": versions(),
     }
@@ -72,6 +75,10 @@ def rows(result: EvalResult) -> list[list[Any]]:
             ks: list[Any] = result.ks if metric == "perturbation" else [""]
             for k, mean, se in zip(ks, s.mean, s.se):
                 out.append([method, metric, k, f"{mean:.6g}", f"{se:.3g}", s.n])
+    if result.localisation is not None:
+        from fgcli.evaluate.localisation import csv_rows
+
+        out += csv_rows(result.localisation)
     return out
 
 
@@ -98,7 +105,8 @@ def plot(result: EvalResult) -> bytes:
     import matplotlib.pyplot as plt
 
     metrics = list(next(iter(result.results.values())).keys())
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
+    panels = len(metrics) + (result.localisation is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
     palette = plt.get_cmap("tab20").colors  # 20 distinct colours: no method shares one
     for ax, metric in zip(axes[0], metrics):
         ax.set_prop_cycle(color=[palette[(2 * i) % 20 + (2 * i) // 20]
@@ -132,6 +140,10 @@ def plot(result: EvalResult) -> bytes:
             ax.set_title(f"{metric} (AUC, {better} is better)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    if result.localisation is not None:
+        from fgcli.evaluate.localisation import draw
+
+        draw(axes[0][-1], result.localisation)
     fig.suptitle(f"{result.model}: {len(result.images)} images, mean ± standard error")
     fig.tight_layout()
     buf = io.BytesIO()

@@ -41,12 +41,16 @@ class EvalConfig:
     samples: int = 25
     seed: int = 0
     layers: str | None = None
+    boxes: str | None = None  # --boxes / --masks: pointing game and energy per method
+    masks: str | None = None  # (fgcli.evaluate.localisation)
+    point_tolerance: float = 15.0  # pixels (Zhang et al. 2016)
     command: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         from fgcli.evaluate.methods import parse_methods
 
-        check_not_blank({"--out": self.out, "--target": self.target, "--layers": self.layers})
+        check_not_blank({"--out": self.out, "--target": self.target, "--layers": self.layers,
+                         "--boxes": self.boxes, "--masks": self.masks})
         if "" in self.inputs:
             raise UsageError("an input is an empty path; give a file or a directory")
 
@@ -66,6 +70,9 @@ class EvalConfig:
         checks = [(self.steps >= 1, "--steps must be >= 1"),
                   (self.batch_size >= 1, "--batch-size must be >= 1"),
                   (self.samples >= 1, "--samples must be >= 1"),
+                  (self.point_tolerance >= 0, "--point-tolerance must be >= 0"),
+                  (self.boxes is None or self.masks is None,
+                   "--boxes and --masks exclude each other: give one annotation source"),
                   (bool(self.inputs), "give the images to evaluate on (two or more)"),
                   (bool(self.spec.model.strip()), "--model is required")]
         for ok, message in checks:
@@ -99,6 +106,8 @@ class EvalResult:
     curves_se: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # --boxes / --masks: fgcli.evaluate.localisation.Localiser.result(), else None
+    localisation: dict[str, Any] | None = None
 
 
 def summarise(values: np.ndarray) -> Summary:
@@ -173,9 +182,11 @@ def _too_few(found: int, usable: int, failed: list[tuple[str, str]]) -> None:
 def _evaluate(cfg: EvalConfig, progress: Callable[[int, int], None] | None,
               on_failure: Callable[[str, str], None] | None) -> EvalResult:
     """:func:`run_eval` once the output place is known to be writable."""
+    from fgcli.evaluate.localisation import add_batch
     from fgcli.models.sources.usercode import FORWARD_HINT, user_code
 
     started = time.perf_counter()
+    annotations = _annotations(cfg)  # a malformed file: refused before the model loads
     items, failed = _readable(cfg, on_failure)
 
     def fail(path: str, reason: str) -> None:
@@ -185,14 +196,21 @@ def _evaluate(cfg: EvalConfig, progress: Callable[[int, int], None] | None,
 
     setup = _Setup(cfg)
     tally = _Tally(cfg)
+    localiser = _localiser(cfg, annotations, setup)
     done = 0
     for batch in setup.batches(items, fail):
         if batch.x is None:
             continue
         paths = [items[s.index].path for s in batch.samples]
+        kept: list[Any] | None = None if localiser is None else []
         with user_code(f"model {cfg.spec.model}", "computing a batch", FORWARD_HINT):
             scores, reasons = _score_batch(cfg, setup.model, setup.methods,
-                                           batch.x.to(setup.device), setup.fixed, setup.norm)
+                                           batch.x.to(setup.device), setup.fixed, setup.norm,
+                                           kept)
+        for images, targets, maps in kept or ():
+            chosen = [batch.samples[j] for j in images]
+            add_batch(localiser, chosen, [items[c.index].key for c in chosen],
+                      [items[c.index].path for c in chosen], targets, maps)
         for path, reason in zip(paths, reasons):
             if reason is not None:  # left out, like an unreadable image
                 fail(path, reason)
@@ -202,8 +220,30 @@ def _evaluate(cfg: EvalConfig, progress: Callable[[int, int], None] | None,
             progress(done, len(items))
     if len(tally.evaluated) < 2:
         _too_few(len(tally.evaluated) + len(failed), len(tally.evaluated), failed)
-    return tally.result(cfg, setup.loaded.config.weights, failed,
-                        time.perf_counter() - started)
+    result = tally.result(cfg, setup.loaded.config.weights, failed,
+                          time.perf_counter() - started)
+    result.localisation = None if localiser is None else localiser.result()
+    return result
+
+
+def _annotations(cfg: EvalConfig) -> Any:
+    """--boxes / --masks read (UsageError naming a malformed file), or None."""
+    if cfg.boxes is None and cfg.masks is None:
+        return None
+    from fgcli.audit.annotations import read_annotations
+
+    return read_annotations(boxes=cfg.boxes, masks=cfg.masks)
+
+
+def _localiser(cfg: EvalConfig, annotations: Any, setup: _Setup) -> Any:
+    """The pointing game and energy tally of every method, or None without annotations."""
+    if annotations is None:
+        return None
+    from fgcli.evaluate.localisation import Localiser
+
+    config = setup.loaded.config
+    return Localiser(annotations, config.categories, config.num_classes,
+                     cfg.point_tolerance, list(setup.methods))
 
 
 class _Setup:
@@ -298,12 +338,13 @@ def _nonfinite_rows(t: Any) -> list[bool]:
 
 
 def _score_batch(cfg: EvalConfig, model: Any, methods: dict[str, Any], x: Any,
-                 fixed: int | None, norm: Any
+                 fixed: int | None, norm: Any, kept: list[Any] | None = None
                  ) -> tuple[dict[str, dict[str, tuple[np.ndarray, Any]]], list[str | None]]:
     """Every method's metric values for one batch: method -> metric -> (per-image values,
     per-image curves or None), over the images whose reason is None. An image whose
     logits, any method's map or any score are NaN or infinite gets a reason instead and is
-    left out of every method (so every method is averaged over the same images)."""
+    left out of every method (so every method is averaged over the same images).
+    ``kept``: gets (batch positions, targets, method -> their maps) of those images."""
     import torch
 
     from fgcli.models.outputs import extract_logits, nonfinite_logit
@@ -333,7 +374,13 @@ def _score_batch(cfg: EvalConfig, model: Any, methods: dict[str, Any], x: Any,
         for i, bad in enumerate(_nonfinite_rows(maps[name])):
             if bad and reasons[keep[i]] is None:
                 reasons[keep[i]] = f"non-finite {name} map"
-    return _metric_values(cfg, model, x, logits, fixed, norm, maps, keep, reasons), reasons
+    scores = _metric_values(cfg, model, x, logits, fixed, norm, maps, keep, reasons)
+    rows = [i for i, j in enumerate(keep) if reasons[j] is None]
+    if kept is not None and rows and maps:
+        images = [keep[i] for i in rows]
+        targets = logits[images].argmax(1).tolist() if fixed is None else [fixed] * len(rows)
+        kept.append((images, targets, {name: m[rows] for name, m in maps.items()}))
+    return scores, reasons
 
 
 def _metric_values(cfg: EvalConfig, model: Any, x: Any, logits: Any, fixed: int | None,
