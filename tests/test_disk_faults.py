@@ -109,14 +109,14 @@ def test_an_io_error_on_one_image_fails_that_image_only(photos, tmp_path):
 
 def test_full_disk_on_the_manifest_keeps_it_whole(photos, tmp_path):
     out = tmp_path / "out"
-    with full_disk("*/manifest.jsonl", after=1500) as fault:  # 3 lines and a part
+    with full_disk("*/manifest.jsonl", after=2000) as fault:  # 3 lines (~600 B) and a part
         result = dump(photos, out)
     assert fault.failed
     assert result.exit_code == 2
     assert stderr_lines(result) == [f"fullgrad: error: no space left on device writing "
                                     f"{out}/manifest.jsonl"]
     assert len(strict_lines(out / "manifest.jsonl")) == 3  # whole lines only
-    assert (out / "manifest.jsonl").stat().st_size < 1500
+    assert (out / "manifest.jsonl").stat().st_size < 2000
     assert_resumable(photos, out)
 
 

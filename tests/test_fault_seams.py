@@ -91,7 +91,7 @@ def test_a_second_signal_while_draining_keeps_the_lines_of_finished_writes():
     run = WriteBack(None, ledger.cfg, ledger, writers=1)  # records kept, as for a Ray actor
     done = [Future() for _ in range(3)]
     for i, fut in enumerate(done):
-        fut.set_result({"map": f"maps/{i}.npy"})
+        fut.set_result(({"map": f"maps/{i}.npy"}, {}))  # (outputs, record fields)
     hanging: Future = Future()  # a write still running when the second signal comes
     records = [{"key": str(i), "status": "ok"} for i in range(4)]
     from collections import deque
