@@ -94,10 +94,10 @@ STATS = ("peak_x", "peak_y", "com_x", "com_y", "concentration", "entropy", "bord
          "centre")
 
 
-def add_audit(tree: Path, seed: int = 0, every: int = 1) -> list[dict[str, Any]]:
-    """Give the tree's ok records ``stats`` and (most of them) ``objects`` as a dump
-    with --boxes writes them (spec20.md), hand-made and seeded: every ``every``-th ok
-    record only (the others stay as an older tree's); returns the new records."""
+def add_audit(tree: Path, seed: int = 0, without: int = 0) -> list[dict[str, Any]]:
+    """Give the tree's ok records ``stats`` and (3 in 4 of them) ``objects`` as a dump
+    with --boxes writes them (spec20.md), hand-made and seeded; every ``without``-th ok
+    record keeps neither (as in an older tree); returns the new records."""
     rng = random.Random(seed)
     recs = manifest(tree)
     matches = ("class", "any", "absent", None)
@@ -106,7 +106,7 @@ def add_audit(tree: Path, seed: int = 0, every: int = 1) -> list[dict[str, Any]]
         if rec["status"] != "ok":
             continue
         n += 1
-        if (n - 1) % every:
+        if without and n % without == 0:
             continue
         rec["stats"] = {
             "peak_x": rng.randrange(300) + 0.5, "peak_y": rng.randrange(200) + 0.5,
