@@ -22,6 +22,10 @@ COUNTS = ("records", "located", "hits", "absent")
 NUMBERS = ("pointing", "pointing_se", "energy", "energy_se")
 
 
+class MalformedReport(Exception):
+    """report.json is not what ``fullgrad report`` writes (one line: what is wrong)."""
+
+
 def class_view(root: Path) -> tuple[dict[str, Any] | None, list[str]]:
     """The class view's data (None without a usable report.json) and warnings (one
     line each, naming the file)."""
@@ -31,7 +35,7 @@ def class_view(root: Path) -> tuple[dict[str, Any] | None, list[str]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         view = _view(data)
-    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeError are ValueErrors
+    except (OSError, ValueError, MalformedReport) as err:  # ValueError: JSON, UTF-8
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         return None, [f"{path}: {reason}; the gallery has no class view"]
     warnings = []
@@ -45,14 +49,15 @@ def class_view(root: Path) -> tuple[dict[str, Any] | None, list[str]]:
 
 
 def _view(data: Any) -> dict[str, Any]:
-    """Check and compact a parsed report.json; ValueError (one line) when malformed."""
+    """Check and compact a parsed report.json; MalformedReport (one line) when it is not
+    schema 1's shape."""
     if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
+        raise MalformedReport("not a JSON object")
     if data.get("schema") != 1:
-        raise ValueError(f"schema {data.get('schema')!r}, expected 1")
+        raise MalformedReport(f"schema {data.get('schema')!r}, expected 1")
     classes = data.get("classes")
     if not isinstance(classes, list):
-        raise ValueError("'classes' is not a list")
+        raise MalformedReport("'classes' is not a list")
     return {"classes": [_class(i, c) for i, c in enumerate(classes)],
             "grid": _grid(data.get("grid")),
             **{k: _count(data, k, k) for k in ("records", "images", "failed")}}
@@ -62,25 +67,25 @@ def _class(i: int, c: Any) -> dict[str, Any]:
     """One class's row of the view."""
     where = f"classes[{i}]"
     if not isinstance(c, dict):
-        raise ValueError(f"{where} is not an object")
+        raise MalformedReport(f"{where} is not an object")
     target = c.get("target")
     if not _is_int(target):
-        raise ValueError(f"{where}.target is not an integer")
+        raise MalformedReport(f"{where}.target is not an integer")
     name = c.get("name")
     if name is not None and not isinstance(name, str):
-        raise ValueError(f"{where}.name is not a string")
+        raise MalformedReport(f"{where}.name is not a string")
     row: dict[str, Any] = {"target": target, "name": name}
     row.update({k: _count(c, k, f"{where}.{k}") for k in COUNTS})
     row.update({k: _number(c.get(k), f"{where}.{k}") for k in NUMBERS})
     for part in ("mean", "std"):
         values = c.get(part) or {}
         if not isinstance(values, dict):
-            raise ValueError(f"{where}.{part} is not an object")
+            raise MalformedReport(f"{where}.{part} is not an object")
         row[part] = [_number(values.get(s), f"{where}.{part}.{s}") for s in STATS]
     tile = c.get("tile")
     if tile is not None and not (isinstance(tile, list) and len(tile) == 2 and all(
             _is_int(t) and t >= 0 for t in tile)):
-        raise ValueError(f"{where}.tile is not [row, column]")
+        raise MalformedReport(f"{where}.tile is not [row, column]")
     row["tile"] = tile
     return row
 
@@ -90,15 +95,15 @@ def _grid(grid: Any) -> dict[str, Any] | None:
     if grid is None:
         return None
     if not isinstance(grid, dict):
-        raise ValueError("'grid' is not an object or null")
+        raise MalformedReport("'grid' is not an object or null")
     file, tile, columns = grid.get("file"), grid.get("tile"), grid.get("columns")
     if not isinstance(file, str) or not file:
-        raise ValueError("grid.file is not a file name")
+        raise MalformedReport("grid.file is not a file name")
     rel = PurePosixPath(file)
     if rel.is_absolute() or ".." in rel.parts or "\\" in file:
-        raise ValueError(f"grid.file {file!r} leads outside {REPORT_DIR}/")
+        raise MalformedReport(f"grid.file {file!r} leads outside {REPORT_DIR}/")
     if not (_is_int(tile) and tile > 0 and _is_int(columns) and columns > 0):
-        raise ValueError("grid.tile and grid.columns are not positive integers")
+        raise MalformedReport("grid.tile and grid.columns are not positive integers")
     return {"file": f"{REPORT_DIR}/{rel.as_posix()}", "tile": tile, "columns": columns}
 
 
@@ -112,7 +117,7 @@ def _count(obj: dict[str, Any], key: str, where: str) -> int | None:
     if x is None:
         return None
     if not _is_int(x) or x < 0:
-        raise ValueError(f"{where} is not a count")
+        raise MalformedReport(f"{where} is not a count")
     return int(x)
 
 
@@ -121,5 +126,5 @@ def _number(x: Any, where: str) -> float | None:
     if x is None:
         return None
     if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise ValueError(f"{where} is not a number")
+        raise MalformedReport(f"{where} is not a number")
     return sig(x, AUDIT_DIGITS)
