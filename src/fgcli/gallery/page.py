@@ -5,14 +5,15 @@ page opened from ``file://`` may not ``fetch`` files beside it:
 
 * ``gallery/data.js``: one compact array per image (key, status, original, error and
   one row per --topk rank: id, rank, class, probability, logit, residual, output stem,
-  which outputs exist, the map's statistics and pointing game). Originals at ``originalPrefix + key`` are stored as 1, stems
+  which outputs exist, the map's statistics and pointing game). Originals at
+  ``originalPrefix + key`` are stored as 1, stems
   equal to the key as null; an original whose name is not UTF-8 as ``{href, text}``
   (its bytes percent-encoded, and :func:`fgcli.names.text`). About 95 bytes an image,
   handed over as one ``JSON.parse`` string (faster than an object literal): 100,000
   images are 9 MB, parsed in ~0.5 s.
   The grid shows one page of cards at a time. The map statistics (``stats``) and the
   pointing game (``objects.hit``, ``objects.energy``) add ~60 bytes an image when the
-  records have them (4 significant digits; docs/gallery-bench.md).
+  records have them (4 significant digits; 99 -> 160 bytes, docs/gallery-bench.md).
   With ``OUT/report/report.json`` (``fullgrad report``), its classes too (:mod:`.classes`).
 * ``gallery/records/NNNNN.js``: the full manifest records and decomposition terms of
   CHUNK entries each, loaded when the detail view opens one of them.

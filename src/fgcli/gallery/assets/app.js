@@ -92,7 +92,9 @@
   }
 
   function auditText(kind, v) {
-    if (auditIndex(kind) === HIT) return v === null ? "–" : { 1: "hit", 0: "miss", "-1": "absent" }[v];
+    if (auditIndex(kind) === HIT) {
+      return v === null ? "–" : { 1: "hit", 0: "miss", "-1": "absent" }[v];
+    }
     return num(v, 4);
   }
 
@@ -327,6 +329,7 @@
     const wasOpen = detailAt >= 0;
     detailAt = position;
     detailRank = rank || 0;
+    notice("");
     showDetail();
     $("detail").hidden = false;
     writeHash(wasOpen);
@@ -402,7 +405,7 @@
     }
     if (detailAt >= 0 && view[detailAt] === index && detailRank === rank) return;
     if (!view.includes(index)) resetFilters();  // the link shows it in the whole gallery
-    if (detailAt < 0) backOnClose = false;
+    backOnClose = false;  // this history entry is the link's: closing clears its hash
     detailAt = view.indexOf(index);
     detailRank = rank;
     showDetail();
@@ -454,7 +457,9 @@
     const recordBox = el("pre", { class: "record", id: "detail-record", text: "loading…" });
     const chart = el("div", { class: "chart", id: "detail-chart" });
     const audit = el("div", { class: "audit", id: "detail-audit" });
-    if (data.audit.stats || data.audit.objects) body.append(el("h3", { text: "Statistics" }), audit);
+    if (data.audit.stats || data.audit.objects) {
+      body.append(el("h3", { text: "Statistics" }), audit);
+    }
     body.append(el("h3", { text: "Decomposition" }), chart,
                 el("h3", { text: "Manifest record" }), recordBox);
     const id = e ? e[0] : null;
@@ -482,7 +487,8 @@
     const stats = record.stats && typeof record.stats === "object" ? record.stats : null;
     const objects = record.objects && typeof record.objects === "object" ? record.objects : null;
     if (!stats && !objects) {
-      return el("p", { text: "No statistics in this record (written before fgcli recorded them)." });
+      return el("p", { text: "No statistics in this record (written before fgcli " +
+                             "recorded them)." });
     }
     const table = el("table", { class: "kv" });
     const row = (name, value) => table.append(el("tr", { "data-field": name },
@@ -661,7 +667,9 @@
       const c = report.classes[i];
       const tr = el("tr", { class: "class-row", "data-target": c.target, tabindex: 0 },
                     el("td", {}, classTile(c)));
-      for (const col of cols) tr.append(el("td", { text: col[2](c), title: col[3] ? col[3](c) : null }));
+      for (const col of cols) {
+        tr.append(el("td", { text: col[2](c), title: col[3] ? col[3](c) : null }));
+      }
       tr.addEventListener("click", () => showClass(c));
       tr.addEventListener("keydown", (ev) => { if (ev.key === "Enter") showClass(c); });
       body.append(tr);
@@ -679,7 +687,8 @@
     const option = index < 0 ? null : $("class-filter").querySelector(`option[value="${index}"]`);
     showView("images");
     if (!option) {
-      notice(`No image's top map is of class ${c.name === null ? c.target : c.name} in this gallery.`);
+      const name = c.name === null ? c.target : c.name;
+      notice(`No image's top map is of class ${name} in this gallery.`);
       return;
     }
     notice("");
