@@ -241,8 +241,8 @@ def test_gallery_without_decomp_says_there_will_be_no_chart(tmp_path):
     out, result = real_tree(tmp_path, "--save", "heatmap,overlay", "--gallery")
     assert result.exit_code == 1  # the broken file
     notes = [line for line in result.output.splitlines() if "--gallery without" in line]
-    assert notes == ["fullgrad: warning: --gallery without decomp in --save: the detail view "
-                     "will have no decomposition chart (--save heatmap,overlay,map,decomp)"]
+    assert notes == [("fullgrad: warning: --gallery without decomp in --save: the detail view "
+                      "will have no decomposition chart (--save heatmap,overlay,map,decomp)")]
     data = page_data(out)
     assert data["layers"] == [] and (out / "index.html").is_file()
     assert all(not e[8] & 8 for row in data["images"] for e in row[4])  # no decomp bit

@@ -226,6 +226,11 @@ def test_sorting_filtering_search_and_pages_change_the_grid(page, big_tree):
     recs = manifest(big_tree)
     keys = sorted(r["key"] for r in recs)
     assert card_keys(page) == keys[:100]  # path order, one page of 100 cards
+    # records without statistics (an older dump): no statistic to sort or filter by
+    assert not page.find_element(By.ID, "range-controls").is_displayed()
+    assert not page.find_element(By.ID, "pointing-label").is_displayed()
+    assert page.execute_script("return Array.from(document.querySelectorAll('#sort option'))"
+                               ".map(o => o.value)") == ["path", "prob", "residual", "class"]
     page.find_element(By.CSS_SELECTOR, "#pager-top .next").click()
     wait(page, lambda: card_keys(page) == keys[100:200])
 
@@ -425,6 +430,13 @@ def test_deep_links_open_the_detail_view_and_follow_hash_changes(page, audit_tre
         page.refresh()  # a load, not only a hash change
         wait(page, lambda k=key: shows(k, 1))
         assert not page.find_element(By.ID, "notice").is_displayed()
+    page.get(index.resolve().as_uri() + "#image=missing%20%231.png")  # on load
+    page.refresh()
+    wait(page, lambda: page.execute_script("return document.body.dataset.ready === '1'"))
+    notice = page.find_element(By.ID, "notice")
+    assert notice.is_displayed() and '"missing #1.png"' in notice.text
+    assert not page.find_element(By.ID, "detail").is_displayed()
+    assert len(card_keys(page)) == len({r["key"] for r in recs})  # the page works
     page.get(index.resolve().as_uri() + "#image=" + quote(UNICODE, safe="") + "&rank=2")
     page.refresh()
     wait(page, lambda: shows(UNICODE, 2))
@@ -432,8 +444,17 @@ def test_deep_links_open_the_detail_view_and_follow_hash_changes(page, audit_tre
     cell = page.find_element(By.CSS_SELECTOR, '#detail-audit tr[data-field="border"] td')
     assert cell.text == str(want["stats"]["border"])
 
-    # a hash change (a pasted link, the JavaScript way of writing it) opens another image
+    # a hash change (a pasted link, the JavaScript way of writing it) opens another image,
+    # also one the filters hide (they are cleared)
+    page.find_element(By.ID, "detail-close").click()
+    page.find_element(By.ID, "search").send_keys("no such image")
+    wait(page, lambda: card_keys(page) == [])
     page.execute_script("location.hash = 'image=' + encodeURIComponent(arguments[0])", ODD)
+    wait(page, lambda: shows(ODD, 1))
+    assert page.find_element(By.ID, "search").get_attribute("value") == ""
+    page.find_element(By.ID, "detail-next").click()  # ← → move through the whole gallery
+    wait(page, lambda: page.find_element(By.ID, "detail-title").text != ODD)
+    page.find_element(By.ID, "detail-prev").click()
     wait(page, lambda: shows(ODD, 1))
     page.execute_script("location.hash = 'image=no%20such.png'")
     wait(page, lambda: page.find_element(By.ID, "notice").is_displayed())
