@@ -126,10 +126,12 @@ def add_audit(tree: Path, seed: int = 0, without: int = 0) -> list[dict[str, Any
     return recs
 
 
-def write_report(tree: Path, tile: int = 8, columns: int = 3) -> dict[str, Any]:
+def write_report(tree: Path, tile: int = 8, columns: int = 3, gap: int | None = None,
+                 label: int | None = None) -> dict[str, Any]:
     """A report/report.json (schema 1, spec20.md) over the tree's ok records, with a
-    class_means.png of solid tiles (class i: gray level 40 * i), and report/index.html;
-    returns the report."""
+    class_means.png of solid tiles (class i: gray level 40 * i + 20) ``gap`` pixels apart
+    with a ``label`` band (black) below each (None: no such key in grid, as 0), and
+    report/index.html; returns the report."""
     from PIL import Image as PILImage
 
     by_class: dict[int, list[dict[str, Any]]] = {}
@@ -153,10 +155,11 @@ def write_report(tree: Path, tile: int = 8, columns: int = 3) -> dict[str, Any]:
             "absent": sum(1 for r in recs if (r.get("objects") or {}).get("match") == "absent"),
             "tile": [i // columns, i % columns]})
     rows = -(-len(classes) // columns)
-    grid = PILImage.new("L", (columns * tile, rows * tile))
+    g, band = gap or 0, label or 0
+    grid = PILImage.new("L", (g + columns * (tile + g), g + rows * (tile + band + g)))
     for i in range(len(classes)):
-        grid.paste(40 * i % 256, (i % columns * tile, i // columns * tile,
-                                  (i % columns + 1) * tile, (i // columns + 1) * tile))
+        x, y = g + i % columns * (tile + g), g + i // columns * (tile + band + g)
+        grid.paste((40 * i + 20) % 256, (x, y, x + tile, y + tile))
     folder = tree / "report"
     folder.mkdir(exist_ok=True)
     grid.save(folder / "class_means.png")
@@ -164,7 +167,9 @@ def write_report(tree: Path, tile: int = 8, columns: int = 3) -> dict[str, Any]:
     report = {"schema": 1, "records": sum(c["records"] for c in classes),
               "images": len({r["key"] for r in manifest(tree)}), "failed": 0,
               "stats": list(STATS), "classes": classes,
-              "grid": {"file": "class_means.png", "tile": tile, "columns": columns},
+              "grid": {"file": "class_means.png", "tile": tile, "columns": columns,
+                       **({} if gap is None else {"gap": gap}),
+                       **({} if label is None else {"label": label})},
               "lists": {"border": [], "energy": [], "misses": []}}
     (folder / "report.json").write_text(json.dumps(report))
     return report

@@ -319,7 +319,8 @@ def test_the_report_classes_are_embedded(audit_copy):
     report = build_gallery(audit_copy)
     assert report.warnings == [] and report.classes == len(written["classes"]) > 3
     view = page_data(audit_copy)["report"]
-    assert view["grid"] == {"file": "report/class_means.png", "tile": 8, "columns": 3}
+    assert view["grid"] == {"file": "report/class_means.png", "tile": 8, "columns": 3,
+                            "gap": 0, "label": 0}  # spec20.md's grid: no gap, no label
     assert view["index"] == "report/index.html" and view["records"] == written["records"]
     for got, want in zip(view["classes"], written["classes"], strict=True):
         assert got["target"] == want["target"] and got["name"] == want["name"]
@@ -353,6 +354,8 @@ def test_the_report_classes_are_embedded(audit_copy):
      "leads outside report/"),
     ('{"schema": 1, "classes": [], "grid": {"file": "g.png", "tile": 0, "columns": 2}}',
      "not positive integers"),
+    (('{"schema": 1, "classes": [], "grid": {"file": "g.png", "tile": 8, "columns": 2, '
+      '"gap": -1}}'), "grid.gap and grid.label are not counts of pixels"),
 ])
 def test_a_malformed_report_json_is_a_warning_not_a_failure(tmp_path, tree, text, reason):
     copy = tmp_path / "t"

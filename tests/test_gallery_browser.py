@@ -173,7 +173,7 @@ def audit_tree(topk_tree, tmp_path_factory) -> Path:
     recs += [dict(r, key=UNICODE) for r in recs if r["key"] == "chelsea.png"]
     (tree / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     add_audit(tree)
-    write_report(tree)
+    write_report(tree, gap=2, label=3)  # as `fullgrad report` draws it: labels below tiles
     assert cli("gallery", str(tree), "-q").exit_code == 0
     return tree
 
@@ -509,9 +509,18 @@ def test_class_view_lists_the_report_classes_and_a_click_filters(page, audit_tre
              and c["located"])
     row = page.find_element(By.CSS_SELECTOR, f'#class-table tr[data-target="{c["target"]}"]')
     tile = row.find_element(By.CSS_SELECTOR, ".tile")
+    row_at, col_at = c["tile"]
     assert tile.value_of_css_property("background-position") == (
-        f"{-8 * c['tile'][1]}px {-8 * c['tile'][0]}px")
+        f"{-(2 + 10 * col_at)}px {-(2 + 13 * row_at)}px")  # gap 2, tile 8, label 3
     assert "class_means.png" in tile.value_of_css_property("background-image")
+    # the offset lands on the class's own square of the grid image (one gray level each)
+    from PIL import Image
+
+    x, y = (-int(v.removesuffix("px")) for v in
+            tile.value_of_css_property("background-position").split())
+    with Image.open(audit_tree / "report" / "class_means.png") as grid:
+        square = grid.crop((x, y, x + 8, y + 8)).getcolors()
+    assert square == [(64, 40 * report["classes"].index(c) + 20)]
     assert f"{c['hits']} hits of {c['located']}" in row.find_elements(
         By.TAG_NAME, "td")[4].get_attribute("title")
     row.click()

@@ -91,7 +91,9 @@ def _class(i: int, c: Any) -> dict[str, Any]:
 
 
 def _grid(grid: Any) -> dict[str, Any] | None:
-    """The class-mean grid: its file (relative to the tree), tile size and columns."""
+    """The class-mean grid: its file (relative to the tree), tile size, columns, and the
+    optional ``gap`` between tiles and ``label`` band below each (0 when absent): the
+    tile at [row, col] starts at (gap + col (tile + gap), gap + row (tile + label + gap))."""
     if grid is None:
         return None
     if not isinstance(grid, dict):
@@ -104,7 +106,11 @@ def _grid(grid: Any) -> dict[str, Any] | None:
         raise MalformedReport(f"grid.file {file!r} leads outside {REPORT_DIR}/")
     if not (_is_int(tile) and tile > 0 and _is_int(columns) and columns > 0):
         raise MalformedReport("grid.tile and grid.columns are not positive integers")
-    return {"file": f"{REPORT_DIR}/{rel.as_posix()}", "tile": tile, "columns": columns}
+    gap, label = grid.get("gap", 0), grid.get("label", 0)
+    if not (_is_int(gap) and gap >= 0 and _is_int(label) and label >= 0):
+        raise MalformedReport("grid.gap and grid.label are not counts of pixels")
+    return {"file": f"{REPORT_DIR}/{rel.as_posix()}", "tile": tile, "columns": columns,
+            "gap": gap, "label": label}
 
 
 def _is_int(x: Any) -> bool:

@@ -636,10 +636,11 @@
   function classTile(c) {
     const g = data.report.grid;
     if (!g || !c.tile) return el("div", { class: "tile none" });
-    const [row, col] = c.tile;
+    const [row, col] = c.tile;  // its top-left pixel in the grid image:
+    const x = g.gap + col * (g.tile + g.gap), y = g.gap + row * (g.tile + g.label + g.gap);
     return el("div", { class: "tile", role: "img", "aria-label": `class mean of ${c.name}`,
       style: `width:${g.tile}px;height:${g.tile}px;background-image:url("${url(g.file)}");` +
-             `background-position:${-col * g.tile}px ${-row * g.tile}px` });
+             `background-position:${-x}px ${-y}px` });
   }
 
   function renderClasses() {
