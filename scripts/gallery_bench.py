@@ -8,7 +8,11 @@ folders (``class_017/img_00042.jpg`` keys), with manifest lines in the real sche
 failed lines with a real error string and no outputs; 1 image in 100 also has the real
 ``decomp/*.npz``, and its record the real numbers that go with it), a run.json adapted
 from the real one, and the inputs as hard links to the example photos (so the detail
-view finds an original, as it would after a real dump).
+view finds an original, as it would after a real dump). With ``--audit`` the ok records
+also carry the map statistics (``stats``) and, 3 in 4, a pointing game (``objects``), as
+a dump with ``--boxes`` writes them (values drawn from a second seeded generator, so the
+tree is otherwise the same), and the interactions add a sort and a range filter by a
+statistic.
 
 Measured:
 
@@ -33,6 +37,7 @@ disk.
 
     OMP_WAIT_POLICY=PASSIVE python scripts/gallery_bench.py --images 20000 --runs 3
     OMP_WAIT_POLICY=PASSIVE python scripts/gallery_bench.py --images 100000 --runs 1
+    OMP_WAIT_POLICY=PASSIVE python scripts/gallery_bench.py --images 20000 --runs 1 --audit
 """
 
 from __future__ import annotations
@@ -107,9 +112,31 @@ def _link(src: Path, dest: Path) -> None:
         os.symlink(src, dest)
 
 
-def build_tree(out: Path, n: int, cache: Path, seed: int = 0) -> dict[str, Any]:
+def audit_fields(rng: random.Random, names: list[str]) -> dict[str, Any]:
+    """A record's ``stats`` and (3 in 4) ``objects`` as the dump writes them: a 500x375
+    image seen at 224x224, 6 significant digits."""
+    def six(x: float) -> float:
+        return float(f"{x:.6g}")
+
+    w, h = 500, 375
+    stats = {"peak_x": six((rng.randrange(224) + 0.5) * w / 224),
+             "peak_y": six((rng.randrange(224) + 0.5) * h / 224),
+             "com_x": six(rng.uniform(0.2, 0.8) * w), "com_y": six(rng.uniform(0.2, 0.8) * h),
+             "concentration": six(rng.uniform(0.02, 0.4)), "entropy": six(rng.uniform(0.5, 1)),
+             "border": six(rng.betavariate(2, 8)), "centre": six(rng.betavariate(5, 3))}
+    out: dict[str, Any] = {"stats": stats}
+    if rng.random() < 0.75:
+        hit = rng.random() < 0.6
+        out["objects"] = {"source": "boxes", "match": "class", "boxes": rng.randrange(1, 4),
+                          "hit": hit, "energy": six(rng.random()), "box": 0 if hit else None,
+                          "label": rng.choice(names) if hit else None, "tolerance": 15.0}
+    return out
+
+
+def build_tree(out: Path, n: int, cache: Path, seed: int = 0,
+               audit: bool = False) -> dict[str, Any]:
     """Write the synthetic tree of ``n`` images to ``out`` (replacing it) and its inputs
-    to ``out.photos``; returns counts."""
+    to ``out.photos``; returns counts. ``audit``: records with statistics and objects."""
     real = cache / "real"
     records = [json.loads(line) for line in
                (real / "manifest.jsonl").read_text(encoding="utf-8").splitlines() if line]
@@ -122,6 +149,7 @@ def build_tree(out: Path, n: int, cache: Path, seed: int = 0) -> dict[str, Any]:
     run = json.loads((real / "run.json").read_text(encoding="utf-8"))
     names = class_names(cache)
     rng = random.Random(seed)
+    audit_rng = random.Random(seed + 1)  # the rest of the tree stays the same
 
     inputs = Path(str(out) + ".photos")
     for path in (out, inputs):
@@ -174,6 +202,8 @@ def build_tree(out: Path, n: int, cache: Path, seed: int = 0) -> dict[str, Any]:
                            target_name=names[target], logit=logit, prob=prob,
                            residual=residual, seconds=round(rng.uniform(0.08, 0.3), 6),
                            outputs=outputs)
+                if audit:
+                    rec.update(audit_fields(audit_rng, names))
                 counts["ok"] += 1
             rec["time"] = stamp.isoformat(timespec="milliseconds")
             manifest.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -191,7 +221,8 @@ def build_tree(out: Path, n: int, cache: Path, seed: int = 0) -> dict[str, Any]:
     run["seconds"] = 0.05 * n
     run["counts"] = {k: counts[k] for k in ("ok", "failed", "skipped")}
     run["synthetic"] = (f"gallery_bench.py: {n} images copied from a real dump of "
-                        f"examples/photos; decomp for 1 in {DECOMP_EVERY}")
+                        f"examples/photos; decomp for 1 in {DECOMP_EVERY}"
+                        + ("; with statistics and objects" if audit else ""))
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
     return counts
 
@@ -390,6 +421,8 @@ const done = arguments[arguments.length - 1];
 const $ = (s) => document.querySelector(s);
 if (!$('#detail').hidden) $('#detail-close').click();
 $('#search').value = ''; $('#class-filter').value = ''; $('#status-filter').value = '';
+for (const id of ['#range-stat', '#range-min', '#range-max', '#pointing-filter'])
+  if ($(id)) $(id).value = '';
 $('#sort').value = 'path'; $('#descending').checked = false; $('#page-size').value = '100';
 const finish = () => requestAnimationFrame(() => setTimeout(() => done(
   document.querySelectorAll('.card').length), 0));
@@ -411,7 +444,7 @@ def wait_js(driver: Any, expr: str, timeout: float) -> Any:
         time.sleep(0.01)
 
 
-def browser_run(index: Path, timeout: float) -> dict[str, Any]:
+def browser_run(index: Path, timeout: float, audit: bool = False) -> dict[str, Any]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -486,6 +519,14 @@ def browser_run(index: Path, timeout: float) -> dict[str, Any]:
             "next_page": "$('#pager-top .next').click();",
             "page_size_500": SET % ("#page-size", "'500'", "change"),
         }
+        if audit:  # border: the 7th statistic; 0.1-0.2 holds about a third of the images
+            actions["sort_border_desc"] = (SET % ("#sort", "'stat:6'", "change")).replace(
+                "e.value = 'stat:6';", "e.value = 'stat:6'; $('#descending').checked = true;")
+            actions["range_border"] = (SET % ("#range-stat", "'stat:6'", "change")).replace(
+                "e.value = 'stat:6';",
+                "e.value = 'stat:6'; $('#range-min').value = '0.1'; "
+                "$('#range-max').value = '0.2';")
+            actions["filter_miss"] = SET % ("#pointing-filter", "'miss'", "change")
         for name, code in actions.items():
             driver.execute_async_script(RESET)
             time.sleep(0.3)  # the reset's own render, and its thumbnails start loading
@@ -659,7 +700,11 @@ def report(n: int, runs: int, command: str, version: str, tree: dict[str, Any],
             (f"search \"{SEARCH}\" (one input event)", "search"),
             ("next page", "next_page"),
             ("page size 500", "page_size_500"),
+            ("sort by border, descending (--audit)", "sort_border_desc"),
+            ("filter border in [0.1, 0.2] (--audit)", "range_border"),
+            ("filter pointing = miss (--audit)", "filter_miss"),
         ]
+        inter = [(label, key) for label, key in inter if first.get(key) is not None]
         rows = []
         for label, key in inter:
             rows.append((label + ": grid", col(key), "{:.0f}"))
@@ -738,6 +783,8 @@ def main() -> None:
                     help="Markdown file to write the table into ('' for none)")
     ap.add_argument("--timeout", type=float, default=600, help="page timeout, s")
     ap.add_argument("--no-browser", action="store_true", help="time the build only")
+    ap.add_argument("--audit", action="store_true",
+                    help="records with map statistics and pointing-game fields")
     args = ap.parse_args()
     n = args.images
     out = args.out or Path(f"/tmp/fgcli-gallery-bench-{n}")
@@ -754,7 +801,8 @@ def main() -> None:
     reuse = False
     if args.reuse and (out / "run.json").is_file():
         meta = json.loads((out / "run.json").read_text(encoding="utf-8"))
-        reuse = str(n) + " images" in str(meta.get("synthetic", ""))
+        made = str(meta.get("synthetic", ""))
+        reuse = f"{n} images" in made and ("with statistics" in made) == args.audit
     if reuse:
         counts = {"ok": 0, "failed": 0, "decomp": 0, "seconds": float("nan")}
         for line in (out / "manifest.jsonl").open(encoding="utf-8"):
@@ -766,7 +814,7 @@ def main() -> None:
         real_dump(args.cache)
         class_names(args.cache)
         t = time.perf_counter()
-        counts = build_tree(out, n, args.cache)
+        counts = build_tree(out, n, args.cache, audit=args.audit)
         counts["seconds"] = time.perf_counter() - t
         print(f"tree: {n} images in {counts['seconds']:.1f} s at {out}", flush=True)
 
@@ -792,7 +840,7 @@ def main() -> None:
         pages = []
         if not args.no_browser:
             for k in range(args.runs):
-                pages.append(browser_run(out / "index.html", args.timeout))
+                pages.append(browser_run(out / "index.html", args.timeout, args.audit))
                 print(f"page {k + 1}: {json.dumps(pages[-1])}", flush=True)
         after = gallery_version()
         if after != version:

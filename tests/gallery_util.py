@@ -87,3 +87,89 @@ def stem_of(row: list[Any], entry: list[Any]) -> str:
 def original_of(data: dict[str, Any], row: list[Any]) -> str | None:
     """An image's original, relative to the tree, as the page derives it."""
     return data["originalPrefix"] + row[0] if row[2] == 1 else row[2]
+
+
+# ------------------------------------------------------------- statistics and classes
+STATS = ("peak_x", "peak_y", "com_x", "com_y", "concentration", "entropy", "border",
+         "centre")
+
+
+def add_audit(tree: Path, seed: int = 0, without: int = 0) -> list[dict[str, Any]]:
+    """Give the tree's ok records ``stats`` and (3 in 4 of them) ``objects`` as a dump
+    with --boxes writes them (spec20.md), hand-made and seeded; every ``without``-th ok
+    record keeps neither (as in an older tree); returns the new records."""
+    rng = random.Random(seed)
+    recs = manifest(tree)
+    matches = ("class", "any", "absent", None)
+    n = 0
+    for rec in recs:
+        if rec["status"] != "ok":
+            continue
+        n += 1
+        if without and n % without == 0:
+            continue
+        rec["stats"] = {
+            "peak_x": rng.randrange(300) + 0.5, "peak_y": rng.randrange(200) + 0.5,
+            "com_x": round(rng.uniform(0, 300), 4), "com_y": round(rng.uniform(0, 200), 4),
+            "concentration": round(rng.uniform(0.01, 0.5), 6),
+            "entropy": round(rng.uniform(0.3, 1), 6), "border": round(rng.random() * 0.5, 6),
+            "centre": round(rng.random(), 6)}
+        match = matches[n % 4]
+        if match is None:
+            continue  # no annotation for this image
+        hit = False if match == "absent" else rng.random() < 0.6
+        rec["objects"] = {
+            "source": "boxes", "match": match, "boxes": 1 if match != "absent" else 0,
+            "hit": hit, "energy": 0.0 if match == "absent" else round(rng.random(), 6),
+            "box": 0 if hit else None, "label": "x" if hit else None, "tolerance": 15.0}
+    (tree / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return recs
+
+
+def write_report(tree: Path, tile: int = 8, columns: int = 3, gap: int | None = None,
+                 label: int | None = None) -> dict[str, Any]:
+    """A report/report.json (schema 1, spec20.md) over the tree's ok records, with a
+    class_means.png of solid tiles (class i: gray level 40 * i + 20) ``gap`` pixels apart
+    with a ``label`` band (black) below each (None: no such key in grid, as 0), and
+    report/index.html; returns the report."""
+    from PIL import Image as PILImage
+
+    by_class: dict[int, list[dict[str, Any]]] = {}
+    for rec in manifest(tree):
+        if rec["status"] == "ok":
+            by_class.setdefault(rec["target"], []).append(rec)
+    classes = []
+    for i, (target, recs) in enumerate(sorted(by_class.items())):
+        located = [r["objects"] for r in recs
+                   if r.get("objects") and r["objects"]["match"] != "absent"]
+        hits = sum(o["hit"] for o in located)
+        means = {s: sum(r["stats"][s] for r in recs) / len(recs)
+                 for s in STATS if all("stats" in r for r in recs)}
+        classes.append({
+            "target": target, "name": recs[0]["target_name"], "records": len(recs),
+            "mean": means, "std": {s: 0.1 for s in means}, "located": len(located),
+            "hits": hits, "pointing": hits / len(located) if located else None,
+            "pointing_se": 0.1 if located else None,
+            "energy": (sum(o["energy"] for o in located) / len(located)) if located else None,
+            "energy_se": 0.01 if located else None,
+            "absent": sum(1 for r in recs if (r.get("objects") or {}).get("match") == "absent"),
+            "tile": [i // columns, i % columns]})
+    rows = -(-len(classes) // columns)
+    g, band = gap or 0, label or 0
+    grid = PILImage.new("L", (g + columns * (tile + g), g + rows * (tile + band + g)))
+    for i in range(len(classes)):
+        x, y = g + i % columns * (tile + g), g + i // columns * (tile + band + g)
+        grid.paste((40 * i + 20) % 256, (x, y, x + tile, y + tile))
+    folder = tree / "report"
+    folder.mkdir(exist_ok=True)
+    grid.save(folder / "class_means.png")
+    (folder / "index.html").write_text("<!DOCTYPE html><title>report</title>")
+    report = {"schema": 1, "records": sum(c["records"] for c in classes),
+              "images": len({r["key"] for r in manifest(tree)}), "failed": 0,
+              "stats": list(STATS), "classes": classes,
+              "grid": {"file": "class_means.png", "tile": tile, "columns": columns,
+                       **({} if gap is None else {"gap": gap}),
+                       **({} if label is None else {"label": label})},
+              "lists": {"border": [], "energy": [], "misses": []}}
+    (folder / "report.json").write_text(json.dumps(report))
+    return report

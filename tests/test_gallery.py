@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from gallery_util import (
     ODD,
+    STATS,
+    add_audit,
     cli,
     manifest,
     original_of,
@@ -20,11 +22,13 @@ from gallery_util import (
     real_tree,
     stem_of,
     synthetic_tree,
+    write_report,
 )
 from PIL import Image
 
 from fgcli.gallery import GalleryError, build_gallery
 from fgcli.gallery.collect import decomp_terms
+from fgcli.gallery.page import STATS as PAGE_STATS
 from fgcli.gallery.thumbs import THUMB
 
 
@@ -237,8 +241,142 @@ def test_gallery_without_decomp_says_there_will_be_no_chart(tmp_path):
     out, result = real_tree(tmp_path, "--save", "heatmap,overlay", "--gallery")
     assert result.exit_code == 1  # the broken file
     notes = [line for line in result.output.splitlines() if "--gallery without" in line]
-    assert notes == ["fullgrad: warning: --gallery without decomp in --save: the detail view "
-                     "will have no decomposition chart (--save heatmap,overlay,map,decomp)"]
+    assert notes == [("fullgrad: warning: --gallery without decomp in --save: the detail view "
+                      "will have no decomposition chart (--save heatmap,overlay,map,decomp)")]
     data = page_data(out)
     assert data["layers"] == [] and (out / "index.html").is_file()
     assert all(not e[8] & 8 for row in data["images"] for e in row[4])  # no decomp bit
+
+
+# ------------------------------------------------------------- statistics and classes
+def _sig4(x):
+    return None if x is None else float(f"{x:.4g}")
+
+
+@pytest.fixture()
+def audit_copy(tmp_path, tree) -> Path:
+    """A copy of the tree whose records have statistics and pointing-game fields; every
+    3rd ok record has neither (as an older dump's)."""
+    copy = tmp_path / "t"
+    shutil.copytree(tree, copy)
+    add_audit(copy, without=3)
+    return copy
+
+
+def test_rows_carry_the_statistics_rounded_and_the_pointing_game(audit_copy):
+    report = build_gallery(audit_copy)
+    assert report.warnings == [] and report.classes is None
+    data = page_data(audit_copy)
+    assert data["stats"] == list(STATS) == list(PAGE_STATS)
+    assert data["audit"] == {"stats": True, "objects": True} and data["report"] is None
+    rows = {(row[0], e[1]): e for row in data["images"] for e in row[4]}
+    kinds = set()
+    for rec in manifest(audit_copy):
+        if rec["status"] != "ok":
+            continue
+        entry = rows[rec["key"], rec["rank"]]
+        if "stats" not in rec:  # an older record: no audit array (nor paths here)
+            assert len(entry) == 9
+            kinds.add("none")
+            continue
+        audit = entry[9]
+        assert audit[:8] == [_sig4(rec["stats"][s]) for s in STATS]
+        assert all(v is None or len(f"{abs(v):.10g}".replace(".", "").strip("0")) <= 4
+                   for v in audit[:8])  # 4 significant digits
+        objects = rec.get("objects")
+        if objects is None:
+            assert len(audit) == 8
+            kinds.add("no annotation")
+        else:
+            hit = -1 if objects["match"] == "absent" else int(objects["hit"])
+            assert audit[8:] == [hit, _sig4(objects["energy"])]
+            kinds.add({1: "hit", 0: "miss", -1: "absent"}[hit])
+    assert kinds == {"none", "no annotation", "hit", "miss", "absent"}
+
+
+def test_a_tree_without_statistics_has_no_audit_values(tree):
+    data = page_data(tree)
+    assert data["audit"] == {"stats": False, "objects": False}
+    assert all(len(e) == 9 for row in data["images"] for e in row[4])
+
+
+def test_odd_output_paths_follow_the_audit_values(tmp_path, audit_copy):
+    recs = manifest(audit_copy)
+    rec = next(r for r in recs if r["key"] == "chelsea.png" and r["rank"] == 1)
+    os.replace(audit_copy / rec["outputs"]["overlay"], audit_copy / "overlays" / "elsewhere.jpg")
+    rec["outputs"]["overlay"] = "overlays/elsewhere.jpg"
+    (audit_copy / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    build_gallery(audit_copy)
+    row = next(r for r in page_data(audit_copy)["images"] if r[0] == "chelsea.png")
+    entry = row[4][0]
+    assert entry[9] is None or len(entry[9]) >= 8  # the audit slot, then the odd paths
+    assert entry[10]["heatmap"] == rec["outputs"]["heatmap"]
+    assert "elsewhere" in (entry[7], entry[10].get("overlay"))
+
+
+def test_the_report_classes_are_embedded(audit_copy):
+    written = write_report(audit_copy)
+    report = build_gallery(audit_copy)
+    assert report.warnings == [] and report.classes == len(written["classes"]) > 3
+    view = page_data(audit_copy)["report"]
+    assert view["grid"] == {"file": "report/class_means.png", "tile": 8, "columns": 3,
+                            "gap": 0, "label": 0}  # spec20.md's grid: no gap, no label
+    assert view["index"] == "report/index.html" and view["records"] == written["records"]
+    for got, want in zip(view["classes"], written["classes"], strict=True):
+        assert got["target"] == want["target"] and got["name"] == want["name"]
+        assert got["tile"] == want["tile"] and got["records"] == want["records"]
+        assert got["pointing"] == _sig4(want["pointing"])
+        assert got["energy"] == _sig4(want["energy"])
+        assert got["mean"] == [_sig4(want["mean"].get(s)) for s in STATS]
+        assert got["std"] == [_sig4(want["std"].get(s)) for s in STATS]
+    html = (audit_copy / "index.html").read_text()
+    assert 'id="view-classes"' in html and 'id="class-view"' in html
+    # without report.json: no class view
+    (audit_copy / "report" / "report.json").unlink()
+    assert build_gallery(audit_copy).classes is None
+    assert page_data(audit_copy)["report"] is None
+    assert 'id="class-view"' not in (audit_copy / "index.html").read_text()
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("{not json", "Expecting property name"),
+    ("[]", "not a JSON object"),
+    ('{"schema": 2, "classes": []}', "schema 2, expected 1"),
+    ('{"schema": 1, "classes": {}}', "'classes' is not a list"),
+    ('{"schema": 1, "classes": [{"name": "x"}]}', "classes[0].target is not an integer"),
+    ('{"schema": 1, "classes": [{"target": 1, "records": -1}]}',
+     "classes[0].records is not a count"),
+    ('{"schema": 1, "classes": [{"target": 1, "mean": {"border": "a"}}]}',
+     "classes[0].mean.border is not a number"),
+    ('{"schema": 1, "classes": [{"target": 1, "tile": [0]}]}',
+     "classes[0].tile is not [row, column]"),
+    ('{"schema": 1, "classes": [], "grid": {"file": "../x.png", "tile": 8, "columns": 2}}',
+     "leads outside report/"),
+    ('{"schema": 1, "classes": [], "grid": {"file": "g.png", "tile": 0, "columns": 2}}',
+     "not positive integers"),
+    (('{"schema": 1, "classes": [], "grid": {"file": "g.png", "tile": 8, "columns": 2, '
+      '"gap": -1}}'), "grid.gap and grid.label are not counts of pixels"),
+])
+def test_a_malformed_report_json_is_a_warning_not_a_failure(tmp_path, tree, text, reason):
+    copy = tmp_path / "t"
+    shutil.copytree(tree, copy)
+    (copy / "report").mkdir()
+    path = copy / "report" / "report.json"
+    path.write_text(text)
+    report = build_gallery(copy)
+    assert report.classes is None and len(report.warnings) == 1
+    assert report.warnings[0].startswith(f"{path}: ") and reason in report.warnings[0]
+    assert report.warnings[0].endswith("; the gallery has no class view")
+    assert page_data(copy)["report"] is None
+    result = cli("gallery", str(copy))
+    assert result.exit_code == 0
+    assert f"fullgrad: warning: {path}: " in result.output
+
+
+def test_a_missing_class_mean_grid_leaves_the_view_without_tiles(tmp_path, audit_copy):
+    write_report(audit_copy)
+    (audit_copy / "report" / "class_means.png").unlink()
+    report = build_gallery(audit_copy)
+    assert report.classes and report.warnings == [
+        f"{audit_copy / 'report' / 'class_means.png'}: missing; the class view has no tiles"]
+    assert page_data(audit_copy)["report"]["grid"] is None

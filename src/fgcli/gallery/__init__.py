@@ -9,6 +9,9 @@
     gallery/app.js, style.css  the page's code
     gallery/terms-cache.json   per-layer sums of decomp/*.npz, by file size and mtime
 
+With ``OUT/report/report.json`` (``fullgrad report``) the page also has a class view
+(:mod:`.classes`); a malformed one is a warning, never a failure.
+
 It takes no lock: it reads a snapshot of the manifests (merged and shards), so it can
 show a dump that is still running, and every file it writes is moved into place whole.
 Data flows one way: tree -> :mod:`.collect` -> :mod:`.thumbs` -> :mod:`.page`.
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fgcli.gallery.classes import class_view
 from fgcli.gallery.collect import TERMS_CACHE, TermsCache, collect_images, read_json
 from fgcli.gallery.page import eval_summary, write_page
 from fgcli.gallery.thumbs import ThumbJob, ThumbReport, make_thumbs
@@ -45,7 +49,9 @@ class GalleryReport:
     thumbs: ThumbReport = field(default_factory=ThumbReport)
     decomp_read: int = 0  # decomp files summed (the others came from the cache)
     seconds: float = 0.0
-    warnings: list[str] = field(default_factory=list)  # malformed manifest lines skipped
+    # malformed manifest lines skipped; a report.json ignored
+    warnings: list[str] = field(default_factory=list)
+    classes: int | None = None  # classes in the class view; None: no view
 
 
 def build_gallery(out: str | Path, threads: int | None = None,
@@ -102,7 +108,8 @@ def build_gallery(out: str | Path, threads: int | None = None,
     cache = TermsCache(root / "gallery" / TERMS_CACHE)
     evaluation = eval_summary(root, read_json(root / "eval.json"))
     title = f"fullgrad: {run.get('model', root.name)}" if run else f"fullgrad: {root.name}"
-    maps = write_page(root, images, run, evaluation, cache, title)
+    report, report_warnings = class_view(root)
+    maps = write_page(root, images, run, evaluation, cache, title, report)
     stems = {e.stem for i in images for e in i.entries if e.stem}
     saved = cache.save(stems)
     atomic_write(cache.path, lambda fh: fh.write(saved))
@@ -110,4 +117,5 @@ def build_gallery(out: str | Path, threads: int | None = None,
         index=root / "index.html", images=len(images), maps=maps,
         failed=sum(1 for i in images if i.status == "failed"), thumbs=thumbs,
         decomp_read=cache.opened, seconds=time.perf_counter() - start,
-        warnings=bad.warnings())
+        warnings=bad.warnings() + report_warnings,
+        classes=None if report is None else len(report["classes"]))

@@ -5,12 +5,16 @@ page opened from ``file://`` may not ``fetch`` files beside it:
 
 * ``gallery/data.js``: one compact array per image (key, status, original, error and
   one row per --topk rank: id, rank, class, probability, logit, residual, output stem,
-  which outputs exist). Originals at ``originalPrefix + key`` are stored as 1, stems
+  which outputs exist, the map's statistics and pointing game). Originals at
+  ``originalPrefix + key`` are stored as 1, stems
   equal to the key as null; an original whose name is not UTF-8 as ``{href, text}``
   (its bytes percent-encoded, and :func:`fgcli.names.text`). About 95 bytes an image,
   handed over as one ``JSON.parse`` string (faster than an object literal): 100,000
   images are 9 MB, parsed in ~0.5 s.
-  The grid shows one page of cards at a time.
+  The grid shows one page of cards at a time. The map statistics (``stats``) and the
+  pointing game (``objects.hit``, ``objects.energy``) add ~60 bytes an image when the
+  records have them (4 significant digits; 99 -> 160 bytes, docs/gallery-bench.md).
+  With ``OUT/report/report.json`` (``fullgrad report``), its classes too (:mod:`.classes`).
 * ``gallery/records/NNNNN.js``: the full manifest records and decomposition terms of
   CHUNK entries each, loaded when the detail view opens one of them.
 * ``gallery/app.js``, ``gallery/style.css``: the page's code, copied from the package.
@@ -38,12 +42,20 @@ ASSETS = ("app.js", "style.css")
 MASK = {"overlay": 1, "heatmap": 2, "map": 4, "decomp": 8, "thumb": 16}
 RUN_FIELDS = ("model", "weights", "source", "method", "psi", "layers", "target", "topk",
               "overlay", "device", "host", "finished", "merged", "counts")
+# a record's "stats" keys (fgcli.audit.stats.STAT_NAMES, which imports torch), in the
+# order of an entry row's audit array
+STATS = ("peak_x", "peak_y", "com_x", "com_y", "concentration", "entropy", "border",
+         "centre")
+AUDIT_DIGITS = 4  # significant digits of the statistics in data.js
+# objects.hit in data.js: the pointing game's outcome; "absent": the image has no box of
+# the target's class (hit false, counted apart)
+HIT, MISS, ABSENT = 1, 0, -1
 
 
-def _sig(x: Any, digits: int) -> float | None:
+def sig(x: Any, digits: int) -> float | None:
     """A float rounded to ``digits`` significant digits (compact JSON), None if absent or
-    not finite."""
-    if not isinstance(x, (int, float)) or not math.isfinite(x):
+    not finite (booleans are not numbers here)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
         return None
     return float(f"{x:.{digits}g}")
 
@@ -90,6 +102,8 @@ class _Tables:
     chunks: list[dict[str, Any]] = field(default_factory=list)
     next_id: int = 0
     maps: int = 0
+    stats: bool = False  # some record has statistics
+    objects: bool = False  # some record has the pointing game
     prefix: str | None = None  # originals that are <prefix><key> are stored as 1
 
     def add(self, image: Image) -> None:
@@ -125,21 +139,46 @@ class _Tables:
         if entry.thumb:
             mask |= MASK["thumb"]
         row: list[Any] = [ident, rec.get("rank"), rec.get("target"), cls,
-                          _sig(rec.get("prob"), 4), _sig(rec.get("logit"), 6),
-                          _sig(rec.get("residual"), 3),
+                          sig(rec.get("prob"), 4), sig(rec.get("logit"), 6),
+                          sig(rec.get("residual"), 3),
                           None if stem == image.key else stem, mask]
         odd = {kind: p for kind, p in entry.paths.items()
                if p != f"{FOLDER[kind]}/{stem}{SUFFIX[kind]}"}
+        audit = self._audit(rec)
+        if audit is not None or odd:
+            row.append(audit)
         if odd:
             row.append(odd)
         self.maps += 1
         return row
 
+    def _audit(self, rec: dict[str, Any]) -> list[Any] | None:
+        """An entry's statistics in STATS order, then (with ``objects``) its pointing
+        game: hit as HIT, MISS or ABSENT, and the energy in the boxes; None when the
+        record has neither (a tree from before them). Values that are not finite
+        numbers (older or damaged records) become null."""
+        stats = rec.get("stats")
+        objects = rec.get("objects")
+        if not isinstance(stats, dict) and not isinstance(objects, dict):
+            return None
+        out: list[Any] = [None] * len(STATS)
+        if isinstance(stats, dict):
+            self.stats = True
+            out = [sig(stats.get(name), AUDIT_DIGITS) for name in STATS]
+        if isinstance(objects, dict):
+            self.objects = True
+            hit = objects.get("hit")
+            out.append(ABSENT if objects.get("match") == "absent" else
+                       None if not isinstance(hit, bool) else HIT if hit else MISS)
+            out.append(sig(objects.get("energy"), AUDIT_DIGITS))
+        return out
+
 
 def write_page(root: Path, images: list[Image], run: dict[str, Any],
-               evaluation: dict[str, Any] | None, terms: TermsCache, title: str) -> int:
+               evaluation: dict[str, Any] | None, terms: TermsCache, title: str,
+               report: dict[str, Any] | None = None) -> int:
     """Write data.js, the record chunks, the assets and index.html; returns the number
-    of maps on the page."""
+    of maps on the page. ``report``: the class view's data (:func:`.classes.class_view`)."""
     tables = _Tables(root, terms)
     for image in images:
         tables.add(image)
@@ -149,6 +188,10 @@ def write_page(root: Path, images: list[Image], run: dict[str, Any],
         "run": {k: run.get(k) for k in RUN_FIELDS},  # None where run.json has no such key
         "classes": list(tables.classes), "layers": terms.tables, "eval": evaluation,
         "originalPrefix": tables.prefix,
+        # the names of an entry's audit values (then hit and energy), and whether any
+        # record has statistics / the pointing game (the page offers them only then)
+        "stats": list(STATS), "audit": {"stats": tables.stats, "objects": tables.objects},
+        "report": report,
         "images": tables.rows,
     }
     blob = _js_parsed("fgcliData", data)
@@ -202,4 +245,4 @@ def _render_index(title: str, data: dict[str, Any], images: list[Image]) -> str:
         counts[image.status] = counts.get(image.status, 0) + 1
     return env.get_template("index.html.j2").render(
         title=title, run=data["run"], counts=counts, images=len(images),
-        has_eval=data["eval"] is not None)
+        has_eval=data["eval"] is not None, has_report=data["report"] is not None)

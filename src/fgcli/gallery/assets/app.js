@@ -6,6 +6,10 @@
  * detail view needs them. The grid shows one page of cards at a time, so the DOM stays
  * small whatever the number of images. Everything the page shows from the data goes
  * through textContent or attributes, never innerHTML.
+ *
+ * The location's hash names what is open: #image=<encodeURIComponent(key)>[&rank=<r>]
+ * a detail view (a link to copy; followed on load and on hashchange), #classes the
+ * class view (when the tree had report/report.json at build time).
  */
 "use strict";
 
@@ -15,7 +19,10 @@
   // image row: [key, status, original (1: originalPrefix + key; {href, text} for a name
   //             that is not UTF-8), error, entries]
   // entry row: [id, rank, target, classIndex, prob, logit, residual, stem (null: the key),
-  //             mask, paths?]
+  //             mask, audit?, paths?]
+  // audit: the map's statistics in data.stats order, then (a run with boxes) the pointing
+  //        game: hit (1 hit, 0 miss, -1 absent: no box of the target's class) and the
+  //        energy in the boxes; null (or missing) for a record without them
   const MASK = { overlay: 1, heatmap: 2, map: 4, decomp: 8, thumb: 16 };
   const FOLDER = { overlay: ["overlays/", ".jpg"], heatmap: ["heatmaps/", ".png"],
                    map: ["maps/", ".npy"], decomp: ["decomp/", ".npz"],
@@ -27,6 +34,8 @@
   let detailAt = -1;    // position in view of the open detail, or -1
   let detailRank = 0;
   let typing = 0;       // timer of the search box
+  let backOnClose = false;  // the open detail view pushed its history entry
+  let HIT = 8, ENERGY = 9;  // positions in an entry's audit array (set from data.stats)
   const chunks = new Map();  // chunk number -> Promise of {records, terms}
 
   const $ = (id) => document.getElementById(id);
@@ -49,7 +58,7 @@
 
   function outputPath(img, entry, kind) {
     if (!(entry[8] & MASK[kind])) return null;
-    if (entry[9] && entry[9][kind]) return entry[9][kind];
+    if (entry[10] && entry[10][kind]) return entry[10][kind];
     const [folder, suffix] = FOLDER[kind];
     return folder + (entry[7] === null ? img[0] : entry[7]) + suffix;
   }
@@ -63,6 +72,32 @@
   const num = (x, d) => (x === null || x === undefined ? "–" : Number(x).toPrecision(d));
 
   // --------------------------------------------------------------------- filter and sort
+  // An audit value of the image's top map: a statistic's index in data.stats, HIT or
+  // ENERGY; null when the record has none (an older tree, a failed image).
+  function auditValue(img, i) {
+    const top = img[4][0];
+    const v = top && top[9] ? top[9][i] : null;
+    return v === undefined ? null : v;
+  }
+
+  // the audit index a sort or range kind reads ("stat:<i>", "energy", "hit"), or -1
+  function auditIndex(kind) {
+    if (kind.startsWith("stat:")) return Number(kind.slice(5));
+    return kind === "energy" ? ENERGY : kind === "hit" ? HIT : -1;
+  }
+
+  function auditLabel(kind) {
+    const i = auditIndex(kind);
+    return i === ENERGY ? "energy" : i === HIT ? "pointing" : data.stats[i];
+  }
+
+  function auditText(kind, v) {
+    if (auditIndex(kind) === HIT) {
+      return v === null ? "–" : { 1: "hit", 0: "miss", "-1": "absent" }[v];
+    }
+    return num(v, 4);
+  }
+
   function sortValue(kind, img) {
     const top = img[4][0];
     switch (kind) {
@@ -70,8 +105,27 @@
       case "residual":
         return img[4].length ? Math.max(...img[4].map((e) => Math.abs(e[6] || 0))) : -1;
       case "class": return top ? className(top) : "";
-      default: return img[0];
+      case "path": return img[0];
+      default: return auditValue(img, auditIndex(kind));  // null: sorted last
     }
+  }
+
+  // The range filter: [audit index, min, max] (an empty bound is open), or null
+  function rangeFilter() {
+    const kind = $("range-stat").value;
+    if (!kind) return null;
+    const bound = (id, open) => {
+      const v = $(id).value.trim();
+      return v === "" || !Number.isFinite(Number(v)) ? open : Number(v);
+    };
+    return [auditIndex(kind), bound("range-min", -Infinity), bound("range-max", Infinity)];
+  }
+
+  const POINTING = { hit: 1, miss: 0, absent: -1 };
+  function pointingMatches(img, want) {
+    if (!img[4][0]) return false;
+    const v = auditValue(img, HIT);
+    return want === "none" ? v === null : v === POINTING[want];
   }
 
   const keyCache = new Map();  // sort kind -> keys of every image (the data never change)
@@ -86,17 +140,25 @@
     const status = $("status-filter").value;
     const kind = $("sort").value;
     const desc = $("descending").checked;
+    const range = rangeFilter();
+    const pointing = $("pointing-filter").value;
     const out = [];
     data.images.forEach((img, i) => {
       if (status && img[1] !== status) return;
       if (cls !== "" && !(img[4][0] && String(img[4][0][3]) === cls)) return;
       if (q && !img[0].toLowerCase().includes(q)) return;
+      if (range) {
+        const v = auditValue(img, range[0]);
+        if (v === null || v < range[1] || v > range[2]) return;
+      }
+      if (pointing && !pointingMatches(img, pointing)) return;
       out.push(i);
     });
     const keys = sortKeys(kind);  // one key per image, by image number
-    const sign = desc ? -1 : 1;   // ties keep path order either way
+    const sign = desc ? -1 : 1;   // ties keep path order either way; no value: last
     out.sort((a, b) => {
       const x = keys[a], y = keys[b];
+      if (x === null || y === null) return x === y ? a - b : x === null ? 1 : -1;
       return x < y ? -sign : x > y ? sign : a - b;
     });
     view = out;
@@ -140,6 +202,12 @@
           el("span", { class: "prob", text: " " + pct(e[4]) }),
           el("span", { class: "res", title: "completeness residual",
                        text: " r=" + num(e[6], 2) })));
+      }
+      // the value the grid is sorted (else filtered) by, of the top map
+      const kind = auditIndex($("sort").value) >= 0 ? $("sort").value : $("range-stat").value;
+      if (kind) {
+        cap.append(el("div", { class: "metric", "data-kind": kind,
+          text: `${auditLabel(kind)} ${auditText(kind, auditValue(img, auditIndex(kind)))}` }));
       }
     }
     fig.append(cap);
@@ -239,22 +307,120 @@
     return fig;
   }
 
-  function openDetail(position) {
+  // The hash of the open detail view: a link that opens it (see followHash)
+  function detailHash() {
+    const img = data.images[view[detailAt]];
+    const e = img[4][detailRank];
+    return "#image=" + encodeURIComponent(img[0]) + (detailRank > 0 && e ? "&rank=" + e[1] : "");
+  }
+
+  // Opening a detail view from the page adds a history entry (Back closes it); moving
+  // within it (←/→, a rank) replaces that entry's hash, so the URL is always a link to
+  // what is shown.
+  function writeHash(replace) {
+    const hash = detailHash();
+    if (location.hash === hash) return;
+    if (replace) history.replaceState(null, "", hash);
+    else { history.pushState(null, "", hash); backOnClose = true; }
+  }
+
+  function openDetail(position, rank) {
     if (position < 0 || position >= view.length) return;
+    const wasOpen = detailAt >= 0;
     detailAt = position;
-    detailRank = 0;
+    detailRank = rank || 0;
+    notice("");
     showDetail();
     $("detail").hidden = false;
-    if (location.hash !== "#detail") history.pushState(null, "", "#detail");
+    writeHash(wasOpen);
+  }
+
+  function hideDetail() {
+    $("detail").hidden = true;
+    detailAt = -1;
+    backOnClose = false;
   }
 
   function closeDetail() {
-    $("detail").hidden = true;
-    detailAt = -1;
-    if (location.hash === "#detail") history.back();
+    const back = backOnClose;
+    hideDetail();
+    if (back) history.back();
+    else if (location.hash.startsWith("#image=")) {
+      history.replaceState(null, "", location.pathname + location.search);
+    }
   }
 
+  // ------------------------------------------------------------------------ deep links
+  function hashParams() {
+    const out = {};
+    for (const part of location.hash.replace(/^#/, "").split("&")) {
+      const at = part.indexOf("=");
+      const name = at < 0 ? part : part.slice(0, at);
+      try {
+        out[name] = at < 0 ? "" : decodeURIComponent(part.slice(at + 1));
+      } catch (err) {
+        out[name] = null;  // a malformed %-escape
+      }
+    }
+    return out;
+  }
+
+  let keyIndex = null;  // key -> index in data.images, made on the first link
+  function imageIndex(key) {
+    if (!keyIndex) keyIndex = new Map(data.images.map((img, i) => [img[0], i]));
+    return keyIndex.has(key) ? keyIndex.get(key) : -1;
+  }
+
+  function notice(text) {
+    const box = $("notice");
+    box.textContent = text;
+    box.hidden = !text;
+  }
+
+  // Show what the hash names (on load, hashchange and history moves): #image=<key>
+  // [&rank=<r>] a detail view, #classes the class view; no image: no detail view.
+  function followHash() {
+    const p = hashParams();
+    if (p.classes !== undefined && data.report) showView("classes");
+    if (p.image === undefined) {
+      if (detailAt >= 0) hideDetail();
+      return;
+    }
+    const index = p.image === null ? -1 : imageIndex(p.image);
+    if (index < 0) {
+      const what = p.image === null ? "a malformed key" : JSON.stringify(p.image);
+      notice(`This link names ${what.slice(0, 200)}: no such image in this gallery.`);
+      if (detailAt >= 0) hideDetail();
+      return;
+    }
+    const entries = data.images[index][4];
+    let rank = 0;
+    notice("");
+    if (p.rank !== undefined) {
+      rank = entries.findIndex((e) => String(e[1]) === p.rank);
+      if (rank < 0) {
+        notice(`${p.image} has no map of rank ${p.rank}: showing its first.`);
+        rank = 0;
+      }
+    }
+    if (detailAt >= 0 && view[detailAt] === index && detailRank === rank) return;
+    if (!view.includes(index)) resetFilters();  // the link shows it in the whole gallery
+    backOnClose = false;  // this history entry is the link's: closing clears its hash
+    detailAt = view.indexOf(index);
+    detailRank = rank;
+    showDetail();
+    $("detail").hidden = false;
+  }
+
+  function resetFilters() {
+    for (const id of ["search", "class-filter", "status-filter", "range-stat", "range-min",
+                      "range-max", "pointing-filter"]) $(id).value = "";
+    applyView(false);
+  }
+
+  let detailTicket = 0;  // which showDetail() call is the latest
   async function showDetail() {
+    const ticket = ++detailTicket;
     const img = data.images[view[detailAt]];
     const [key, status, , error, entries] = img;
     const original = originalPath(img);
@@ -269,7 +435,7 @@
       entries.forEach((e, r) => {
         const b = el("button", { type: "button", class: r === detailRank ? "on" : "",
           text: `#${e[1]} ${className(e)} ${pct(e[4])}` });
-        b.addEventListener("click", () => { detailRank = r; showDetail(); });
+        b.addEventListener("click", () => { detailRank = r; showDetail(); writeHash(true); });
         tabs.append(b);
       });
       body.append(tabs);
@@ -290,6 +456,10 @@
     body.append(row);
     const recordBox = el("pre", { class: "record", id: "detail-record", text: "loading…" });
     const chart = el("div", { class: "chart", id: "detail-chart" });
+    const audit = el("div", { class: "audit", id: "detail-audit" });
+    if (data.audit.stats || data.audit.objects) {
+      body.append(el("h3", { text: "Statistics" }), audit);
+    }
     body.append(el("h3", { text: "Decomposition" }), chart,
                 el("h3", { text: "Manifest record" }), recordBox);
     const id = e ? e[0] : null;
@@ -298,7 +468,6 @@
       chart.append(el("p", { text: "No map for this image." }));
       return;
     }
-    const shown = detailAt;
     let got;
     try {
       got = await entryDetail(id);
@@ -306,10 +475,29 @@
       recordBox.textContent = String(err.message || err);
       return;
     }
-    if (shown !== detailAt) return;  // the user moved on
+    if (ticket !== detailTicket) return;  // the user moved on
     recordBox.textContent = JSON.stringify(got.record, null, 2);
+    audit.append(auditTable(got.record));
     if (got.terms) chart.append(waterfall(data.layers[got.terms[0]], got.terms[1]));
     else chart.append(el("p", { text: "No decomp/ file for this map (dump with --save …,decomp)." }));
+  }
+
+  // The record's statistics and pointing game, as the manifest has them
+  function auditTable(record) {
+    const stats = record.stats && typeof record.stats === "object" ? record.stats : null;
+    const objects = record.objects && typeof record.objects === "object" ? record.objects : null;
+    if (!stats && !objects) {
+      return el("p", { text: "No statistics in this record (written before fgcli " +
+                             "recorded them)." });
+    }
+    const table = el("table", { class: "kv" });
+    const row = (name, value) => table.append(el("tr", { "data-field": name },
+      el("th", { text: name }),
+      el("td", { text: value === null || value === undefined ? "–" : String(value) })));
+    if (stats) for (const name of data.stats) row(name, stats[name]);
+    if (objects) for (const [k, v] of Object.entries(objects)) row("objects." + k, v);
+    else row("objects", "no annotation for this image");
+    return table;
   }
 
   // A horizontal waterfall: each term's bar starts where the previous one ended, so the
@@ -402,9 +590,144 @@
     if (ev.plot) box.append(el("img", { src: url(ev.plot), alt: "eval curves", class: "eval-plot" }));
   }
 
+  // ------------------------------------------------------------ statistics controls
+  // Sort by, and filter by a range of, every statistic (and energy, pointing) when some
+  // record has them; a tree from before them keeps the controls hidden.
+  function auditControls(d) {
+    const kinds = [];
+    if (d.audit.stats) d.stats.forEach((name, i) => kinds.push(["stat:" + i, name]));
+    if (d.audit.objects) kinds.push(["energy", "energy in boxes"]);
+    if (!kinds.length) return;
+    const group = el("optgroup", { label: "map statistics" });
+    for (const [value, text] of kinds) group.append(el("option", { value, text }));
+    if (d.audit.objects) group.append(el("option", { value: "hit", text: "pointing hit" }));
+    $("sort").append(group);
+    for (const [value, text] of kinds) $("range-stat").append(el("option", { value, text }));
+    $("range-controls").hidden = false;
+    $("pointing-label").hidden = !d.audit.objects;
+  }
+
+  // ------------------------------------------------------------------------- classes
+  // The class view (report/report.json at build time): a sortable table of the classes
+  // with their class-mean tiles; a click shows the class's images in the grid.
+  const CLASS_COLUMNS = [  // [label, value, text, title]
+    ["class", (c) => c.name === null ? "" : c.name.toLowerCase(),
+     (c) => c.name === null ? `class ${c.target}` : c.name],
+    ["target", (c) => c.target, (c) => String(c.target)],
+    ["records", (c) => c.records, (c) => num0(c.records)],
+    ["pointing", (c) => c.pointing,
+     (c) => c.pointing === null ? "–" : `${pct(c.pointing)} ± ${pct(c.pointing_se)}`,
+     (c) => `${num0(c.hits)} hits of ${num0(c.located)} located (± standard error)`],
+    ["energy", (c) => c.energy,
+     (c) => c.energy === null ? "–" : `${num(c.energy, 3)} ± ${num(c.energy_se, 2)}`,
+     () => "mean energy in the boxes ± standard error"],
+    ["absent", (c) => c.absent, (c) => num0(c.absent),
+     () => "records whose image has no box of this class"],
+  ];
+  const num0 = (x) => (x === null || x === undefined ? "–" : String(x));
+  let classSort = [2, true];  // column, descending
+
+  function classColumns() {
+    return CLASS_COLUMNS.concat(data.stats.map((name, i) => [
+      "mean " + name, (c) => c.mean[i], (c) => num(c.mean[i], 4),
+      (c) => `standard deviation ${num(c.std[i], 3)}`]));
+  }
+
+  function classTile(c) {
+    const g = data.report.grid;
+    if (!g || !c.tile) return el("div", { class: "tile none" });
+    const [row, col] = c.tile;  // its top-left pixel in the grid image:
+    const x = g.gap + col * (g.tile + g.gap), y = g.gap + row * (g.tile + g.label + g.gap);
+    return el("div", { class: "tile", role: "img", "aria-label": `class mean of ${c.name}`,
+      style: `width:${g.tile}px;height:${g.tile}px;background-image:url("${url(g.file)}");` +
+             `background-position:${-x}px ${-y}px` });
+  }
+
+  function renderClasses() {
+    const report = data.report;
+    const cols = classColumns();
+    const [at, desc] = classSort;
+    const value = cols[at][1];
+    const rows = report.classes.map((c, i) => [value(c), i]);
+    rows.sort(([x, a], [y, b]) => {  // no value: last either way
+      if (x === null || y === null) return x === y ? a - b : x === null ? 1 : -1;
+      return x < y ? (desc ? 1 : -1) : x > y ? (desc ? -1 : 1) : a - b;
+    });
+    const head = el("tr", {}, el("th", { text: "class mean" }));
+    cols.forEach(([label], i) => {
+      const b = el("button", { type: "button", "data-column": i,
+        text: label + (i === at ? (desc ? " ▼" : " ▲") : "") });
+      b.addEventListener("click", () => {
+        classSort = [i, i === at ? !desc : i > 1];  // numbers: largest first
+        renderClasses();
+      });
+      head.append(el("th", {}, b));
+    });
+    const body = el("tbody");
+    for (const [, i] of rows) {
+      const c = report.classes[i];
+      const tr = el("tr", { class: "class-row", "data-target": c.target, tabindex: 0 },
+                    el("td", {}, classTile(c)));
+      for (const col of cols) {
+        tr.append(el("td", { text: col[2](c), title: col[3] ? col[3](c) : null }));
+      }
+      tr.addEventListener("click", () => showClass(c));
+      tr.addEventListener("keydown", (ev) => { if (ev.key === "Enter") showClass(c); });
+      body.append(tr);
+    }
+    $("class-table").replaceChildren(el("thead", {}, head), body);
+  }
+
+  // the class's images in the grid: the class filter (images whose top map is of it)
+  function showClass(c) {
+    let index = c.name === null ? -1 : data.classes.indexOf(c.name);
+    if (index < 0) {
+      const img = data.images.find((im) => im[4][0] && im[4][0][2] === c.target);
+      index = img ? img[4][0][3] : -1;
+    }
+    const option = index < 0 ? null : $("class-filter").querySelector(`option[value="${index}"]`);
+    showView("images");
+    if (!option) {
+      const name = c.name === null ? c.target : c.name;
+      notice(`No image's top map is of class ${name} in this gallery.`);
+      return;
+    }
+    notice("");
+    $("class-filter").value = String(index);
+    applyView(false);
+  }
+
+  function showView(which) {
+    if (!data.report) return;
+    const classes = which === "classes";
+    $("class-view").hidden = !classes;
+    for (const id of ["grid", "pager-top", "pager-bottom"]) $(id).hidden = classes;
+    $("view-images").classList.toggle("on", !classes);
+    $("view-classes").classList.toggle("on", classes);
+    const hash = classes ? "#classes" : "";
+    if (detailAt < 0 && (location.hash === "#classes") !== classes) {
+      history.replaceState(null, "", location.pathname + location.search + hash);
+    }
+  }
+
+  function classView(report) {
+    if (!report) return;
+    const n = report.classes.length;
+    const what = `${n} class${n === 1 ? "" : "es"} from report/report.json` +
+      (report.records === null ? "" : ` (${report.records} records)`);
+    $("class-note").replaceChildren(what + ". Click a class to see its images; " +
+                                    "click a heading to sort. ");
+    if (report.index) $("class-note").append(el("a", { href: report.index, text: "the report" }));
+    $("view-images").addEventListener("click", () => showView("images"));
+    $("view-classes").addEventListener("click", () => showView("classes"));
+    renderClasses();
+  }
+
   // ---------------------------------------------------------------------------- start
   window.fgcliData = function (d) {
     data = d;
+    HIT = d.stats.length;
+    ENERGY = HIT + 1;
     timing.data = performance.now() - T0;
     const counts = new Map();
     for (const img of d.images) {
@@ -417,11 +740,13 @@
     const ready = () => {
       $("class-filter").append(...options);
       for (const id of ["search", "class-filter", "status-filter", "sort", "descending",
-                        "page-size"]) {
-        $(id).addEventListener(id === "search" ? "input" : "change", () => {
+                        "page-size", "range-stat", "range-min", "range-max",
+                        "pointing-filter"]) {
+        const typed = id === "search" || id === "range-min" || id === "range-max";
+        $(id).addEventListener(typed ? "input" : "change", () => {
           // typing re-filters once it pauses: 100,000 images take ~0.1 s to filter and sort
           clearTimeout(typing);
-          typing = setTimeout(() => applyView(false), id === "search" ? 120 : 0);
+          typing = setTimeout(() => applyView(false), typed ? 120 : 0);
         });
       }
       $("detail-close").addEventListener("click", closeDetail);
@@ -434,14 +759,14 @@
         else if (ev.key === "ArrowLeft") openDetail(detailAt - 1);
         else if (ev.key === "ArrowRight") openDetail(detailAt + 1);
       });
-      window.addEventListener("popstate", () => {
-        if (location.hash !== "#detail" && detailAt >= 0) {
-          $("detail").hidden = true;
-          detailAt = -1;
-        }
-      });
+      window.addEventListener("popstate", followHash);
+      window.addEventListener("hashchange", followHash);
+      $("notice").addEventListener("click", () => notice(""));
       evalTable(d.eval);
+      auditControls(d);
+      classView(d.report);
       applyView(false);
+      followHash();
       document.body.dataset.ready = "1";
     };
     if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", ready);
