@@ -158,7 +158,8 @@ def test_masks_give_the_pointing_game_and_energy(tmp_path: Path) -> None:
     assert (got["source"], got["match"], got["hit"]) == ("masks", "any", True)
     assert got["energy"] == pytest.approx(want["energy"], rel=1e-3)
     empty = rec["coffee.png"]["objects"]
-    assert (empty.get("hit"), empty.get("energy"), empty.get("boxes")) == (False, 0.0, 0), empty
+    assert (empty.get("match"), empty.get("hit"), empty.get("energy"), empty.get("boxes")
+            ) == ("absent", False, 0.0, 0), empty
     for key, why in (("rocket.jpg", "8x8 pixels, smaller than its image"),
                      ("astronaut.png", "cannot read the PNG")):
         assert rec[key]["status"] == "ok" and rec[key]["outputs"]["map"]  # the result stays

@@ -142,7 +142,7 @@ class Annotations:
         names = {_norm_label(c) for c in categories or ()}
         return all(_names_class(label, names, n_classes) for label in self._labels)
 
-    def summary(self, keys: Iterable[str]) -> str:
+    def summary(self, keys: Iterable[str], by_class: bool | None = None) -> str:
         """One line: how many of ``keys`` matched an annotation, how many did not, and how
         many annotations matched no key."""
         total = matched = ambiguous = 0
@@ -155,7 +155,7 @@ class Annotations:
                 used.add(name)
             ambiguous += unclear
         return summary_line(self.source, matched, total, len(self._images) - len(used),
-                            ambiguous)
+                            ambiguous, by_class)
 
 
 def summary_line(source: str, matched: int, images: int, unused: int, ambiguous: int = 0,

@@ -141,8 +141,11 @@ def locate(saliency: np.ndarray, region: Box, objects: Any, target: int, target_
         mask = objects.mask_array()
         check_mask(mask, region, str(objects.mask))
         hit, energy = point_mask(saliency, region, mask, tolerance)
-        rec.update(match="any", boxes=int(bool(mask.any())), hit=hit,
-                   energy=rounded(energy), box=None, label=None)
+        if not mask.any():  # nothing to point at, as an image annotated with no box
+            rec.update(match="absent", boxes=0, hit=False, energy=0.0, box=None, label=None)
+            return rec
+        rec.update(match="any", boxes=1, hit=hit, energy=rounded(energy), box=None,
+                   label=None)
         return rec
     used, match = boxes_for(objects, target, target_name, by_class)
     if match == "absent" or not used:

@@ -32,10 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fgcli.audit import STAT_NAMES
 from fgcli.data.decode import Box
 
-STAT_NAMES = ("peak_x", "peak_y", "com_x", "com_y", "concentration", "entropy", "border",
-              "centre")
 BORDER = 0.1  # the border band: outer tenth of each side
 CENTRE = (0.25, 0.75)  # the central region: the middle half of each side
 DIGITS = 6  # significant digits kept in the manifest
@@ -78,6 +77,9 @@ def _needed_by_bins(flat: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
         short = (inside.cumsum(0) + mass_before < float(half[i])).sum()
         needed.append(count_before + int(short) + 1)
     return torch.tensor(needed)
+
+
+__all__ = ["STAT_NAMES", "map_stats", "rounded", "stats_record"]
 
 
 def map_stats(maps: torch.Tensor) -> torch.Tensor:

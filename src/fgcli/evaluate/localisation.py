@@ -111,7 +111,7 @@ class Localiser:
     def summary(self) -> str:
         """One line: the annotations' match counts over the evaluated images, and what
         pointing and energy are averaged over."""
-        line = self.annotations.summary(self.keys)
+        line = self.annotations.summary(self.keys, self.by_class)
         if self.mask_errors:
             n = len(self.mask_errors)
             line += f"; {n} mask{'s' if n != 1 else ''} not usable (eval.json: mask_errors)"

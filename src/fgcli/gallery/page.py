@@ -31,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fgcli.audit import STAT_NAMES
 from fgcli.gallery.collect import Image, TermsCache
 from fgcli.names import href, needs_bytes, text
 from fgcli.tree.atomic import atomic_write, finite
@@ -42,10 +43,7 @@ ASSETS = ("app.js", "style.css")
 MASK = {"overlay": 1, "heatmap": 2, "map": 4, "decomp": 8, "thumb": 16}
 RUN_FIELDS = ("model", "weights", "source", "method", "psi", "layers", "target", "topk",
               "overlay", "device", "host", "finished", "merged", "counts")
-# a record's "stats" keys (fgcli.audit.stats.STAT_NAMES, which imports torch), in the
-# order of an entry row's audit array
-STATS = ("peak_x", "peak_y", "com_x", "com_y", "concentration", "entropy", "border",
-         "centre")
+STATS = STAT_NAMES  # a record's "stats" keys, in the order of an entry row's audit array
 AUDIT_DIGITS = 4  # significant digits of the statistics in data.js
 # objects.hit in data.js: the pointing game's outcome; "absent": the image has no box of
 # the target's class (hit false, counted apart)

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from fgcli.audit.stats import STAT_NAMES
+from fgcli.audit import STAT_NAMES
 
 # the manifest's `stats` keys (spec20.md; fgcli.audit.stats.STAT_NAMES once merged)
 STATS = STAT_NAMES
