@@ -70,9 +70,11 @@ def dump_share(n: int, rounds: int) -> None:
     root = Path(__file__).resolve().parents[1]
     photos = sorted((root / "examples" / "photos").iterdir())
     work = Path(tempfile.mkdtemp(prefix="audit-cost-"))
+    inputs = work / "photos"  # the outputs go beside it, never inside
+    inputs.mkdir()
     for k in range(n):
         src = photos[k % len(photos)]
-        shutil.copy(src, work / f"{k:04d}{src.suffix}")
+        shutil.copy(src, inputs / f"{k:04d}{src.suffix}")
     real = host.map_stats
     times: dict[str, list[float]] = {"with statistics": [], "without statistics": []}
     try:
@@ -81,7 +83,7 @@ def dump_share(n: int, rounds: int) -> None:
                 host.map_stats = real if label == "with statistics" else (
                     lambda maps: torch.zeros(maps.shape[0], 8))
                 out = work / f"out-{r}-{label.split()[0]}"
-                cfg = build_config({"inputs": (str(work),), "model": "squeezenet1_1",
+                cfg = build_config({"inputs": (str(inputs),), "model": "squeezenet1_1",
                                     "weights": str(root / "examples" / "weights" /
                                                    "squeezenet1_1_imagenet.pth"),
                                     "out": str(out), "quiet": True})
