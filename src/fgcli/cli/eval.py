@@ -57,12 +57,21 @@ def evaluate(
     samples: options.EvalSamples = 25,
     seed: options.EvalSeed = 0,
     layers: options.EvalLayers = None,
+    sanity: Annotated[bool, typer.Option(
+        "--sanity", help="Also the sanity check: randomise the model's layers cumulatively "
+                         "from the logits down (seeded by --seed) and compare each method's "
+                         "maps with the original's (Spearman, SSIM): sanity.csv, sanity.png."
+    )] = False,
+    sanity_steps: Annotated[int, typer.Option(
+        help="--sanity: steps of the cascade, evenly spread; the logits' layer alone and "
+             "all layers always among them.")] = 6,
     quiet: options.EvalQuiet = False,
     debug: options.Debug = False,
 ) -> None:
     """Measure how faithful the maps are: pixel perturbation (the paper's 5.1),
     deletion and insertion AUC, for fgcli's methods against baselines; prints a table and
-    writes eval.json, eval.csv and eval.png."""
+    writes eval.json, eval.csv and eval.png (--sanity: also the sanity check of Adebayo
+    et al. 2018, sanity.csv and sanity.png)."""
     given = dict(locals())  # every parameter is an EvalConfig field, but quiet and debug
     with guard("eval", debug):
         from fgcli.config import from_options
@@ -108,4 +117,9 @@ def _print_table(cfg: Any, result: Any, paths: list[Any]) -> None:
     for cells in [header, *lines]:
         typer.echo(f"{cells[0]:{width}s}  " + "  ".join(f"{c:>13s}" for c in cells[1:]))
     typer.echo("pixel perturbation: lower is better; deletion: lower; insertion: higher")
+    if "sanity" in result.extra:
+        from fgcli.evaluate.sanity import table
+
+        for line in table(result.extra["sanity"]):
+            typer.echo(line)
     typer.echo("wrote " + ", ".join(str(p) for p in paths))

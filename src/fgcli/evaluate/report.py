@@ -7,7 +7,8 @@ per method and metric the mean and standard error over images
 deletion and insertion curves with their standard errors. ``eval.csv``: one row per (method, metric, k) with mean,
 se and n. ``eval.png``: one panel per metric, mean curves with ±1 standard-error bands
 (pixel perturbation against k; deletion and insertion mean curves against the fraction
-of pixels changed, with bands too).
+of pixels changed, with bands too). With ``--sanity``: ``eval.json``'s ``sanity`` key,
+``sanity.csv`` and ``sanity.png`` (:mod:`fgcli.evaluate.sanity`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from fgcli import names
 from fgcli.errors import SetupError
+from fgcli.evaluate import sanity
 from fgcli.evaluate.run import EvalConfig, EvalResult
 from fgcli.tree.atomic import WriteFailed, atomic_write, finite
 
@@ -62,6 +64,8 @@ def as_json(cfg: EvalConfig, result: EvalResult) -> dict[str, Any]:
         "curves": result.curves, "curves_se": result.curves_se,
         "seconds": round(result.seconds, 3),
         "versions": versions(),
+        **({"sanity": sanity.as_json(result.extra["sanity"])} if "sanity" in result.extra
+           else {}),
     }
 
 
@@ -87,7 +91,14 @@ def write(cfg: EvalConfig, result: EvalResult) -> list[Path]:
     writer.writerows(rows(result))
     _write(out / "eval.csv", buf.getvalue().encode("utf-8"))
     _write(out / "eval.png", plot(result))
-    return [out / "eval.json", out / "eval.csv", out / "eval.png"]
+    paths = [out / "eval.json", out / "eval.csv", out / "eval.png"]
+    if "sanity" in result.extra:  # --sanity: sanity.csv and sanity.png
+        s = result.extra["sanity"]
+        _write(out / "sanity.csv", sanity.csv_bytes(s))
+        _write(out / "sanity.png", sanity.plot(s, f"{result.model}: sanity check, "
+                                                   f"{len(result.images)} images"))
+        paths += [out / "sanity.csv", out / "sanity.png"]
+    return paths
 
 
 def plot(result: EvalResult) -> bytes:
