@@ -481,7 +481,7 @@ def plot(s: SanityResult, title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(SANITY_METRICS), figsize=(6.5 * len(SANITY_METRICS), 4.8),
+    fig, axes = plt.subplots(1, len(SANITY_METRICS), figsize=(7.0 * len(SANITY_METRICS), 4.8),
                              squeeze=False)
     palette = plt.get_cmap("tab20").colors
     xs = list(range(1, len(s.cuts) + 1))
@@ -503,9 +503,10 @@ def plot(s: SanityResult, title: str) -> bytes:
                      + " with the original map")
         ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.05)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)  # one legend, off the lines
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 0.875, 1.0))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
