@@ -60,13 +60,22 @@ def evaluate(
     boxes: options.Boxes = None,
     masks: options.Masks = None,
     point_tolerance: options.PointTolerance = 15.0,
+    sanity: Annotated[bool, typer.Option(
+        "--sanity", help="Also the sanity check: randomise the model's layers cumulatively "
+                         "from the logits down (seeded by --seed) and compare each method's "
+                         "maps with the original's (Spearman, SSIM): sanity.csv, sanity.png."
+    )] = False,
+    sanity_steps: Annotated[int, typer.Option(
+        help="--sanity: steps of the cascade, evenly spread; the logits' layer alone and "
+             "all layers always among them.")] = 6,
     quiet: options.EvalQuiet = False,
     debug: options.Debug = False,
 ) -> None:
     """Measure how faithful the maps are: pixel perturbation (the paper's 5.1),
     deletion and insertion AUC, for fgcli's methods against baselines (with --boxes or
     --masks also pointing-game accuracy and energy in the objects); prints a table and
-    writes eval.json, eval.csv and eval.png."""
+    writes eval.json, eval.csv and eval.png (--sanity: also the sanity check of Adebayo
+    et al. 2018, sanity.csv and sanity.png)."""
     given = dict(locals())  # every parameter is an EvalConfig field, but quiet and debug
     with guard("eval", debug):
         from fgcli.config import from_options
@@ -120,4 +129,9 @@ def _print_table(cfg: Any, result: Any, paths: list[Any]) -> None:
                + ("; pointing, energy: higher" if loc is not None else ""))
     if loc is not None:
         typer.echo(loc["summary"])
+    if "sanity" in result.extra:
+        from fgcli.evaluate.sanity import table
+
+        for line in table(result.extra["sanity"]):
+            typer.echo(line)
     typer.echo("wrote " + ", ".join(str(p) for p in paths))

@@ -9,7 +9,8 @@ se and n. ``eval.png``: one panel per metric, mean curves with ±1 standard-erro
 (pixel perturbation against k; deletion and insertion mean curves against the fraction
 of pixels changed, with bands too). With ``--boxes`` / ``--masks``: ``localisation`` in
 eval.json, ``pointing`` and ``energy`` rows in eval.csv and one more panel in eval.png
-(:mod:`fgcli.evaluate.localisation`).
+(:mod:`fgcli.evaluate.localisation`). With ``--sanity``: ``eval.json``'s ``sanity`` key,
+``sanity.csv`` and ``sanity.png`` (:mod:`fgcli.evaluate.sanity`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from fgcli import names
 from fgcli.errors import SetupError
+from fgcli.evaluate import sanity
 from fgcli.evaluate.run import EvalConfig, EvalResult
 from fgcli.tree.atomic import WriteFailed, atomic_write, finite
 
@@ -65,6 +67,8 @@ def as_json(cfg: EvalConfig, result: EvalResult) -> dict[str, Any]:
         "localisation": result.localisation,
         "seconds": round(result.seconds, 3),
         "versions": versions(),
+        **({"sanity": sanity.as_json(result.extra["sanity"])} if "sanity" in result.extra
+           else {}),
     }
 
 
@@ -94,7 +98,14 @@ def write(cfg: EvalConfig, result: EvalResult) -> list[Path]:
     writer.writerows(rows(result))
     _write(out / "eval.csv", buf.getvalue().encode("utf-8"))
     _write(out / "eval.png", plot(result))
-    return [out / "eval.json", out / "eval.csv", out / "eval.png"]
+    paths = [out / "eval.json", out / "eval.csv", out / "eval.png"]
+    if "sanity" in result.extra:  # --sanity: sanity.csv and sanity.png
+        s = result.extra["sanity"]
+        _write(out / "sanity.csv", sanity.csv_bytes(s))
+        _write(out / "sanity.png", sanity.plot(s, f"{result.model}: sanity check, "
+                                                   f"{len(result.images)} images"))
+        paths += [out / "sanity.csv", out / "sanity.png"]
+    return paths
 
 
 def plot(result: EvalResult) -> bytes:

@@ -8,7 +8,6 @@ the metrics have no randomness).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import numpy as np
 
 from fgcli.config import ModelSpec, check_not_blank
 from fgcli.errors import SetupError, UsageError
+from fgcli.evaluate.summary import Summary, summarise  # one home; also imported from here
 
 METRICS = ("perturbation", "deletion", "insertion")
 DEFAULT_KS = (10.0, 30.0, 50.0, 70.0, 90.0)
@@ -44,6 +44,8 @@ class EvalConfig:
     boxes: str | None = None  # --boxes / --masks: pointing game and energy per method
     masks: str | None = None  # (fgcli.evaluate.localisation)
     point_tolerance: float = 15.0  # pixels (Zhang et al. 2016)
+    sanity: bool = False  # --sanity: cascading randomisation (fgcli.evaluate.sanity)
+    sanity_steps: int = 6
     command: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -73,20 +75,12 @@ class EvalConfig:
                   (self.point_tolerance >= 0, "--point-tolerance must be >= 0"),
                   (self.boxes is None or self.masks is None,
                    "--boxes and --masks exclude each other: give one annotation source"),
+                  (self.sanity_steps >= 2, "--sanity-steps must be >= 2"),
                   (bool(self.inputs), "give the images to evaluate on (two or more)"),
                   (bool(self.spec.model.strip()), "--model is required")]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
-
-
-@dataclass
-class Summary:
-    """Mean and standard error (sample std / sqrt(n)) over images."""
-
-    mean: list[float]
-    se: list[float]
-    n: int
 
 
 @dataclass
@@ -108,17 +102,6 @@ class EvalResult:
     extra: dict[str, Any] = field(default_factory=dict)
     # --boxes / --masks: fgcli.evaluate.localisation.Localiser.result(), else None
     localisation: dict[str, Any] | None = None
-
-
-def summarise(values: np.ndarray) -> Summary:
-    """(n,) or (n, K) per-image values -> mean and standard error per column."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim == 1:
-        values = values[:, None]
-    n = values.shape[0]
-    mean = values.mean(0)
-    se = values.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros_like(mean)
-    return Summary([float(v) for v in mean], [float(v) for v in se], n)
 
 
 def run_eval(cfg: EvalConfig, progress: Callable[[int, int], None] | None = None,
@@ -220,10 +203,30 @@ def _evaluate(cfg: EvalConfig, progress: Callable[[int, int], None] | None,
             progress(done, len(items))
     if len(tally.evaluated) < 2:
         _too_few(len(tally.evaluated) + len(failed), len(tally.evaluated), failed)
-    result = tally.result(cfg, setup.loaded.config.weights, failed,
-                          time.perf_counter() - started)
+    result = tally.result(cfg, setup.loaded.config.weights, failed, 0.0)
     result.localisation = None if localiser is None else localiser.result()
+    if cfg.sanity:
+        from fgcli.evaluate.sanity import run_sanity
+
+        scored = set(tally.evaluated)
+        result.extra["sanity"] = run_sanity(cfg, setup, [i for i in items if i.path in scored],
+                                            _ahead(progress, done, len(scored)))
+    result.seconds = time.perf_counter() - started
     return result
+
+
+def _ahead(progress: Callable[[int, int], None] | None, done: int, more: int
+           ) -> Callable[[int], None] | None:
+    """``progress`` continued for ``more`` items after ``done``: a per-batch count."""
+    if progress is None:
+        return None
+    count = [done]
+
+    def step(n: int) -> None:
+        count[0] += n
+        progress(count[0], done + more)
+
+    return step
 
 
 def _annotations(cfg: EvalConfig) -> Any:
@@ -265,9 +268,10 @@ class _Setup:
         config = self.loaded.config
         self.norm = M.Normalisation(tuple(config.mean), tuple(config.std))
         self.fixed = resolve_target(cfg.target, config.categories, config.num_classes)
+        self.layers = _layers(cfg.layers)
         self.methods = {name: build(name, self.model, samples=cfg.samples, seed=cfg.seed,
                                     mean=tuple(config.mean), std=tuple(config.std),
-                                    psi_layers=_layers(cfg.layers))
+                                    psi_layers=self.layers)
                         for name in cfg.methods}
 
     def batches(self, items: list[Any], fail: Callable[[str, str], None]) -> Iterator[Any]:
