@@ -282,3 +282,42 @@ def test_boxes_for_class_any_absent(tmp_path: Path) -> None:
     Image.fromarray(np.ones((2, 2), np.uint8)).save(mask / "a.png")
     found = read_annotations(masks=str(mask)).find("a.jpg")
     assert found is not None and boxes_for(found, 5, "tench", by_class=True) == ([], "any")
+
+
+def test_a_box_without_a_label_makes_every_box_count(tmp_path: Path) -> None:
+    csv = tmp_path / "b.csv"
+    csv.write_text("a.jpg,0,0,5,5,tabby\nb.jpg,0,0,5,5\n")
+    ann = read_annotations(boxes=str(csv))
+    assert not ann.names_classes(["tabby"], 1000)  # b.jpg's box names no class
+    assert boxes_for(ann.find("b.jpg"), 281, "tabby", False)[1] == "any"
+
+
+def test_coco_ids_must_be_numbers_or_strings_and_ids_without_categories_are_no_labels(
+        tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"images": [{"id": [1], "file_name": "a.jpg"}]}))
+    with pytest.raises(UsageError, match=r"images\[0\]\.id must be a number or a string"):
+        read_annotations(boxes=str(path))
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
+                                "annotations": [{"image_id": 1, "bbox": [0, 0, 4, 4],
+                                                 "category_id": 3}]}))
+    ann = read_annotations(boxes=str(path))
+    assert ann.find("a.jpg").boxes[0].label is None
+    assert not ann.names_classes(None, 1000)  # category 3 is not ImageNet's class 3
+
+
+def test_spellings_of_one_path_are_one_image(tmp_path: Path) -> None:
+    csv = tmp_path / "b.csv"
+    csv.write_text("./sub/a.jpg,0,0,5,5\nsub\\a.jpg,1,1,6,6\nsub/a.jpg,2,2,7,7\n")
+    ann = read_annotations(boxes=str(csv))
+    assert len(ann) == 1 and len(ann.find("sub/a.jpg").boxes) == 3
+
+
+def test_the_identity_follows_the_content_not_the_path(tmp_path: Path) -> None:
+    csv = tmp_path / "b.csv"
+    csv.write_text("a.jpg,0,0,5,5,cat\n")
+    first = read_annotations(boxes=str(csv)).identity()
+    again = read_annotations(boxes=str(tmp_path / "." / "b.csv")).identity()
+    csv.write_text("a.jpg,0,0,5,6,cat\n")
+    edited = read_annotations(boxes=str(csv)).identity()
+    assert first == again != edited

@@ -107,3 +107,12 @@ def test_the_cpu_concentration_counts_as_a_full_sort_does(power: int) -> None:
     flat[2, :10] = 1.0  # ties
     total = flat.sum(1)
     assert _needed_by_bins(flat, total).tolist() == _needed_by_sort(flat, total).tolist()
+
+
+def test_huge_finite_maps_do_not_overflow() -> None:
+    rng = np.random.default_rng(3)
+    m = rng.random((64, 64)).astype(np.float32)
+    small = stats_record(map_stats(torch.from_numpy(m)[None, None])[0].numpy(), Box(0, 0, 64, 64))
+    huge = stats_record(map_stats(torch.from_numpy(m * 1e37)[None, None])[0].numpy(),
+                        Box(0, 0, 64, 64))
+    assert huge == pytest.approx(small, rel=1e-4)

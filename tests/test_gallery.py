@@ -294,8 +294,16 @@ def test_rows_carry_the_statistics_rounded_and_the_pointing_game(audit_copy):
     assert kinds == {"none", "no annotation", "hit", "miss", "absent"}
 
 
-def test_a_tree_without_statistics_has_no_audit_values(tree):
-    data = page_data(tree)
+def test_a_tree_without_statistics_has_no_audit_values(tmp_path, tree):
+    assert page_data(tree)["audit"] == {"stats": True, "objects": False}  # this version's
+    older = tmp_path / "older"  # a tree of a dump from before the statistics
+    shutil.copytree(tree, older)
+    recs = manifest(older)
+    for rec in recs:
+        rec.pop("stats", None)
+    (older / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    build_gallery(older)
+    data = page_data(older)
     assert data["audit"] == {"stats": False, "objects": False}
     assert all(len(e) == 9 for row in data["images"] for e in row[4])
 

@@ -67,3 +67,9 @@ def test_locate_writes_the_record_of_the_spec() -> None:
         "absent", False, 0.0, None)
     anybox = locate(hot(2, 3), REGION, objects, 7, "bird", tolerance=0.0)
     assert (anybox["match"], anybox["boxes"], anybox["box"]) == ("any", 2, 1)
+
+
+def test_a_constant_map_has_no_peak_to_point_with() -> None:
+    objects = ImageObjects("a.jpg", [Obj(0, 0, 20, 20, None)])
+    rec = locate(np.zeros((10, 10), np.float32), REGION, objects, 1, "x")
+    assert (rec["hit"], rec["energy"], rec["box"]) == (None, None, None)

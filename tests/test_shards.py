@@ -47,6 +47,15 @@ def assert_same_records(a: dict, b: dict) -> None:
         for name in FLOATS:
             if name in x or name in y:
                 assert abs(x.pop(name) - y.pop(name)) <= 1e-4 * scale, (key, name)
+        sx, sy = x.pop("stats", None), y.pop("stats", None)  # from maps equal to rounding
+        assert (sx is None) == (sy is None), key
+        if sx is not None:
+            assert sx.keys() == sy.keys()
+            for name in sx:
+                assert (sx[name] is None) == (sy[name] is None), (key, name)
+                if sx[name] is not None:
+                    assert abs(sx[name] - sy[name]) <= 1e-3 * max(1.0, abs(sx[name])), \
+                        (key, name)
         assert x == y
 
 

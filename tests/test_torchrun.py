@@ -196,3 +196,29 @@ def test_shard_option_is_refused_under_torchrun(tmp_path, monkeypatch):
     result = cli("dump", str(Path(__file__)), *SMALL, "--out", str(tmp_path / "o"),
                  "--shard", "0/2")
     assert result.exit_code == 2 and "under torchrun each rank takes shard" in result.stderr
+
+
+def test_rank_zero_sums_every_ranks_annotation_counts():
+    """--boxes under torchrun: one annotations line for the run, from every rank's counts."""
+    from fgcli.distributed.torchrun import _total
+
+    posted = {
+        "p/done/0": {"ok": 3, "failed": 0, "skipped": 1, "seconds": 2.0,
+                     "stopped_early": False, "error": None, "interrupted": None,
+                     "objects": {"source": "boxes", "names": 5, "annotated": 3,
+                                 "unannotated": 1, "matched": ["a", "b", "c"],
+                                 "by_class": False}},
+        "p/done/1": {"ok": 2, "failed": 1, "skipped": 0, "seconds": 3.0,
+                     "stopped_early": False, "error": None, "interrupted": None,
+                     "objects": {"source": "boxes", "names": 5, "annotated": 1,
+                                 "unannotated": 1, "matched": ["d"], "by_class": False}}}
+
+    class Store:
+        def get(self, key: str) -> bytes:
+            return json.dumps(posted[key]).encode()
+
+    total = _total(Store(), "p/", [0, 1], "out", "cpu")
+    assert (total.ok, total.failed, total.skipped) == (5, 1, 1)
+    assert total.objects.line() == ("boxes: 4 of 6 images annotated; 2 without an annotation; "
+                                    "1 annotation matches no image; labels are not all "
+                                    "class names: every box counts")

@@ -168,8 +168,8 @@ class RunConfig:
             raise UsageError(f"--overlay: unknown {self.overlay!r}; choose from "
                              f"{', '.join(OVERLAY_STYLES)}")
 
-    def settings_fingerprint(self, weights_identity: str, interpolation: str = "bilinear"
-                             ) -> str:
+    def settings_fingerprint(self, weights_identity: str, interpolation: str = "bilinear",
+                             annotations: str | None = None) -> str:
         """A hash of every setting that changes an output file (for resuming).
 
         Batch size, workers, device, memory format and verbosity are not part of
@@ -177,9 +177,10 @@ class RunConfig:
         precision changes maps visibly. ``--model-arg`` values and the resize
         interpolation count where they are used (absent or bilinear, the hash is the
         one earlier versions wrote, so their runs still resume). So do ``--psi``,
-        ``--layers`` and ``--overlay`` when not their defaults, and ``--boxes``/``--masks``
-        with ``--point-tolerance`` when given (the records' ``objects`` depend on them).
-        """
+        ``--layers`` and ``--overlay`` when not their defaults, and with ``--boxes`` /
+        ``--masks`` what the annotation says (``annotations``: a hash of its content, so an
+        edited file recomputes and another spelling of its path does not) and
+        ``--point-tolerance`` (the records' ``objects`` depend on them)."""
         spec = self.spec
         keys = ("model", "method", "size", "crop", "mean", "std", "labels", "target",
                 "topk", "save", "colormap", "alpha", "amp")
@@ -198,8 +199,8 @@ class RunConfig:
             data["layers"] = self.layers
         if self.overlay != "blend":
             data["overlay"] = self.overlay
-        if self.boxes is not None or self.masks is not None:  # records gain "objects"
-            data.update(boxes=self.boxes, masks=self.masks, tolerance=self.point_tolerance)
+        if annotations is not None:  # --boxes / --masks: records gain "objects"
+            data.update(annotations=annotations, tolerance=self.point_tolerance)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -13,6 +13,7 @@ User documentation: docs/audit.md, "Annotations: --boxes and --masks".
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -109,9 +110,28 @@ class Annotations:
             self._by_stem.setdefault(_stem(norm), []).append(name)
         self._labels = sorted({o.label for i in images.values() for o in i.boxes
                                if o.label is not None})
+        self._unlabelled = any(o.label is None for i in images.values() for o in i.boxes)
 
     def __len__(self) -> int:
         return len(self._images)
+
+    def identity(self) -> str:
+        """A hash of what the annotation says (names, boxes, labels; masks: each file's
+        size and modification time), for the resume fingerprint: an edited file counts,
+        the spelling of its path does not."""
+        digest = hashlib.sha256(self.source.encode())
+        for norm in sorted(self._images):
+            image = self._images[norm]
+            digest.update(f"\0{norm}".encode())
+            for o in image.boxes:
+                digest.update(f"|{o.x0!r},{o.y0!r},{o.x1!r},{o.y1!r},{o.label!r}".encode())
+            if image.mask is not None:
+                try:
+                    st = image.mask.stat()
+                    digest.update(f"|{st.st_size},{st.st_mtime_ns}".encode())
+                except OSError:
+                    digest.update(b"|missing")
+        return digest.hexdigest()[:16]
 
     def _match(self, key: str) -> tuple[str | None, bool]:
         """The annotation name matching ``key`` (or None), and whether the key was
@@ -137,7 +157,7 @@ class Annotations:
         """Whether the labels name the model's classes: every distinct label equals a
         category name (case-insensitive, ``_`` and space alike) or is a decimal class index
         in [0, n_classes). False without labels (masks, unlabelled CSV): every box is used."""
-        if not self._labels:
+        if not self._labels or self._unlabelled:  # a box without a label names no class
             return False
         names = {_norm_label(c) for c in categories or ()}
         return all(_names_class(label, names, n_classes) for label in self._labels)
@@ -245,11 +265,14 @@ def _box(where: str, x0: float, y0: float, x1: float, y1: float, label: str | No
 
 
 def _add(images: dict[str, ImageObjects], name: str, boxes: list[Obj]) -> None:
-    """Append ``boxes`` to the image ``name`` (several rows or files for one image add up)."""
-    if name in images:
-        images[name].boxes.extend(boxes)
+    """Append ``boxes`` to the image ``name`` (several rows or files for one image add up;
+    ``./a.jpg``, ``a.jpg`` and ``sub\\a.jpg`` / ``sub/a.jpg`` are one image, shown by its
+    first spelling)."""
+    norm = _norm_name(name)
+    if norm in images:
+        images[norm].boxes.extend(boxes)
     else:
-        images[name] = ImageObjects(name, boxes)
+        images[norm] = ImageObjects(name, boxes)
 
 
 def _walk(root: Path, suffix: str) -> Iterator[Path]:
@@ -351,12 +374,18 @@ def _read_coco(path: Path) -> dict[str, ImageObjects]:
         if not isinstance(image, dict) or not isinstance(image.get("file_name"), str) \
                 or "id" not in image:
             raise UsageError(f"--boxes {path}: images[{i}] needs \"id\" and \"file_name\"")
+        _check_id(path, f"images[{i}].id", image["id"])
         names[image["id"]] = image["file_name"]
         _add(images, image["file_name"], [])
-    categories = {c.get("id"): str(c.get("name")) for c in data.get("categories") or []
-                  if isinstance(c, dict)}
+    categories = {}
+    for i, c in enumerate(data.get("categories") or []):
+        if isinstance(c, dict):
+            _check_id(path, f"categories[{i}].id", c.get("id"))
+            categories[c.get("id")] = str(c.get("name"))
     for i, ann in enumerate(data.get("annotations") or []):
         where = f"--boxes {path}: annotations[{i}]"
+        if isinstance(ann, dict) and "image_id" in ann:
+            _check_id(path, f"annotations[{i}].image_id", ann["image_id"])
         if not isinstance(ann, dict) or ann.get("image_id") not in names:
             raise UsageError(f"{where}: \"image_id\" names no image in \"images\"")
         bbox = ann.get("bbox")
@@ -365,11 +394,20 @@ def _read_coco(path: Path) -> dict[str, ImageObjects]:
         x, y, w, h = (_number(where, f, v) for f, v in zip(("x", "y", "width", "height"),
                                                            bbox))
         cat = ann.get("category_id")
+        if cat is not None:
+            _check_id(path, f"annotations[{i}].category_id", cat)
         if categories and cat not in categories:
             raise UsageError(f"{where}: category_id {cat!r} is not in \"categories\"")
-        label = categories.get(cat) if categories else (None if cat is None else str(cat))
+        label = categories.get(cat)  # ids without "categories" name no class: no label
         images[names[ann["image_id"]]].boxes.append(_box(where, x, y, x + w, y + h, label))
     return images
+
+
+def _check_id(path: Path, where: str, value: Any) -> None:
+    """A COCO id is a number or a string (anything else cannot be looked up)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UsageError(f"--boxes {path}: {where} must be a number or a string, got "
+                         f"{type(value).__name__}")
 
 
 def _read_csv(path: Path) -> dict[str, ImageObjects]:

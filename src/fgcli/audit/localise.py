@@ -141,6 +141,7 @@ def locate(saliency: np.ndarray, region: Box, objects: Any, target: int, target_
         mask = objects.mask_array()
         check_mask(mask, region, str(objects.mask))
         hit, energy = point_mask(saliency, region, mask, tolerance)
+        hit = None if energy is None else hit  # a constant map has no peak
         if not mask.any():  # nothing to point at, as an image annotated with no box
             rec.update(match="absent", boxes=0, hit=False, energy=0.0, box=None, label=None)
             return rec
@@ -152,6 +153,8 @@ def locate(saliency: np.ndarray, region: Box, objects: Any, target: int, target_
         rec.update(match=match, boxes=0, hit=False, energy=0.0, box=None, label=None)
         return rec
     hit, energy, best = point_boxes(saliency, region, used, tolerance)
+    if energy is None:  # a constant map has no peak to point with
+        hit, best = None, None
     index = None if best is None else next(
         k for k, b in enumerate(objects.boxes) if b is used[best])
     rec.update(match=match, boxes=len(used), hit=hit, energy=rounded(energy), box=index,

@@ -92,6 +92,8 @@ def map_stats(maps: torch.Tensor) -> torch.Tensor:
     u, v = _centres(w, m.device), _centres(h, m.device)
     peak = m.reshape(n, -1).argmax(1)
     pos = m - m.amin((1, 2), keepdim=True)
+    pos = pos / pos.amax((1, 2), keepdim=True).clamp(min=torch.finfo(pos.dtype).tiny)
+    # scale-free statistics: the mass in [0, 1] cannot overflow float32 when summed
     total = pos.sum((1, 2))
     defined = total > 0
     safe = torch.where(defined, total, torch.ones_like(total))

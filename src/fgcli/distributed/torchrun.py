@@ -40,7 +40,7 @@ from datetime import timedelta
 from typing import Any
 
 from fgcli.config import RunConfig, replace
-from fgcli.dump.report import RunReport
+from fgcli.dump.report import ObjectsTally, RunReport
 from fgcli.dump.run import run
 from fgcli.errors import SetupError, UsageError
 from fgcli.signals import Interrupted
@@ -210,7 +210,8 @@ def run_rank(cfg: RunConfig, env: RankEnv, reporter_for: Any) -> RunReport:
         store.set(f"{prefix}done/{env.rank}", json.dumps({
             "ok": report.ok, "failed": report.failed, "skipped": report.skipped,
             "seconds": report.seconds, "stopped_early": report.stopped_early,
-            "error": error, "interrupted": stopped}))
+            "error": error, "interrupted": stopped,
+            "objects": None if report.objects is None else report.objects.as_json()}))
         if stopped:  # a stop signal: leave at once, the others do not wait for this rank
             if raised is not None:
                 raise raised
@@ -323,6 +324,9 @@ def _total(store: Any, prefix: str, ranks: list[int], out: str, device: str) -> 
         total.failed += p["failed"]
         total.skipped += p["skipped"]
         total.stopped_early |= p["stopped_early"]
+    tallies = [p["objects"] for p in posted if p.get("objects")]
+    if tallies:  # --boxes / --masks: one annotations line for the whole run
+        total.objects = ObjectsTally.added(tallies)
     return total
 
 

@@ -95,10 +95,10 @@ class ManifestLedger(Ledger):
         status = record["status"]
         first_rank = record.get("rank") in (None, 1)
         if first_rank:
+            if status in ("ok", "skipped") and self.report.objects is not None:
+                self.report.objects.count(record)  # a skipped line keeps its objects
             if status == "ok":
                 self.report.ok += 1
-                if self.report.objects is not None:
-                    self.report.objects.count(record)
             elif status == "skipped":
                 self.report.skipped += 1
             else:

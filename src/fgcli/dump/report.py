@@ -23,7 +23,7 @@ class ObjectsTally:
     by_class: bool | None = None  # the labels name the model's classes (once loaded)
 
     def count(self, record: dict[str, Any]) -> None:
-        """One image's ok record (its first rank)."""
+        """One image's ok or skipped record (its first rank): the images with a result."""
         objects = record.get("objects")
         if objects is None:
             self.unannotated += 1
@@ -31,6 +31,22 @@ class ObjectsTally:
         self.annotated += 1
         if objects.get("name") is not None:
             self.matched.add(objects["name"])
+
+    def as_json(self) -> dict[str, Any]:
+        """The counts as JSON (a torchrun rank posts them for rank 0's summary)."""
+        return {"source": self.source, "names": self.names, "annotated": self.annotated,
+                "unannotated": self.unannotated, "matched": sorted(self.matched),
+                "by_class": self.by_class}
+
+    @classmethod
+    def added(cls, posted: list[dict[str, Any]]) -> ObjectsTally:
+        """Several ranks' :meth:`as_json` counts as one run's."""
+        total = cls(posted[0]["source"], posted[0]["names"], by_class=posted[0]["by_class"])
+        for p in posted:
+            total.annotated += p["annotated"]
+            total.unannotated += p["unannotated"]
+            total.matched.update(p["matched"])
+        return total
 
     def line(self) -> str:
         """The one summary line (:func:`fgcli.audit.annotations.summary_line`)."""

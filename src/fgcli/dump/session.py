@@ -63,8 +63,9 @@ class Session:
         # writer threads encode heatmaps and overlays (Pillow and NumPy release the GIL):
         # the cores left after decoding and the main thread, at least 2
         self.writers = max(2, min(16, cores - self.workers - 1))
-        self.fingerprint = cfg.settings_fingerprint(self.loaded.config.identity,
-                                                    self.loaded.config.interpolation)
+        self.fingerprint = cfg.settings_fingerprint(
+            self.loaded.config.identity, self.loaded.config.interpolation,
+            None if self.annotations is None else self.annotations.identity())
         self.ranks: list[int | None] = (list(range(1, cfg.topk + 1)) if cfg.topk
                                         else [None])
         from fgcli.data import devicejpeg

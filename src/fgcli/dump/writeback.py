@@ -57,8 +57,10 @@ def write_job(tree: OutputTree, job: ImageJob, cfg: RunConfig
     if job.locate is not None:
         try:
             fields["objects"] = job.locate(job.saliency())
-        except (OSError, ValueError) as exc:
-            fields["objects"] = {"source": "masks", "error": one_line(exc)}
+        except Exception as exc:  # noqa: BLE001 - the files are written: keep the result
+            objects = getattr(job.locate, "keywords", {}).get("objects")
+            source = "masks" if getattr(objects, "mask", None) is not None else "boxes"
+            fields["objects"] = {"source": source, "error": one_line(exc)}
     return written, fields
 
 

@@ -104,7 +104,8 @@ class Localiser:
             if rec["match"] == "absent" or not rec["boxes"]:
                 tally.absent += 1
                 continue
-            tally.hits.append(bool(rec["hit"]))
+            if rec["hit"] is not None:  # None: a constant map, no peak to point with
+                tally.hits.append(bool(rec["hit"]))
             if rec["energy"] is not None:
                 tally.energy.append(float(rec["energy"]))
 

@@ -71,7 +71,8 @@ class ClassTable:
         energy = math.nan
         if objects:
             match = objects.get("match")
-            located = int(match in LOCATED)
+            located = int(match in LOCATED and isinstance(objects.get("hit"), bool))
+            # (a constant map, hit null, has no peak: not in the pointing game)
             hit = int(located and objects.get("hit") is True)
             absent = int(match == "absent")
             if located:
