@@ -14,14 +14,15 @@ smaller than its image, leaves the image out of both, with the reason (``mask_er
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from fgcli.audit import pointing_accuracy
 from fgcli.audit.annotations import Annotations, ImageObjects
+from fgcli.evaluate.summary import summarise
 
 
 @dataclass
@@ -42,22 +43,18 @@ class _PerMethod:
 
 
 def pointing_summary(hits: Sequence[bool]) -> tuple[float | None, float | None]:
-    """(accuracy, its binomial standard error sqrt(p (1 - p) / n)); None without records."""
-    n = len(hits)
-    if n == 0:
-        return None, None
-    p = sum(hits) / n
-    return p, math.sqrt(p * (1.0 - p) / n)
+    """(accuracy, its binomial standard error); None without records
+    (:func:`fgcli.audit.localise.pointing_accuracy`)."""
+    return pointing_accuracy(sum(hits), len(hits))
 
 
 def mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """(mean, sample std / sqrt(n)); None without values, se 0 for one value (as
-    :func:`fgcli.evaluate.run.summarise`)."""
+    """(mean, sample std / sqrt(n)); None without values, se 0 for one value
+    (:func:`fgcli.evaluate.summary.summarise`, as every eval number)."""
     if not values:
         return None, None
-    a = np.asarray(values, dtype=np.float64)
-    se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0
-    return float(a.mean()), se
+    summary = summarise(np.asarray(values, dtype=np.float64))
+    return summary.mean[0], summary.se[0]
 
 
 class Localiser:

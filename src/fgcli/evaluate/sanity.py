@@ -58,6 +58,7 @@ from torch import nn
 
 from fgcli.errors import SetupError
 from fgcli.evaluate.summary import Summary, summarise
+from fgcli.models.base import forward_with_pre_hooks
 
 SANITY_METRICS = {
     "spearman": "Spearman rank correlation of |map| with the original model's "
@@ -154,13 +155,7 @@ def parameterised_modules(model: nn.Module, x: torch.Tensor) -> list[tuple[str, 
     def called(module: nn.Module, _args: Any) -> None:
         first.setdefault(id(module), len(first))
 
-    handles = [m.register_forward_pre_hook(called) for _, m in owners]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_pre_hooks(model, x, [m for _, m in owners], called)
     used = [(name, m) for name, m in owners if id(m) in first]
     return sorted(used, key=lambda item: first[id(item[1])], reverse=True)
 

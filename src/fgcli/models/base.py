@@ -326,10 +326,17 @@ def _calibrate_batch_norms(model: nn.Module, x: torch.Tensor, g: torch.Generator
         m.running_mean.copy_(shift * power.sqrt())
         m.running_var.copy_(power * scale)
 
-    handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
-    if not handles:
-        return  # no running statistics (ViT, Swin, ConvNeXt): nothing to measure
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    if norms:  # none: no running statistics (ViT, Swin, ConvNeXt), nothing to measure
+        forward_with_pre_hooks(model, x, norms, pre_hook)
+
+
+def forward_with_pre_hooks(model: nn.Module, x: torch.Tensor, modules: list[nn.Module],
+                           hook: Any) -> None:
+    """One forward pass of ``x`` without gradients, ``hook`` a forward pre-hook on each of
+    ``modules`` for that pass only (removed in ``finally``)."""
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
     try:
         with torch.no_grad():
             model(x)

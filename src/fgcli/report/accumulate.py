@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from fgcli.audit import STAT_NAMES
+from fgcli.audit import STAT_NAMES, pointing_accuracy
 
 # the manifest's `stats` keys (spec20.md; fgcli.audit.stats.STAT_NAMES once merged)
 STATS = STAT_NAMES
@@ -130,13 +130,12 @@ class ClassTable:
                 std[name] = float(math.sqrt(self.m2[row, col] / (n - 1))) if n > 1 else None
             energy, energy_std = mean.pop("energy"), std.pop("energy")
             n_energy = self.n[row, len(STATS)]
-            pointing = hits / located if located else None
+            pointing, pointing_se = pointing_accuracy(hits, located)
             out.append({
                 "target": target, "name": self.names[row] or str(target),
                 "records": records, "mean": mean, "std": std,
                 "located": located, "hits": hits, "pointing": pointing,
-                "pointing_se": (math.sqrt(pointing * (1 - pointing) / located)
-                                if pointing is not None else None),
+                "pointing_se": pointing_se,
                 "energy": energy,
                 "energy_se": (energy_std / math.sqrt(n_energy)
                               if energy_std is not None else None),
